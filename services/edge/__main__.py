@@ -1,0 +1,39 @@
+"""Run the edge: `python -m services.edge --config seawall.yaml`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+from aiohttp import web
+
+from services.edge.app import create_app
+from shared.logging import configure_logging, get_logger
+from shared.settings import load_settings
+
+
+@click.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="seawall.yaml")
+def main(config: str | None) -> None:
+    settings = load_settings(config)
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # uvloop is optional off Linux and macOS
+        pass
+    log = get_logger("edge")
+    log.info("edge_starting", listen=settings.listen)
+    web.run_app(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        print=None,
+        access_log=None,
+        reuse_port=settings.edge_processes > 1,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The edge's app factory: `create_app(settings)` wires state, middlewares and routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from services.edge import keys
+from services.edge.middleware import authenticate, observe, oci_errors
+from services.edge.routes import setup_routes
+from shared.access import Access
+from shared.blobs import BlobStore
+from shared.repositories import RepositoryStore
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from shared.uploads import UploadStore
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    if settings.s3 is None:
+        raise RuntimeError("no object storage configured: set s3 in seawall.yaml or run `seawall up`")
+    store = ObjectStore(settings.s3)
+    try:
+        await store.ensure_bucket()
+        blobs = BlobStore(store)
+        app[keys.STORE] = store
+        app[keys.BLOBS] = blobs
+        app[keys.REPOSITORIES] = RepositoryStore(store)
+        app[keys.UPLOADS] = UploadStore(store, blobs)
+        yield
+    finally:
+        store.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    if settings.redis_url is None:
+        raise RuntimeError("no Redis configured: set redis_url in seawall.yaml or run `seawall up`")
+    redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+    try:
+        app[keys.REDIS] = redis
+        yield
+    finally:
+        await redis.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    # The upload size cap is per request body; blobs are streamed, so no cap applies there.
+    app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
+    app[keys.SETTINGS] = settings
+    app[keys.ACCESS] = Access(settings)
+    app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_redis)
+    setup_routes(app)
+    return app

@@ -1,0 +1,32 @@
+"""`/v2/` (version check and auth probe) and `/v2/_catalog` with pagination."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.edge import keys
+from services.edge.context import USER
+from services.edge.tags import paginate
+from shared.access import Access, Action, unauthorized
+
+
+async def version_check(request: web.Request) -> web.Response:
+    # Clients (docker, skopeo) learn from this probe whether and how to authenticate; an
+    # anonymous caller is still free to pull public projects afterwards.
+    if request.app[keys.ACCESS].enabled and request.get(USER) is None:
+        raise unauthorized()
+    return web.json_response({})
+
+
+async def list_catalog(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[keys.SETTINGS]
+    user = request.get(USER)
+    names = await app[keys.REPOSITORIES].names()
+    visible = []
+    for name in names:
+        project = settings.project(name.split("/", 1)[0])
+        if project is not None and Access.allowed(user, project, Action.PULL):
+            visible.append(name)
+    page, headers = paginate(request, visible)
+    return web.json_response({"repositories": page}, headers=headers)

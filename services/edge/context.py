@@ -1,0 +1,50 @@
+"""Per-request helpers shared by the resource handlers: target resolution and body sources."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from services.edge import keys
+from shared.access import Action
+from shared.blobs import Source
+from shared.oci.errors import RegistryError
+from shared.routing import Target, resolve
+
+USER = "seawall.user"
+
+
+def target(request: web.Request, action: Action, name: str | None = None) -> Target:
+    """Resolve the repository named by the request and check the caller may `action` it."""
+    app = request.app
+    resolved = resolve(
+        app[keys.SETTINGS], name or request.match_info["name"], request.query.get("ns")
+    )
+    app[keys.ACCESS].require(request.get(USER), resolved.project, action)
+    if action is not Action.PULL and resolved.project.type == "proxy":
+        raise RegistryError(
+            "DENIED" if action is Action.PUSH else "UNSUPPORTED",
+            f"project {resolved.project.name!r} is a read-only cache of its upstream",
+        )
+    return resolved
+
+
+def body_source(request: web.Request) -> Source:
+    """The request body as a byte source; a client that stops short is SIZE_INVALID."""
+
+    async def read(n: int) -> bytes:
+        try:
+            return await request.content.read(n)
+        except (HttpProcessingError, ConnectionError) as exc:
+            raise RegistryError("SIZE_INVALID", f"request body ended early: {exc}") from None
+
+    return read
+
+
+def content_length(request: web.Request) -> int | None:
+    raw = request.headers.get("Content-Length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise RegistryError("SIZE_INVALID", "Content-Length must be a non-negative integer")
+    return int(raw)

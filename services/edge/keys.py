@@ -1,0 +1,21 @@
+"""Typed application state: every AppKey of the edge, declared once."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from shared.access import Access
+from shared.blobs import BlobStore
+from shared.repositories import RepositoryStore
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from shared.uploads import UploadStore
+
+SETTINGS = web.AppKey("settings", Settings)
+ACCESS = web.AppKey("access", Access)
+STORE = web.AppKey("store", ObjectStore)
+BLOBS = web.AppKey("blobs", BlobStore)
+REPOSITORIES = web.AppKey("repositories", RepositoryStore)
+UPLOADS = web.AppKey("uploads", UploadStore)
+REDIS = web.AppKey("redis", Redis)

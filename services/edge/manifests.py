@@ -1,0 +1,132 @@
+"""Manifest endpoints: GET/HEAD/PUT/DELETE of `/v2/<name>/manifests/<reference>`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from services.edge import keys
+from services.edge.context import content_length, target
+from shared.access import Action
+from shared.metrics import BYTES_SERVED, REQUESTS
+from shared.oci.digest import Digest
+from shared.oci.errors import RegistryError
+from shared.oci.manifest import Manifest, parse_manifest
+from shared.oci.reference import validate_tag
+from shared.repositories import RepositoryStore, Revision
+from shared.routing import Target
+
+
+def manifest_response(request: web.Request, revision: Revision, body: bytes, extra: dict[str, str] | None = None) -> web.Response:
+    headers = {
+        "Docker-Content-Digest": str(revision.digest),
+        "Content-Type": revision.media_type,
+        "ETag": f'"{revision.digest}"',
+        **(extra or {}),
+    }
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(body))
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=body, headers=headers)
+
+
+async def find_revision(repositories: RepositoryStore, repo: Target, reference: str) -> Revision | None:
+    if Digest.is_digest(reference):
+        return await repositories.revision(repo.name, Digest.parse(reference))
+    digest = await repositories.resolve_tag(repo.name, validate_tag(reference))
+    return await repositories.revision(repo.name, digest) if digest else None
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    repo = target(request, Action.PULL)
+    reference = request.match_info["reference"]
+    app = request.app
+    revision = await find_revision(app[keys.REPOSITORIES], repo, reference)
+    if revision is None:
+        REQUESTS.labels(repo.project.name, "manifest", "miss").inc()
+        raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
+    body = await app[keys.BLOBS].read(revision.digest)
+    REQUESTS.labels(repo.project.name, "manifest", "hit").inc()
+    if request.method == "GET":
+        BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(body))
+    return manifest_response(request, revision, body)
+
+
+async def _read_manifest_body(request: web.Request, limit: int) -> bytes:
+    declared = content_length(request)
+    if declared is not None and declared > limit:
+        raise RegistryError("MANIFEST_TOO_LARGE", f"manifests are limited to {limit} bytes")
+    body = await request.content.read(limit + 1)
+    while len(body) <= limit:
+        more = await request.content.read(limit + 1 - len(body))
+        if not more:
+            break
+        body += more
+    if len(body) > limit:
+        raise RegistryError("MANIFEST_TOO_LARGE", f"manifests are limited to {limit} bytes")
+    if declared is not None and len(body) != declared:
+        raise RegistryError("SIZE_INVALID", f"received {len(body)} bytes, Content-Length said {declared}")
+    return body
+
+
+async def _check_references(repositories: RepositoryStore, name: str, manifest: Manifest) -> None:
+    """Every blob and child manifest must already be in the repository; the subject need not."""
+    blobs = manifest.blobs
+    children = manifest.manifests
+    found = await asyncio.gather(
+        *(repositories.blob_linked(name, b.digest) for b in blobs),
+        *(repositories.revision(name, c.digest) for c in children),
+    )
+    for descriptor, present in zip([*blobs, *children], found, strict=True):
+        if not present:
+            raise RegistryError(
+                "MANIFEST_BLOB_UNKNOWN",
+                f"{descriptor.digest} is not in repository {name}",
+                detail={"digest": str(descriptor.digest)},
+            )
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    repo = target(request, Action.PUSH)
+    app = request.app
+    reference = request.match_info["reference"]
+    body = await _read_manifest_body(request, app[keys.SETTINGS].max_manifest_bytes)
+    if Digest.is_digest(reference):
+        digest = Digest.parse(reference)
+        tag = None
+        if Digest.of(body, digest.algorithm) != digest:
+            raise RegistryError("DIGEST_INVALID", "manifest body does not hash to the digest in the URL")
+    else:
+        tag = validate_tag(reference)
+        digest = Digest.of(body)
+    manifest = parse_manifest(body, request.headers.get("Content-Type"))
+    repositories = app[keys.REPOSITORIES]
+    await _check_references(repositories, repo.name, manifest)
+
+    await app[keys.BLOBS].commit_bytes(digest, body)
+    await repositories.add_revision(repo.name, digest, manifest)
+    if tag is not None:
+        await repositories.set_tag(repo.name, tag, digest)
+    headers = {
+        "Location": f"/v2/{request.match_info['name']}/manifests/{digest}",
+        "Docker-Content-Digest": str(digest),
+        "Content-Length": "0",
+    }
+    if manifest.subject is not None:
+        headers["OCI-Subject"] = str(manifest.subject.digest)
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    repo = target(request, Action.DELETE)
+    reference = request.match_info["reference"]
+    repositories = request.app[keys.REPOSITORIES]
+    if Digest.is_digest(reference):
+        revision = await repositories.revision(repo.name, Digest.parse(reference))
+        if revision is None:
+            raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
+        await repositories.delete_revision(repo.name, revision)
+    elif not await repositories.delete_tag(repo.name, validate_tag(reference)):
+        raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
+    return web.Response(status=202, headers={"Content-Length": "0"})

@@ -1,0 +1,82 @@
+"""Middlewares: request ids and logging context, authentication, OCI error envelopes, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from services.edge import keys
+from services.edge.context import USER
+from shared.metrics import ERRORS, REQUEST_SECONDS
+from shared.oci.errors import RegistryError
+from shared.storage import StorageUnavailable
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = structlog.get_logger("edge")
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def error_response(error: RegistryError) -> web.Response:
+    ERRORS.labels(error.code).inc()
+    return web.Response(
+        status=error.status,
+        body=json.dumps(error.envelope()).encode(),
+        content_type="application/json",
+        headers={**API_VERSION, **error.headers},
+    )
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id to every log line and time the request."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    response = await handler(request)
+    route = request.match_info.route.name or "other"
+    REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - started)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@web.middleware
+async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as the OCI error envelope; never a bare 500 page."""
+    try:
+        response = await handler(request)
+    except RegistryError as error:
+        if error.status >= 500:
+            log.warning("request_failed", code=error.code, message=error.message, path=request.path)
+        return error_response(error)
+    except StorageUnavailable as exc:
+        log.error("storage_unavailable", error=str(exc), path=request.path)
+        return error_response(RegistryError("UNAVAILABLE", "object storage is unavailable"))
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(RegistryError("NOT_FOUND", f"no such endpoint {request.path[:200]}"))
+        if exc.status == 405:
+            return error_response(
+                RegistryError("UNSUPPORTED", f"{request.method} is not supported on {request.path[:200]}")
+            )
+        raise
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        return error_response(RegistryError("INTERNAL"))
+    if not response.prepared:
+        response.headers.update(API_VERSION)
+    return response
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check Basic credentials once per request; handlers check grants per project."""
+    request[USER] = request.app[keys.ACCESS].authenticate(request.headers.get("Authorization"))
+    return await handler(request)

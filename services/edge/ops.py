@@ -1,0 +1,36 @@
+"""Operational endpoints: Prometheus metrics, liveness and readiness."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.edge import keys
+
+
+async def metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the bucket and Redis both answer."""
+    app = request.app
+    checks = {}
+    try:
+        await app[keys.STORE].stat("catalog/")
+        checks["storage"] = "ok"
+    except Exception as exc:  # any failure means not ready; say which
+        checks["storage"] = str(exc)[:200]
+    try:
+        await app[keys.REDIS].ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = str(exc)[:200]
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response(checks, status=200 if ready else 503)

@@ -1,0 +1,108 @@
+"""Content-addressed blobs: verified while streamed in, committed whole, streamed out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from shared import layout
+from shared.oci.digest import Digest
+from shared.oci.errors import RegistryError
+from shared.storage import ObjectMissing, ObjectStore
+
+Source = Callable[[int], Awaitable[bytes]]
+
+
+class VerifyingSource:
+    """Wraps a byte source, hashing what passes; fails the read that completes a bad blob.
+
+    Raising on that last read (instead of checking afterwards) is what keeps an
+    unverified blob from ever becoming visible: the storage upload is aborted before it
+    is completed.
+    """
+
+    def __init__(self, source: Source, digest: Digest, expected_size: int | None) -> None:
+        self._source = source
+        self._digest = digest
+        self._hasher = digest.hasher()
+        self._expected = expected_size
+        self.size = 0
+        self._done = False
+
+    async def __call__(self, n: int) -> bytes:
+        if self._done:
+            return b""
+        if self._expected is not None:
+            n = min(n, self._expected - self.size)
+            if n <= 0:
+                self._finish()
+                return b""
+        chunk = await self._source(n)
+        self._hasher.update(chunk)
+        self.size += len(chunk)
+        if not chunk or (self._expected is not None and self.size >= self._expected):
+            self._finish()
+        return chunk
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._expected is not None and self.size != self._expected:
+            raise RegistryError(
+                "SIZE_INVALID",
+                f"received {self.size} bytes, expected {self._expected}",
+            )
+        actual = f"{self._digest.algorithm}:{self._hasher.hexdigest()}"
+        if actual != str(self._digest):
+            raise RegistryError(
+                "DIGEST_INVALID",
+                f"content hashes to {actual}, not {self._digest}",
+                detail={"digest": str(self._digest)},
+            )
+
+
+class BlobStore:
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+
+    async def size(self, digest: Digest) -> int | None:
+        info = await self._store.stat(layout.blob(digest))
+        return info.size if info else None
+
+    async def read(self, digest: Digest) -> bytes:
+        """A small blob whole (manifests are at most a few MiB)."""
+        try:
+            return await self._store.get_bytes(layout.blob(digest))
+        except ObjectMissing:
+            raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)}) from None
+
+    def stream(
+        self, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        return self._store.stream(layout.blob(digest), offset, length)
+
+    async def commit(self, digest: Digest, source: Source, expected_size: int | None = None) -> int:
+        """Stream `source` in, verify it hashes to `digest`, commit it; return its size.
+
+        A digest already held is verified but not rewritten: rewriting would race readers
+        of the existing object on stores that free old chunks on overwrite.
+        """
+        verifying = VerifyingSource(source, digest, expected_size)
+        if await self.size(digest) is not None:
+            while await verifying(1024 * 1024):
+                pass
+            return verifying.size
+        await self._store.put_stream(layout.blob(digest), verifying, expected_size or -1)
+        return verifying.size
+
+    async def commit_bytes(self, digest: Digest, data: bytes) -> None:
+        actual = Digest.of(data, digest.algorithm)
+        if actual != digest:
+            raise RegistryError(
+                "DIGEST_INVALID",
+                f"content hashes to {actual}, not {digest}",
+                detail={"digest": str(digest)},
+            )
+        if await self.size(digest) is None:
+            await self._store.put_bytes(layout.blob(digest), data)
+
+    async def delete(self, digest: Digest) -> None:
+        await self._store.delete(layout.blob(digest))

@@ -1,0 +1,73 @@
+"""Where everything lives in the bucket: one function per kind of key.
+
+Blobs (layers, configs and manifests alike) are stored once per digest; repositories hold
+small link objects that say which digests they reference, so a blob shared by many
+images and projects is one object. Repository names never collide with the `_` keys
+below because a name component cannot start with `_`.
+"""
+
+from __future__ import annotations
+
+from shared.oci.digest import Digest
+
+
+def blob(digest: Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def repository(name: str) -> str:
+    return f"repositories/{name}/"
+
+
+def layer_link(name: str, digest: Digest) -> str:
+    return f"repositories/{name}/_layers/{digest.algorithm}/{digest.hex}"
+
+
+def revision(name: str, digest: Digest) -> str:
+    return f"repositories/{name}/_manifests/revisions/{digest.algorithm}/{digest.hex}"
+
+
+def tags(name: str) -> str:
+    return f"repositories/{name}/_manifests/tags/"
+
+
+def tag(name: str, tag_name: str) -> str:
+    return f"{tags(name)}{tag_name}"
+
+
+def referrers(name: str, subject: Digest) -> str:
+    return f"repositories/{name}/_referrers/{subject.algorithm}/{subject.hex}/"
+
+
+def referrer(name: str, subject: Digest, digest: Digest) -> str:
+    return f"{referrers(name, subject)}{digest.algorithm}-{digest.hex}"
+
+
+# Catalog markers are flat (`/` escaped) so a repository `a` and `a/b` never need one key
+# to be both an object and a prefix, which filer-backed stores such as SeaweedFS refuse.
+CATALOG = "catalog/"
+
+
+def catalog_entry(name: str) -> str:
+    return CATALOG + name.replace("/", "~")
+
+
+def catalog_name(key: str) -> str:
+    return key.removeprefix(CATALOG).replace("~", "/")
+
+
+def upload(upload_id: str) -> str:
+    return f"uploads/{upload_id}/"
+
+
+def upload_info(upload_id: str) -> str:
+    return f"uploads/{upload_id}/info"
+
+
+def upload_parts(upload_id: str) -> str:
+    return f"uploads/{upload_id}/parts/"
+
+
+def upload_part(upload_id: str, start: int) -> str:
+    # Fixed-width offsets so a listing comes back in byte order.
+    return f"{upload_parts(upload_id)}{start:016d}"

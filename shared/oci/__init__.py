@@ -1,0 +1,1 @@
+"""The OCI distribution and image domain: digests, names, media types, manifests, errors."""

@@ -1,0 +1,138 @@
+"""Repository metadata in the bucket: blob links, manifest revisions, tags, referrers, catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from shared import layout
+from shared.oci.digest import Digest
+from shared.oci.manifest import Descriptor, Manifest
+from shared.storage import ObjectMissing, ObjectStore
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A manifest held by a repository, with what its GET response needs."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    subject: Digest | None = None
+
+    def to_json(self) -> bytes:
+        record: dict[str, Any] = {"mediaType": self.media_type, "size": self.size}
+        if self.subject:
+            record["subject"] = str(self.subject)
+        return json.dumps(record).encode()
+
+    @classmethod
+    def from_json(cls, digest: Digest, raw: bytes) -> Revision:
+        record = json.loads(raw)
+        subject = record.get("subject")
+        return cls(digest, record["mediaType"], record["size"], Digest.parse(subject) if subject else None)
+
+
+class RepositoryStore:
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+
+    # -- repositories ------------------------------------------------------------------
+    async def register(self, name: str) -> None:
+        key = layout.catalog_entry(name)
+        if await self._store.stat(key) is None:
+            await self._store.put_bytes(key, name.encode())
+
+    async def exists(self, name: str) -> bool:
+        return await self._store.stat(layout.catalog_entry(name)) is not None
+
+    async def names(self) -> list[str]:
+        keys = await self._store.list_keys(layout.CATALOG)
+        return sorted(layout.catalog_name(k) for k in keys)
+
+    # -- blob links --------------------------------------------------------------------
+    async def link_blob(self, name: str, digest: Digest, size: int) -> None:
+        await self.register(name)
+        await self._store.put_bytes(layout.layer_link(name, digest), str(size).encode())
+
+    async def blob_linked(self, name: str, digest: Digest) -> bool:
+        return await self._store.stat(layout.layer_link(name, digest)) is not None
+
+    async def unlink_blob(self, name: str, digest: Digest) -> bool:
+        key = layout.layer_link(name, digest)
+        if await self._store.stat(key) is None:
+            return False
+        await self._store.delete(key)
+        return True
+
+    # -- manifests ---------------------------------------------------------------------
+    async def add_revision(self, name: str, digest: Digest, manifest: Manifest) -> Revision:
+        revision = Revision(
+            digest,
+            manifest.media_type,
+            len(manifest.raw),
+            manifest.subject.digest if manifest.subject else None,
+        )
+        await self.register(name)
+        await self._store.put_bytes(layout.revision(name, digest), revision.to_json())
+        if manifest.subject is not None:
+            descriptor = Descriptor(
+                media_type=manifest.media_type,
+                digest=digest,
+                size=len(manifest.raw),
+                artifact_type=manifest.referrer_artifact_type,
+                annotations=manifest.annotations or None,
+            )
+            await self._store.put_bytes(
+                layout.referrer(name, manifest.subject.digest, digest),
+                json.dumps(descriptor.to_json()).encode(),
+            )
+        return revision
+
+    async def revision(self, name: str, digest: Digest) -> Revision | None:
+        try:
+            raw = await self._store.get_bytes(layout.revision(name, digest))
+        except ObjectMissing:
+            return None
+        return Revision.from_json(digest, raw)
+
+    async def delete_revision(self, name: str, revision: Revision) -> None:
+        """Forget a manifest in this repository, with the tags and referrer entry naming it."""
+        tag_names = await self.tags(name)
+        tagged = await asyncio.gather(*(self.resolve_tag(name, t) for t in tag_names))
+        doomed = [layout.tag(name, t) for t, d in zip(tag_names, tagged, strict=True) if d == revision.digest]
+        if revision.subject is not None:
+            doomed.append(layout.referrer(name, revision.subject, revision.digest))
+        doomed.append(layout.revision(name, revision.digest))
+        await self._store.delete_many(doomed)
+
+    # -- tags --------------------------------------------------------------------------
+    async def resolve_tag(self, name: str, tag: str) -> Digest | None:
+        try:
+            raw = await self._store.get_bytes(layout.tag(name, tag))
+        except ObjectMissing:
+            return None
+        return Digest.parse(raw.decode())
+
+    async def set_tag(self, name: str, tag: str, digest: Digest) -> None:
+        await self._store.put_bytes(layout.tag(name, tag), str(digest).encode())
+
+    async def delete_tag(self, name: str, tag: str) -> bool:
+        key = layout.tag(name, tag)
+        if await self._store.stat(key) is None:
+            return False
+        await self._store.delete(key)
+        return True
+
+    async def tags(self, name: str) -> list[str]:
+        prefix = layout.tags(name)
+        return sorted(k.removeprefix(prefix) for k in await self._store.list_keys(prefix))
+
+    # -- referrers ---------------------------------------------------------------------
+    async def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        keys = await self._store.list_keys(layout.referrers(name, subject))
+        bodies = await asyncio.gather(*(self._store.get_bytes(k) for k in keys), return_exceptions=True)
+        # A referrer deleted between the listing and the read is simply gone.
+        return [json.loads(b) for b in bodies if isinstance(b, bytes)]

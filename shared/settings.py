@@ -1,0 +1,192 @@
+"""Seawall's settings: one pydantic-settings model read from seawall.yaml and SEAWALL_* variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept `90`, `90s`, `5m`, `6h`, `1d` (and timedeltas) where a duration is expected."""
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 6h, 1d")
+        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class S3Settings(BaseModel):
+    """An S3 endpoint reached through the minio SDK (MinIO in production, any S3 elsewhere)."""
+
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str = "seawall"
+    secret_key: SecretStr = SecretStr("seawall-secret")
+    bucket: str = "seawall"
+    secure: bool = False
+    region: str | None = None
+
+
+class User(BaseModel):
+    name: str
+    password_hash: SecretStr
+
+
+class Project(BaseModel):
+    """A top-level namespace: `hosted` stores what is pushed, `proxy` caches an upstream."""
+
+    name: str = Field(pattern=r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+    type: Literal["hosted", "proxy"] = "hosted"
+    public: bool = False
+    pull: list[str] = Field(default_factory=list)
+    push: list[str] = Field(default_factory=list)
+    delete: list[str] = Field(default_factory=list)
+    upstream: str | None = None
+    tag_ttl: Duration = timedelta(minutes=5)
+
+    @model_validator(mode="after")
+    def _proxy_needs_upstream(self) -> Project:
+        if self.type == "proxy" and not self.upstream:
+            raise ValueError(f"proxy project {self.name!r} needs an upstream")
+        return self
+
+
+class Quota(BaseModel):
+    """Pull quota of an upstream: a preset or an explicit limit per window."""
+
+    preset: Literal["dockerhub-anonymous", "dockerhub-personal", "unlimited"] | None = None
+    limit: int | None = None
+    window: Duration = timedelta(hours=6)
+    reserve: float = 0.2
+
+
+class Upstream(BaseModel):
+    name: str
+    url: str
+    username: str | None = None
+    password_env: str | None = None
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    connect_timeout: Duration = timedelta(seconds=5)
+    read_timeout: Duration = timedelta(seconds=30)
+    head_timeout: Duration = timedelta(seconds=3)
+    quota: Quota = Field(default_factory=Quota)
+    requests_per_minute: int = 600
+
+    def password(self) -> SecretStr | None:
+        """The upstream password is read from the environment, never from the file."""
+        if self.password_env and self.password_env in os.environ:
+            return SecretStr(os.environ[self.password_env])
+        return None
+
+
+class Mirror(BaseModel):
+    default: str | None = None
+    namespaces: dict[str, str] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    """Everything Seawall reads at start-up. Loaded once by `load_settings` and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEAWALL_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    listen: str = "127.0.0.1:5000"
+    public_url: str | None = None
+    redis_url: str | None = None
+    s3: S3Settings | None = None
+    data_dir: Path = Path("./data")
+    users: list[User] = Field(default_factory=list)
+    projects: list[Project] = Field(default_factory=list)
+    upstreams: list[Upstream] = Field(default_factory=list)
+    mirror: Mirror = Field(default_factory=Mirror)
+    log_format: Literal["json", "console"] = "console"
+    log_level: str = "info"
+    max_manifest_bytes: int = 4 * 1024 * 1024
+    edge_processes: int = 1
+    worker_processes: int = 2
+    worker_threads: int = 8
+    upload_expiry: Duration = timedelta(hours=24)
+    metrics_listen: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then SEAWALL_* variables, then seawall.yaml.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        projects = {p.name for p in self.projects}
+        upstreams = {u.name for u in self.upstreams}
+        users = {u.name for u in self.users}
+        for project in self.projects:
+            if project.upstream and project.upstream not in upstreams:
+                raise ValueError(f"project {project.name!r} names unknown upstream {project.upstream!r}")
+            for user in [*project.pull, *project.push, *project.delete]:
+                if user not in users:
+                    raise ValueError(f"project {project.name!r} grants unknown user {user!r}")
+        for target in [self.mirror.default, *self.mirror.namespaces.values()]:
+            if target and target not in projects:
+                raise ValueError(f"mirror routes to unknown project {target!r}")
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0] or "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    def project(self, name: str) -> Project | None:
+        return next((p for p in self.projects if p.name == name), None)
+
+    def upstream(self, name: str) -> Upstream | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The configuration file: `--config`, else SEAWALL_CONFIG, else none."""
+    chosen = explicit or os.environ.get("SEAWALL_CONFIG")
+    return Path(chosen) if chosen else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read seawall.yaml (if any), overlay SEAWALL_* variables and explicit overrides."""
+    resolved = config_path(path)
+    if resolved is not None and not resolved.is_file():
+        raise FileNotFoundError(f"configuration file {resolved} does not exist")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=resolved)
+
+    return _FromFile(**overrides)

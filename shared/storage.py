@@ -1,0 +1,248 @@
+"""Object storage through the minio SDK: the only module that talks S3 or imports `minio`.
+
+The SDK is synchronous (urllib3), so every call runs on a dedicated thread pool sized for
+the edge's concurrency; the default asyncio executor has only a handful of threads.
+Vendor errors are translated here: a missing key is `ObjectMissing`, anything else the
+store could not do is `StorageUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+
+from shared.settings import S3Settings
+
+T = TypeVar("T")
+
+READ_CHUNK = 1024 * 1024
+# S3's smallest multipart part; parts are read into memory one at a time.
+PART_SIZE = 8 * 1024 * 1024
+_MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchUpload", "ResourceNotFound"}
+
+
+class ObjectMissing(LookupError):
+    """The key does not exist in the bucket."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The object store failed or could not be reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    metadata: dict[str, str]
+
+
+class _SyncReader(io.RawIOBase):
+    """A blocking file-like view of an async byte source, for the SDK's upload thread.
+
+    `read()` hops back onto the event loop to pull the next chunk; the chunk size the SDK
+    asks for bounds memory, so a blob is never held whole.
+    """
+
+    def __init__(self, source: Callable[[int], Awaitable[bytes]], loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self._source = source
+        self._loop = loop
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = READ_CHUNK if size is None or size < 0 else size
+        future = asyncio.run_coroutine_threadsafe(_read_some(self._source, size), self._loop)
+        return future.result()
+
+
+async def _read_some(source: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
+    return await source(size)
+
+
+class ObjectStore:
+    """Async facade over one bucket."""
+
+    def __init__(self, settings: S3Settings, *, max_connections: int = 64) -> None:
+        self.bucket = settings.bucket
+        self._client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key.get_secret_value(),
+            secure=settings.secure,
+            region=settings.region,
+            http_client=urllib3.PoolManager(
+                maxsize=max_connections,
+                timeout=urllib3.Timeout(connect=5, read=60),
+                retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+            ),
+        )
+        self._pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="s3")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client._http.clear()
+
+    async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, partial(func, *args, **kwargs))
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                raise ObjectMissing(exc.object_name or "") from None
+            raise StorageUnavailable(f"object store error {exc.code}: {exc.message}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageUnavailable(f"object store unreachable: {exc}") from exc
+
+    async def ensure_bucket(self) -> None:
+        if not await self._run(self._client.bucket_exists, self.bucket):
+            try:
+                await self._run(self._client.make_bucket, self.bucket)
+            except StorageUnavailable:
+                # Another process created it between our check and our call.
+                if not await self._run(self._client.bucket_exists, self.bucket):
+                    raise
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            result = await self._run(self._client.stat_object, self.bucket, key)
+        except ObjectMissing:
+            return None
+        metadata = {
+            k.lower().removeprefix("x-amz-meta-"): v
+            for k, v in (result.metadata or {}).items()
+            if k.lower().startswith("x-amz-meta-")
+        }
+        return ObjectInfo(key, int(result.size or 0), metadata)
+
+    async def get_bytes(self, key: str) -> bytes:
+        """Read a small object (manifests, links) whole."""
+
+        def fetch() -> bytes:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        return await self._run(fetch)
+
+    async def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        await self._run(
+            self._client.put_object,
+            self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+            metadata=metadata,  # type: ignore[arg-type]
+        )
+
+    async def put_stream(
+        self,
+        key: str,
+        source: Callable[[int], Awaitable[bytes]],
+        length: int = -1,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """Upload from an async source; the object appears only when the upload completes.
+
+        If `source` raises (a digest mismatch found at the last byte, a client gone), the
+        SDK aborts the multipart upload and nothing becomes visible under `key`.
+        """
+        loop = asyncio.get_running_loop()
+        reader = _SyncReader(source, loop)
+        await self._run(
+            self._client.put_object,
+            self.bucket,
+            key,
+            reader,
+            length,
+            content_type=content_type,
+            metadata=metadata,  # type: ignore[arg-type]
+            part_size=PART_SIZE,
+            # One part in flight: the SDK's parallel mode queues parts without bound.
+            num_parallel_uploads=1,
+        )
+
+    async def stream(
+        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = READ_CHUNK
+    ) -> AsyncIterator[bytes]:
+        """Yield an object's bytes (or a range of them) in chunks."""
+
+        def open_object() -> Any:
+            return self._client.get_object(self.bucket, key, offset=offset, length=length or 0)
+
+        response = await self._run(open_object)
+        try:
+            while True:
+                chunk = await self._run(response.read, chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            response.close()
+            response.release_conn()
+
+    async def copy(self, source_key: str, target_key: str) -> None:
+        await self._run(
+            self._client.copy_object, self.bucket, target_key, CopySource(self.bucket, source_key)
+        )
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._client.remove_object, self.bucket, key)
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        def remove(batch: list[str]) -> None:
+            errors = list(self._client.remove_objects(self.bucket, (DeleteObject(k) for k in batch)))
+            failed = [e for e in errors if e.code not in _MISSING_CODES]
+            if failed:
+                raise StorageUnavailable(f"could not delete {failed[0].name}: {failed[0].message}")
+
+        batch = list(keys)
+        if batch:
+            await self._run(remove, batch)
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix`, with its size, in key order."""
+
+        def objects() -> list[ObjectInfo]:
+            listing = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return [ObjectInfo(o.object_name, int(o.size or 0), {}) for o in listing if o.object_name]
+
+        return await self._run(objects)
+
+    async def list_keys(
+        self, prefix: str, *, recursive: bool = True, start_after: str | None = None
+    ) -> list[str]:
+        """Every key under `prefix` (directories end with `/` when not recursive)."""
+
+        def names() -> list[str]:
+            objects = self._client.list_objects(
+                self.bucket, prefix=prefix, recursive=recursive, start_after=start_after
+            )
+            return [o.object_name for o in objects if o.object_name]
+
+        return await self._run(names)

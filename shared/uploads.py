@@ -1,0 +1,143 @@
+"""Blob upload sessions kept in the bucket, so any edge replica can continue any upload.
+
+S3 has no append, so each PATCH becomes one part object named by its byte range; the
+session's offset is the end of the last part. Finishing streams the parts, in order,
+through the digest check into the blob store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from shared import layout
+from shared.blobs import BlobStore, Source
+from shared.oci.digest import Digest
+from shared.oci.errors import RegistryError
+from shared.storage import ObjectMissing, ObjectStore
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    id: str
+    name: str
+    started: float
+    parts: tuple[tuple[int, int], ...]  # (start, end) byte ranges, end exclusive
+
+    @property
+    def offset(self) -> int:
+        return self.parts[-1][1] if self.parts else 0
+
+
+class UploadStore:
+    def __init__(self, store: ObjectStore, blobs: BlobStore) -> None:
+        self._store = store
+        self._blobs = blobs
+
+    async def start(self, name: str) -> Upload:
+        upload_id = uuid.uuid4().hex
+        started = time.time()
+        info = json.dumps({"name": name, "started": started}).encode()
+        await self._store.put_bytes(layout.upload_info(upload_id), info)
+        return Upload(upload_id, name, started, ())
+
+    async def get(self, name: str, upload_id: str) -> Upload:
+        unknown = RegistryError("BLOB_UPLOAD_UNKNOWN", detail={"upload": upload_id[:64]})
+        if not upload_id.isalnum() or len(upload_id) != 32:
+            raise unknown
+        try:
+            info = json.loads(await self._store.get_bytes(layout.upload_info(upload_id)))
+        except ObjectMissing:
+            raise unknown from None
+        if info.get("name") != name:
+            raise unknown
+        objects = await self._store.list_objects(layout.upload_parts(upload_id))
+        starts = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in objects)
+        parts = tuple((start, start + size) for start, size in starts)
+        return Upload(upload_id, name, float(info["started"]), parts)
+
+    async def append(
+        self, upload: Upload, source: Source, length: int | None, start: int | None = None
+    ) -> Upload:
+        """Store one chunk; `start` (from Content-Range) must continue the upload exactly."""
+        if start is not None and start != upload.offset:
+            raise RegistryError(
+                "BLOB_UPLOAD_INVALID",
+                f"chunk starts at {start}, the upload is at {upload.offset}",
+                status=416,
+            )
+        if length == 0:
+            return upload
+        received = 0
+
+        async def counting(n: int) -> bytes:
+            nonlocal received
+            chunk = await source(n)
+            received += len(chunk)
+            if not chunk and length is not None and received != length:
+                # Raised inside the upload so the part is never completed.
+                raise RegistryError("SIZE_INVALID", f"received {received} bytes, expected {length}")
+            return chunk
+
+        # The part's size is its length in storage, so a part that failed midway (and
+        # was therefore never completed) leaves no trace in the upload's state.
+        key = layout.upload_part(upload.id, upload.offset)
+        await self._store.put_stream(key, counting, -1)
+        if received == 0:
+            await self._store.delete(key)
+            return upload
+        end = upload.offset + received
+        return Upload(upload.id, upload.name, upload.started, (*upload.parts, (upload.offset, end)))
+
+    def _read_parts(self, upload: Upload) -> Source:
+        """A byte source over the upload's parts, in order."""
+        chunks = self._iterate_parts(upload)
+
+        pending = b""
+
+        async def read(n: int) -> bytes:
+            nonlocal pending
+            while not pending:
+                try:
+                    pending = await anext(chunks)
+                except StopAsyncIteration:
+                    return b""
+            out, pending = pending[:n], pending[n:]
+            return out
+
+        return read
+
+    async def _iterate_parts(self, upload: Upload) -> AsyncIterator[bytes]:
+        for start, _end in upload.parts:
+            async for chunk in self._store.stream(layout.upload_part(upload.id, start)):
+                yield chunk
+
+    async def finish(self, upload: Upload, digest: Digest) -> int:
+        """Verify the whole upload against `digest` and commit it as a blob."""
+        size = await self._blobs.commit(digest, self._read_parts(upload), upload.offset)
+        await self.cancel(upload)
+        return size
+
+    async def cancel(self, upload: Upload) -> None:
+        keys = await self._store.list_keys(layout.upload(upload.id))
+        await self._store.delete_many(keys)
+
+    async def expired(self, older_than: float) -> list[str]:
+        """Ids of uploads started before `older_than` (epoch seconds), for the janitor."""
+        ids = []
+        for key in await self._store.list_keys("uploads/", recursive=False):
+            upload_id = key.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                info = json.loads(await self._store.get_bytes(layout.upload_info(upload_id)))
+            except ObjectMissing:
+                ids.append(upload_id)
+                continue
+            if float(info.get("started", 0)) < older_than:
+                ids.append(upload_id)
+        return ids
+
+    async def purge(self, upload_id: str) -> None:
+        await self._store.delete_many(await self._store.list_keys(layout.upload(upload_id)))
