@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.edge import keys
-from services.edge.context import USER
 from services.edge.tags import paginate
 from shared.access import Access, Action, unauthorized
 
@@ -13,7 +12,7 @@ from shared.access import Access, Action, unauthorized
 async def version_check(request: web.Request) -> web.Response:
     # Clients (docker, skopeo) learn from this probe whether and how to authenticate; an
     # anonymous caller is still free to pull public projects afterwards.
-    if request.app[keys.ACCESS].enabled and request.get(USER) is None:
+    if request.app[keys.ACCESS].enabled and request.get(keys.USER) is None:
         raise unauthorized()
     return web.json_response({})
 
@@ -21,7 +20,7 @@ async def version_check(request: web.Request) -> web.Response:
 async def list_catalog(request: web.Request) -> web.Response:
     app = request.app
     settings = app[keys.SETTINGS]
-    user = request.get(USER)
+    user = request.get(keys.USER)
     names = await app[keys.REPOSITORIES].names()
     visible = []
     for name in names:

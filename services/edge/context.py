@@ -11,7 +11,7 @@ from shared.blobs import Source
 from shared.oci.errors import RegistryError
 from shared.routing import Target, resolve
 
-USER = "seawall.user"
+
 
 
 def target(request: web.Request, action: Action, name: str | None = None) -> Target:
@@ -20,7 +20,7 @@ def target(request: web.Request, action: Action, name: str | None = None) -> Tar
     resolved = resolve(
         app[keys.SETTINGS], name or request.match_info["name"], request.query.get("ns")
     )
-    app[keys.ACCESS].require(request.get(USER), resolved.project, action)
+    app[keys.ACCESS].require(request.get(keys.USER), resolved.project, action)
     if action is not Action.PULL and resolved.project.type == "proxy":
         raise RegistryError(
             "DENIED" if action is Action.PUSH else "UNSUPPORTED",

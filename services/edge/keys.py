@@ -19,3 +19,6 @@ BLOBS = web.AppKey("blobs", BlobStore)
 REPOSITORIES = web.AppKey("repositories", RepositoryStore)
 UPLOADS = web.AppKey("uploads", UploadStore)
 REDIS = web.AppKey("redis", Redis)
+
+# Per-request state: the authenticated user (None when anonymous).
+USER = web.RequestKey("user", str)

@@ -13,7 +13,7 @@ from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.oci.manifest import Manifest, parse_manifest
-from shared.oci.reference import validate_tag
+from shared.oci.reference import is_valid_tag, validate_tag
 from shared.repositories import RepositoryStore, Revision
 from shared.routing import Target
 
@@ -34,7 +34,10 @@ def manifest_response(request: web.Request, revision: Revision, body: bytes, ext
 async def find_revision(repositories: RepositoryStore, repo: Target, reference: str) -> Revision | None:
     if Digest.is_digest(reference):
         return await repositories.revision(repo.name, Digest.parse(reference))
-    digest = await repositories.resolve_tag(repo.name, validate_tag(reference))
+    if not is_valid_tag(reference):
+        # A name that cannot be a tag cannot be tagged either: unknown, not malformed.
+        return None
+    digest = await repositories.resolve_tag(repo.name, reference)
     return await repositories.revision(repo.name, digest) if digest else None
 
 

@@ -11,7 +11,6 @@ import structlog
 from aiohttp import web
 
 from services.edge import keys
-from services.edge.context import USER
 from shared.metrics import ERRORS, REQUEST_SECONDS
 from shared.oci.errors import RegistryError
 from shared.storage import StorageUnavailable
@@ -78,5 +77,5 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Check Basic credentials once per request; handlers check grants per project."""
-    request[USER] = request.app[keys.ACCESS].authenticate(request.headers.get("Authorization"))
+    request[keys.USER] = request.app[keys.ACCESS].authenticate(request.headers.get("Authorization"))
     return await handler(request)

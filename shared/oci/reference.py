@@ -27,7 +27,11 @@ def validate_name(name: str) -> str:
     return name
 
 
+def is_valid_tag(tag: str) -> bool:
+    return bool(_TAG.match(tag))
+
+
 def validate_tag(tag: str) -> str:
-    if not _TAG.match(tag):
+    if not is_valid_tag(tag):
         raise RegistryError("MANIFEST_INVALID", f"invalid tag {tag[:200]!r}", status=400)
     return tag

@@ -1,0 +1,116 @@
+"""The `seawall` command: run the all-in-one stack, hash passwords, check a configuration."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+import yaml
+from argon2 import PasswordHasher
+from pydantic import ValidationError
+
+from shared.settings import Settings, config_path, load_settings
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="seawall.yaml to read (default: $SEAWALL_CONFIG, else settings from SEAWALL_* only).",
+)
+
+
+def _describe_error(exc: Exception) -> str:
+    """A configuration error as lines a person can act on."""
+    if isinstance(exc, ValidationError):
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {message}" if where else message)
+        return "\n".join(lines)
+    return str(exc)
+
+
+def _load_or_exit(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except (FileNotFoundError, ValidationError, yaml.YAMLError) as exc:
+        click.echo(f"error: invalid configuration\n{_describe_error(exc)}", err=True)
+        sys.exit(1)
+
+
+def _masked(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+@click.group()
+@click.version_option(package_name="seawall")
+def main() -> None:
+    """Seawall: a container-image pull-through cache and registry."""
+
+
+@main.command()
+@_CONFIG_OPTION
+def up(config: Path | None) -> None:
+    """Run edge, workers and scheduler (plus embedded Redis/S3 if none are configured)."""
+    from services.supervisor import run_stack  # rich and the servers are only needed here
+
+    settings = _load_or_exit(config)
+    sys.exit(run_stack(settings, config_path(config)))
+
+
+@main.command("hash-password")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def hash_password(password_stdin: bool) -> None:
+    """Print an argon2id hash for a `users` entry's password_hash."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("the password is empty")
+    click.echo(PasswordHasher().hash(password))
+
+
+def _summary(settings: Settings) -> list[str]:
+    lines = [
+        f"listen:    {settings.listen}",
+        f"data_dir:  {settings.data_dir}",
+        f"redis:     {_masked(settings.redis_url) if settings.redis_url else 'embedded'}",
+        "s3:        "
+        + (f"{settings.s3.endpoint} bucket {settings.s3.bucket}" if settings.s3 else "embedded"),
+        f"users:     {', '.join(u.name for u in settings.users) or 'none'}",
+        f"projects:  {len(settings.projects)}",
+    ]
+    for project in settings.projects:
+        via = f" of {project.upstream} (tag_ttl {project.tag_ttl})" if project.upstream else ""
+        access = "public" if project.public else "private"
+        lines.append(f"  {project.name}: {project.type}{via}, {access}")
+    lines.append(f"upstreams: {len(settings.upstreams)}")
+    lines += [f"  {u.name}: {u.url}" for u in settings.upstreams]
+    routes = ", ".join(f"{ns} -> {p}" for ns, p in settings.mirror.namespaces.items())
+    lines.append(f"mirror:    default {settings.mirror.default or 'none'}; {routes or 'no routes'}")
+    return lines
+
+
+@main.command("check-config")
+@_CONFIG_OPTION
+def check_config(config: Path | None) -> None:
+    """Validate the configuration and summarise it."""
+    settings = _load_or_exit(config)
+    source = config_path(config)
+    click.echo(f"config:    {source if source else '(none, SEAWALL_* variables only)'}")
+    for line in _summary(settings):
+        click.echo(line)
+    click.echo("configuration OK")
+
+
+if __name__ == "__main__":
+    main()

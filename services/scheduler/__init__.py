@@ -1,0 +1,1 @@
+"""The scheduler: fires cron triggers by enqueueing jobs, one leader at a time."""

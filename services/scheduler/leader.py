@@ -1,0 +1,37 @@
+"""A leader lease in Redis, so running several schedulers fires each trigger once."""
+
+from __future__ import annotations
+
+import uuid
+
+from redis.asyncio import Redis
+
+# Renew only if we still hold it; compare-and-set in one atomic script.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class LeaderLease:
+    def __init__(self, redis: Redis, key: str = "seawall:scheduler:leader", ttl_ms: int = 15_000):
+        self._redis = redis
+        self._key = key
+        self._ttl = ttl_ms
+        self.holder = uuid.uuid4().hex
+
+    async def hold(self) -> bool:
+        """Take the lease if free, renew it if ours; True while we lead."""
+        if await self._redis.set(self._key, self.holder, nx=True, px=self._ttl):
+            return True
+        return bool(await self._redis.eval(_RENEW, 1, self._key, self.holder, str(self._ttl)))
+
+    async def release(self) -> None:
+        await self._redis.eval(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
+            1,
+            self._key,
+            self.holder,
+        )

@@ -1,0 +1,22 @@
+"""What the scheduler fires, and when (cron expressions evaluated with croniter)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from croniter import croniter
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    cron: str
+    actor: str  # the Dramatiq actor name to enqueue
+
+    def due_between(self, since: datetime, now: datetime) -> bool:
+        """True when a firing time falls in (since, now]."""
+        return croniter(self.cron, since).get_next(datetime) <= now
+
+
+MAINTENANCE = [Trigger("purge-expired-uploads", "17 * * * *", "purge_expired_uploads_job")]

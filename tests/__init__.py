@@ -1,0 +1,1 @@
+"""Seawall test suite."""

@@ -1,0 +1,3 @@
+"""Pytest configuration: the shared fixture plugins."""
+
+pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.edge"]

@@ -1,0 +1,1 @@
+"""Helpers that run real third-party servers and clients for the tests."""

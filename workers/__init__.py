@@ -1,0 +1,1 @@
+"""Dramatiq workers: fills, prefetch and maintenance jobs, run by `dramatiq workers.actors`."""

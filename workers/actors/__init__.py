@@ -1,0 +1,10 @@
+"""Every actor module, imported after the broker is set up (`dramatiq workers.actors`)."""
+
+from workers.broker import setup_broker
+from workers.runtime import settings
+
+broker = setup_broker(settings())
+
+from workers.actors import maintenance  # noqa: E402
+
+__all__ = ["broker", "maintenance"]

@@ -1,0 +1,19 @@
+"""Builds the Redis broker from settings, with middleware, before any actor is imported."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import AsyncIO
+
+from shared.settings import Settings
+
+
+def setup_broker(settings: Settings) -> RedisBroker:
+    if settings.redis_url is None:
+        raise RuntimeError("workers need redis_url (set it, or start them with `seawall up`)")
+    broker = RedisBroker(url=settings.redis_url, namespace="seawall")
+    # Actors are coroutines; this middleware runs them on one event loop per process.
+    broker.add_middleware(AsyncIO())
+    dramatiq.set_broker(broker)
+    return broker
