@@ -12,6 +12,22 @@ from shared.storage import ObjectMissing, ObjectStore
 Source = Callable[[int], Awaitable[bytes]]
 
 
+def source_from_chunks(chunks: AsyncIterator[bytes]) -> Source:
+    """Adapt a chunk iterator to a source that never returns more than asked for."""
+    pending = b""
+
+    async def read(n: int) -> bytes:
+        nonlocal pending
+        while not pending:
+            pending = await anext(chunks, b"")
+            if not pending:
+                return b""
+        out, pending = pending[:n], pending[n:]
+        return out
+
+    return read
+
+
 class VerifyingSource:
     """Wraps a byte source, hashing what passes; fails the read that completes a bad blob.
 

@@ -71,3 +71,13 @@ def upload_parts(upload_id: str) -> str:
 def upload_part(upload_id: str, start: int) -> str:
     # Fixed-width offsets so a listing comes back in byte order.
     return f"{upload_parts(upload_id)}{start:016d}"
+
+
+# A fill in progress: segments of the blob as fetched, named by their first byte, kept
+# until the assembled blob is committed (and a grace period after, for slow readers).
+def staging(digest: Digest) -> str:
+    return f"staging/{digest.algorithm}/{digest.hex}/"
+
+
+def staging_segment(digest: Digest, start: int) -> str:
+    return f"{staging(digest)}{start:016d}"

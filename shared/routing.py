@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from shared.oci.errors import RegistryError
 from shared.oci.reference import validate_name
-from shared.settings import Project, Settings
+from shared.settings import Project, Settings, Upstream
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 
@@ -48,11 +48,13 @@ def _target(settings: Settings, project_name: str, path: str, namespace: str | N
 def upstream_path(settings: Settings, project: Project, path: str) -> str:
     """Docker Hub keeps official images under `library/`: `alpine` is `library/alpine`."""
     upstream = settings.upstream(project.upstream or "")
-    if upstream and "/" not in path and _is_docker_hub(upstream.url):
+    if upstream and "/" not in path and is_docker_hub(upstream):
         return f"library/{path}"
     return path
 
 
-def _is_docker_hub(url: str) -> bool:
-    host = url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+def is_docker_hub(upstream: Upstream) -> bool:
+    if upstream.flavor != "auto":
+        return upstream.flavor == "dockerhub"
+    host = upstream.url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
     return host in DOCKER_HUB_HOSTS

@@ -91,6 +91,9 @@ class Upstream(BaseModel):
     head_timeout: Duration = timedelta(seconds=3)
     quota: Quota = Field(default_factory=Quota)
     requests_per_minute: int = 600
+    # `dockerhub` applies Docker Hub's rules (official images under `library/`); `auto`
+    # recognises Docker Hub by its host name.
+    flavor: Literal["auto", "dockerhub", "registry"] = "auto"
 
     def password(self) -> SecretStr | None:
         """The upstream password is read from the environment, never from the file."""

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from shared import layout
-from shared.blobs import BlobStore, Source
+from shared.blobs import BlobStore, Source, source_from_chunks
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.storage import ObjectMissing, ObjectStore
@@ -92,24 +92,6 @@ class UploadStore:
         end = upload.offset + received
         return Upload(upload.id, upload.name, upload.started, (*upload.parts, (upload.offset, end)))
 
-    def _read_parts(self, upload: Upload) -> Source:
-        """A byte source over the upload's parts, in order."""
-        chunks = self._iterate_parts(upload)
-
-        pending = b""
-
-        async def read(n: int) -> bytes:
-            nonlocal pending
-            while not pending:
-                try:
-                    pending = await anext(chunks)
-                except StopAsyncIteration:
-                    return b""
-            out, pending = pending[:n], pending[n:]
-            return out
-
-        return read
-
     async def _iterate_parts(self, upload: Upload) -> AsyncIterator[bytes]:
         for start, _end in upload.parts:
             async for chunk in self._store.stream(layout.upload_part(upload.id, start)):
@@ -117,7 +99,7 @@ class UploadStore:
 
     async def finish(self, upload: Upload, digest: Digest) -> int:
         """Verify the whole upload against `digest` and commit it as a blob."""
-        size = await self._blobs.commit(digest, self._read_parts(upload), upload.offset)
+        size = await self._blobs.commit(digest, source_from_chunks(self._iterate_parts(upload)), upload.offset)
         await self.cancel(upload)
         return size
 

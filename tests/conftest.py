@@ -1,3 +1,8 @@
 """Pytest configuration: the shared fixture plugins."""
 
-pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.edge"]
+pytest_plugins = [
+    "tests.fixtures.servers",
+    "tests.fixtures.edge",
+    "tests.fixtures.clients",
+    "tests.fixtures.proxy",
+]

@@ -6,6 +6,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AsyncIO
 
+from shared.proxy.events import PREFETCH_QUEUE
 from shared.settings import Settings
 
 
@@ -15,5 +16,8 @@ def setup_broker(settings: Settings) -> RedisBroker:
     broker = RedisBroker(url=settings.redis_url, namespace="seawall")
     # Actors are coroutines; this middleware runs them on one event loop per process.
     broker.add_middleware(AsyncIO())
+    # Prefetch messages go to their own queue (behind client-driven fills); no actor
+    # declares it, so declare it here for the workers to consume.
+    broker.declare_queue(PREFETCH_QUEUE)
     dramatiq.set_broker(broker)
     return broker

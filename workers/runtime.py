@@ -1,12 +1,21 @@
-"""Per-process resources for actors: settings and storage, opened on the worker's event loop."""
+"""Per-process resources for actors: settings, storage, Redis and upstream clients.
+
+Created lazily on the worker's event loop (Dramatiq's AsyncIO middleware runs one per
+process) and kept for the life of the process.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
 
+from redis.asyncio import Redis
+
 from shared.blobs import BlobStore
 from shared.logging import configure_logging
+from shared.proxy.events import CacheEvents, make_broker
+from shared.proxy.fill import FillDeps
+from shared.proxy.upstreams import UpstreamPool
 from shared.repositories import RepositoryStore
 from shared.settings import Settings, load_settings
 from shared.storage import ObjectStore
@@ -36,3 +45,20 @@ def stores() -> Stores:
     objects = ObjectStore(s3)
     blobs = BlobStore(objects)
     return Stores(objects, blobs, RepositoryStore(objects), UploadStore(objects, blobs))
+
+
+@cache
+def redis() -> Redis:
+    return Redis.from_url(settings().redis_url or "", health_check_interval=30)
+
+
+@cache
+def upstreams() -> UpstreamPool:
+    return UpstreamPool(settings())
+
+
+@cache
+def fill_deps() -> FillDeps:
+    found = stores()
+    events = CacheEvents(make_broker(settings().redis_url or ""))
+    return FillDeps(found.objects, found.blobs, found.repositories, redis(), events)

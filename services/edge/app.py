@@ -12,6 +12,12 @@ from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared.access import Access
 from shared.blobs import BlobStore
+from shared.oci.digest import Digest
+from shared.proxy.events import CacheEvents, make_broker
+from shared.proxy.follow import BlobFollower
+from shared.proxy.manifests import ManifestCache
+from shared.proxy.upstreams import UpstreamPool
+from shared.routing import Target
 from shared.repositories import RepositoryStore
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -47,6 +53,29 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         await redis.aclose()
 
 
+async def _proxy(app: web.Application) -> AsyncIterator[None]:
+    """The pull-through cache: upstream clients, cache-miss events, fill followers."""
+    settings = app[keys.SETTINGS]
+    redis = app[keys.REDIS]
+    events = CacheEvents(make_broker(settings.redis_url or ""))
+    upstreams = UpstreamPool(settings)
+    try:
+        app[keys.EVENTS] = events
+        app[keys.UPSTREAMS] = upstreams
+
+        async def prefetch(target: Target, digest: Digest) -> None:
+            await events.want(redis, target, digest, prefetch=True)
+
+        app[keys.MANIFEST_CACHE] = ManifestCache(
+            app[keys.REPOSITORIES], app[keys.BLOBS], redis, upstreams, prefetch
+        )
+        app[keys.FOLLOWER] = BlobFollower(app[keys.STORE], app[keys.BLOBS], redis)
+        yield
+    finally:
+        await upstreams.close()
+        events.close()
+
+
 def create_app(settings: Settings) -> web.Application:
     # The upload size cap is per request body; blobs are streamed, so no cap applies there.
     app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
@@ -54,5 +83,6 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.ACCESS] = Access(settings)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_redis)
+    app.cleanup_ctx.append(_proxy)
     setup_routes(app)
     return app

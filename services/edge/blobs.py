@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 
 from services.edge import keys
@@ -12,6 +14,10 @@ from shared.access import Action
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
+from shared.routing import Target
+from shared.storage import StorageUnavailable
+
+log = structlog.get_logger("edge")
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -37,18 +43,23 @@ def _unsatisfiable(size: int) -> dict[str, str]:
     return {"Content-Range": f"bytes */{size}"}
 
 
-async def get_blob(request: web.Request) -> web.StreamResponse:
-    repo = target(request, Action.PULL)
-    digest = Digest.parse(request.match_info["digest"])
+async def _held_size(request: web.Request, repo: Target, digest: Digest) -> int | None:
+    """The blob's size if this repository may serve it from storage."""
     app = request.app
-    size = None
     if await app[keys.REPOSITORIES].blob_linked(repo.name, digest):
+        return await app[keys.BLOBS].size(digest)
+    if repo.project.type == "proxy":
+        # Blobs are stored once per digest: a layer another cached image brought in is
+        # a hit here too, verified when it was committed. Link it and serve it.
         size = await app[keys.BLOBS].size(digest)
-    if size is None:
-        REQUESTS.labels(repo.project.name, "blob", "miss").inc()
-        raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
-    REQUESTS.labels(repo.project.name, "blob", "hit").inc()
+        if size is not None:
+            await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
+        return size
+    return None
 
+
+def _blob_headers(request: web.Request, digest: Digest, size: int) -> tuple[int, int, int, dict[str, str]]:
+    """Status, offset, length and headers of a blob response, honouring `Range`."""
     headers = {
         "Docker-Content-Digest": str(digest),
         "Accept-Ranges": "bytes",
@@ -62,18 +73,72 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         status, offset, length = 206, byte_range[0], byte_range[1] - byte_range[0] + 1
         headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
     headers["Content-Length"] = str(length)
-    if request.method == "HEAD":
-        return web.Response(status=status, headers=headers)
+    return status, offset, length, headers
 
+
+async def _send(
+    request: web.Request, status: int, headers: dict[str, str], length: int,
+    chunks: AsyncIterator[bytes], project: str,
+) -> web.StreamResponse:
+    """Stream a body; a failure after the headers went out can only cut the connection,
+    which the client sees as a truncated (and therefore rejected) blob."""
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
     await response.prepare(request)
-    if length:
-        async for chunk in app[keys.BLOBS].stream(digest, offset, length):
+    try:
+        async for chunk in chunks:
             await response.write(chunk)
-            BYTES_SERVED.labels(repo.project.name, "blob").inc(len(chunk))
+            BYTES_SERVED.labels(project, "blob").inc(len(chunk))
+    except (RegistryError, StorageUnavailable) as exc:
+        log.warning("blob_stream_aborted", path=request.path, reason=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    repo = target(request, Action.PULL)
+    digest = Digest.parse(request.match_info["digest"])
+    size = await _held_size(request, repo, digest)
+    if size is None:
+        REQUESTS.labels(repo.project.name, "blob", "miss").inc()
+        if repo.project.type == "proxy":
+            return await _serve_fill(request, repo, digest)
+        raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+    REQUESTS.labels(repo.project.name, "blob", "hit").inc()
+    status, offset, length, headers = _blob_headers(request, digest, size)
+    if request.method == "HEAD":
+        return web.Response(status=status, headers=headers)
+    chunks = request.app[keys.BLOBS].stream(digest, offset, length) if length else _nothing()
+    return await _send(request, status, headers, length, chunks, repo.project.name)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
+
+
+async def _serve_fill(request: web.Request, repo: Target, digest: Digest) -> web.StreamResponse:
+    """A cache miss: ask the workers for the blob and stream the fill as it grows."""
+    app = request.app
+    redis, events, follower = app[keys.REDIS], app[keys.EVENTS], app[keys.FOLLOWER]
+    upstream = app[keys.SETTINGS].upstream(repo.project.upstream or "")
+    connect = upstream.connect_timeout.total_seconds() if upstream else 5.0
+    read = upstream.read_timeout.total_seconds() if upstream else 30.0
+
+    async def rerequest() -> None:
+        await events.want(redis, repo, digest)
+
+    await rerequest()
+    size = await follower.wait_for_size(digest, rerequest, timeout=connect + read)
+    status, offset, length, headers = _blob_headers(request, digest, size)
+    headers["X-Seawall-Cache"] = "miss"
+    if request.method == "HEAD":
+        return web.Response(status=status, headers=headers)
+    chunks = follower.follow(digest, offset, offset + length, size, rerequest, stall_timeout=read + connect)
+    return await _send(request, status, headers, length, chunks, repo.project.name)
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -17,9 +17,12 @@ from shared.routing import Target, resolve
 def target(request: web.Request, action: Action, name: str | None = None) -> Target:
     """Resolve the repository named by the request and check the caller may `action` it."""
     app = request.app
-    resolved = resolve(
-        app[keys.SETTINGS], name or request.match_info["name"], request.query.get("ns")
-    )
+    requested = name or request.match_info["name"]
+    if name is None and not request.rel_url.path_safe.startswith(f"/v2/{requested}/"):
+        # aiohttp decodes `%2F` in path parameters, which would turn `local%2Fapp` into
+        # `local/app`: an encoded slash is never a separator, and no component holds one.
+        raise RegistryError("NAME_INVALID", f"invalid repository name {requested[:300]!r}")
+    resolved = resolve(app[keys.SETTINGS], requested, request.query.get("ns"))
     app[keys.ACCESS].require(request.get(keys.USER), resolved.project, action)
     if action is not Action.PULL and resolved.project.type == "proxy":
         raise RegistryError(

@@ -6,6 +6,10 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from shared.access import Access
+from shared.proxy.events import CacheEvents
+from shared.proxy.follow import BlobFollower
+from shared.proxy.manifests import ManifestCache
+from shared.proxy.upstreams import UpstreamPool
 from shared.blobs import BlobStore
 from shared.repositories import RepositoryStore
 from shared.settings import Settings
@@ -19,6 +23,10 @@ BLOBS = web.AppKey("blobs", BlobStore)
 REPOSITORIES = web.AppKey("repositories", RepositoryStore)
 UPLOADS = web.AppKey("uploads", UploadStore)
 REDIS = web.AppKey("redis", Redis)
+EVENTS = web.AppKey("events", CacheEvents)
+UPSTREAMS = web.AppKey("upstreams", UpstreamPool)
+MANIFEST_CACHE = web.AppKey("manifest_cache", ManifestCache)
+FOLLOWER = web.AppKey("follower", BlobFollower)
 
 # Per-request state: the authenticated user (None when anonymous).
 USER = web.RequestKey("user", str)

@@ -14,6 +14,7 @@ from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.oci.manifest import Manifest, parse_manifest
 from shared.oci.reference import is_valid_tag, validate_tag
+from shared.proxy.manifests import STALE
 from shared.repositories import RepositoryStore, Revision
 from shared.routing import Target
 
@@ -45,6 +46,8 @@ async def get_manifest(request: web.Request) -> web.Response:
     repo = target(request, Action.PULL)
     reference = request.match_info["reference"]
     app = request.app
+    if repo.project.type == "proxy":
+        return await _get_cached_manifest(request, repo, reference)
     revision = await find_revision(app[keys.REPOSITORIES], repo, reference)
     if revision is None:
         REQUESTS.labels(repo.project.name, "manifest", "miss").inc()
@@ -54,6 +57,22 @@ async def get_manifest(request: web.Request) -> web.Response:
     if request.method == "GET":
         BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(body))
     return manifest_response(request, revision, body)
+
+
+async def _get_cached_manifest(request: web.Request, repo: Target, reference: str) -> web.Response:
+    try:
+        cached = await request.app[keys.MANIFEST_CACHE].get(repo, reference)
+    except RegistryError:
+        REQUESTS.labels(repo.project.name, "manifest", "error").inc()
+        raise
+    REQUESTS.labels(repo.project.name, "manifest", cached.result).inc()
+    if request.method == "GET":
+        BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(cached.body))
+    extra = {"X-Seawall-Cache": cached.result}
+    if cached.result == STALE:
+        # RFC 9111's stale warning, which HTTP tooling shows; the upstream could not be asked.
+        extra["Warning"] = '110 seawall "Response is Stale"'
+    return manifest_response(request, cached.revision, cached.body, extra)
 
 
 async def _read_manifest_body(request: web.Request, limit: int) -> bytes:

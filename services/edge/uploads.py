@@ -95,11 +95,13 @@ async def upload_status(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=_upload_headers(_request_name(request), upload))
 
 
-def _chunk_start(request: web.Request, length: int | None) -> int | None:
-    """The start offset a PATCH/PUT declares in Content-Range, checked against its length."""
+def _chunk_range(request: web.Request, length: int | None) -> tuple[int | None, int | None]:
+    """The start offset a PATCH/PUT declares in Content-Range, and the length its body must
+    have: Content-Length, else the range's own (a chunked body declares no other, and a
+    short or long chunk must not be stored as the range it claims to be)."""
     header = request.headers.get("Content-Range")
     if header is None:
-        return None
+        return None, length
     match = _CONTENT_RANGE.match(header.strip())
     if not match:
         raise RegistryError("BLOB_UPLOAD_INVALID", f"malformed Content-Range {header[:100]!r}", status=416)
@@ -108,7 +110,7 @@ def _chunk_start(request: web.Request, length: int | None) -> int | None:
         raise RegistryError(
             "BLOB_UPLOAD_INVALID", f"Content-Range {header[:100]!r} does not match the body length", status=416
         )
-    return start
+    return start, end - start + 1
 
 
 async def upload_chunk(request: web.Request) -> web.Response:
@@ -116,8 +118,8 @@ async def upload_chunk(request: web.Request) -> web.Response:
     uploads = request.app[keys.UPLOADS]
     upload = await uploads.get(repo.name, request.match_info["upload"])
     length = content_length(request)
-    start = _chunk_start(request, length)
-    upload = await uploads.append(upload, body_source(request), length, start)
+    start, expected = _chunk_range(request, length)
+    upload = await uploads.append(upload, body_source(request), expected, start)
     BYTES_RECEIVED.labels(repo.project.name).inc(length or 0)
     return web.Response(status=202, headers=_upload_headers(_request_name(request), upload))
 
@@ -132,7 +134,8 @@ async def finish_upload(request: web.Request) -> web.Response:
     digest = Digest.parse(request.query["digest"])
     length = content_length(request)
     if length or request.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        upload = await uploads.append(upload, body_source(request), length, _chunk_start(request, length))
+        start, expected = _chunk_range(request, length)
+        upload = await uploads.append(upload, body_source(request), expected, start)
     size = await uploads.finish(upload, digest)
     await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
     return _created(_request_name(request), digest)

@@ -1,0 +1,59 @@
+"""Cache events published to the workers: blob fills wanted now, layers to prefetch.
+
+Messages name an actor and carry only primitives (project, repository, digest), so the
+edge needs no worker code, only the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from redis.asyncio import Redis
+
+from shared.oci.digest import Digest
+from shared.proxy import state
+from shared.routing import Target
+
+FILL_ACTOR = "fill_blob"
+FILL_QUEUE = "fills"
+PREFETCH_QUEUE = "prefetch"
+PURGE_STAGING_ACTOR = "purge_staging"
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def make_broker(redis_url: str) -> RedisBroker:
+    """A broker for publishing only (the workers build theirs with middleware)."""
+    return RedisBroker(url=redis_url, namespace="seawall")
+
+
+class CacheEvents:
+    def __init__(self, broker: RedisBroker) -> None:
+        self._broker = broker
+
+    async def _send(self, queue: str, actor: str, args: tuple[Any, ...], delay_ms: int | None = None) -> None:
+        message = dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={}, options={})
+        # The broker's client is synchronous; keep the event loop free while it talks to Redis.
+        await asyncio.to_thread(self._broker.enqueue, message, delay=delay_ms)
+
+    async def fill_wanted(self, project: str, repository: str, digest: str) -> None:
+        """A client is waiting for this blob: the cache-miss event."""
+        await self._send(FILL_QUEUE, FILL_ACTOR, (project, repository, digest))
+
+    async def prefetch(self, project: str, repository: str, digest: str) -> None:
+        """A new manifest names this blob; fetch it before a client asks."""
+        await self._send(PREFETCH_QUEUE, FILL_ACTOR, (project, repository, digest))
+
+    async def purge_staging_later(self, digest: str, delay_ms: int) -> None:
+        await self._send(MAINTENANCE_QUEUE, PURGE_STAGING_ACTOR, (digest,), delay_ms=delay_ms)
+
+    async def want(self, redis: Redis, target: Target, digest: Digest, *, prefetch: bool = False) -> None:
+        """Ask for a fill unless one is running or was asked for moments ago."""
+        if await state.request_fill(redis, digest):
+            send = self.prefetch if prefetch else self.fill_wanted
+            await send(target.project.name, target.path, str(digest))
+
+    def close(self) -> None:
+        self._broker.close()

@@ -1,0 +1,126 @@
+"""Streaming a blob to a client while a worker fills it (any edge, any replica).
+
+The follower reads the fill's progress from Redis and the staged segments from the
+bucket, so the first byte leaves soon after the upstream's first byte. The last byte is
+withheld until the worker has verified the digest: a client never receives a complete
+body of a blob that turned out to be wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from redis.asyncio import Redis
+
+from shared import layout
+from shared.blobs import BlobStore
+from shared.oci.digest import Digest
+from shared.oci.errors import RegistryError
+from shared.proxy import state
+from shared.storage import ObjectMissing, ObjectStore
+
+POLL_SECONDS = 0.02
+REREQUEST_SECONDS = 1.0
+
+
+def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
+    code = fill.error_code or "UPSTREAM_ERROR"
+    headers = {}
+    if fill.retry_after:
+        headers["Retry-After"] = str(max(1, round(fill.retry_after)))
+    return RegistryError(code, fill.error or f"filling {digest} failed", headers=headers, detail={"digest": str(digest)})
+
+
+class BlobFollower:
+    def __init__(self, objects: ObjectStore, blobs: BlobStore, redis: Redis) -> None:
+        self._objects = objects
+        self._blobs = blobs
+        self._redis = redis
+
+    async def wait_for_size(
+        self, digest: Digest, rerequest: Callable[[], Awaitable[None]], timeout: float
+    ) -> int:
+        """Wait until the filling worker knows the blob's size (it has the upstream's headers)."""
+        deadline = time.monotonic() + timeout
+        next_rerequest = time.monotonic() + REREQUEST_SECONDS
+        while True:
+            fill = await state.read_state(self._redis, digest)
+            if fill.status == state.FAILED:
+                raise failure_error(fill, digest)
+            if fill.size is not None:
+                return fill.size
+            if fill.status in (None, state.COMMITTED):
+                size = await self._blobs.size(digest)
+                if size is not None:
+                    return size
+            now = time.monotonic()
+            if now > deadline:
+                raise RegistryError("UPSTREAM_TIMEOUT", f"no fill of {digest} started in {timeout:.0f}s")
+            if now > next_rerequest:
+                await rerequest()
+                next_rerequest = now + REREQUEST_SECONDS
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def follow(
+        self,
+        digest: Digest,
+        start: int,
+        end: int,
+        size: int,
+        rerequest: Callable[[], Awaitable[None]],
+        stall_timeout: float,
+    ) -> AsyncIterator[bytes]:
+        """Yield bytes [start, end) of the blob as the fill makes them available."""
+        offset = start
+        segments: list[tuple[int, int]] = []
+        last_progress = time.monotonic()
+        next_rerequest = last_progress + REREQUEST_SECONDS
+        while offset < end:
+            fill = await state.read_state(self._redis, digest)
+            if fill.status in (None, state.COMMITTED) and await self._blobs.size(digest) is not None:
+                async for chunk in self._blobs.stream(digest, offset, end - offset):
+                    yield chunk
+                return
+            if fill.status == state.FAILED:
+                raise failure_error(fill, digest)
+            # Every byte but the last may go before verification; the last one only after.
+            releasable = min(fill.staged, end if fill.status == state.VERIFIED else min(end, size - 1))
+            if releasable > offset:
+                if not segments or segments[-1][0] + segments[-1][1] < releasable:
+                    listing = await self._objects.list_objects(layout.staging(digest))
+                    segments = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
+                before = offset
+                async for chunk in self._read_staged(digest, segments, offset, releasable):
+                    offset += len(chunk)
+                    yield chunk
+                if offset > before:
+                    last_progress = time.monotonic()
+                    continue
+                segments = []  # the listing was stale or the segments purged: look again
+            now = time.monotonic()
+            if now - last_progress > stall_timeout:
+                raise RegistryError("UPSTREAM_TIMEOUT", f"the fill of {digest} made no progress for {stall_timeout:.0f}s")
+            if now > next_rerequest:
+                # The holder may have died: its lease lapses and a new fill resumes it.
+                await rerequest()
+                next_rerequest = now + REREQUEST_SECONDS
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _read_staged(
+        self, digest: Digest, segments: list[tuple[int, int]], offset: int, until: int
+    ) -> AsyncIterator[bytes]:
+        for seg_start, seg_size in segments:
+            seg_end = seg_start + seg_size
+            if seg_end <= offset or seg_start >= until:
+                continue
+            if seg_start > offset:
+                return  # a gap: the listing is behind; read it again next round
+            lo, hi = offset - seg_start, min(seg_end, until) - seg_start
+            try:
+                async for chunk in self._objects.stream(layout.staging_segment(digest, seg_start), lo, hi - lo):
+                    offset += len(chunk)
+                    yield chunk
+            except ObjectMissing:
+                return  # purged after commit: the caller switches to the committed blob

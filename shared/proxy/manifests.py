@@ -1,0 +1,186 @@
+"""Manifests of proxy projects: serve locally, revalidate tags with HEAD, fetch each digest once.
+
+Upstream quota is spent only on a manifest GET of a digest we do not hold (HEAD is free
+on Docker Hub). Any upstream failure on a tag we hold serves the cached copy, marked
+stale; with nothing cached, the failure becomes a clear OCI error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from redis.asyncio import Redis
+
+from shared.blobs import BlobStore
+from shared.metrics import DIGEST_MISMATCHES
+from shared.oci.digest import Digest
+from shared.oci.errors import RegistryError
+from shared.oci.manifest import parse_manifest
+from shared.oci.reference import is_valid_tag
+from shared.proxy.leases import Lease
+from shared.proxy.upstreams import UpstreamPool
+from shared.repositories import RepositoryStore, Revision
+from shared.routing import Target
+from shared.upstream import UpstreamFailure
+
+log = structlog.get_logger("proxy")
+
+HIT, MISS, STALE = "hit", "miss", "stale"
+FETCH_LEASE_SECONDS = 30.0
+WAIT_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class CachedManifest:
+    revision: Revision
+    body: bytes
+    result: str  # hit, miss or stale
+
+
+# Called with each blob of a newly cached image manifest (the edge enqueues a prefetch).
+PrefetchHook = Callable[[Target, Digest], Awaitable[None]]
+
+
+def _fresh_key(name: str, tag: str) -> str:
+    return f"seawall:fresh:{name}:{tag}"
+
+
+class ManifestCache:
+    def __init__(
+        self,
+        repositories: RepositoryStore,
+        blobs: BlobStore,
+        redis: Redis,
+        upstreams: UpstreamPool,
+        prefetch: PrefetchHook,
+    ) -> None:
+        self._repositories = repositories
+        self._blobs = blobs
+        self._redis = redis
+        self._upstreams = upstreams
+        self._prefetch = prefetch
+
+    async def get(self, target: Target, reference: str) -> CachedManifest:
+        if Digest.is_digest(reference):
+            return await self._by_digest(target, Digest.parse(reference))
+        if not is_valid_tag(reference):
+            raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
+        return await self._by_tag(target, reference)
+
+    async def _local(self, name: str, digest: Digest | None) -> tuple[Revision, bytes] | None:
+        if digest is None:
+            return None
+        revision = await self._repositories.revision(name, digest)
+        if revision is None:
+            return None
+        return revision, await self._blobs.read(digest)
+
+    async def _by_digest(self, target: Target, digest: Digest) -> CachedManifest:
+        held = await self._local(target.name, digest)
+        if held:
+            return CachedManifest(*held, HIT)
+        return await self._fetch(target, digest, tag=None)
+
+    async def _by_tag(self, target: Target, tag: str) -> CachedManifest:
+        tagged = await self._repositories.resolve_tag(target.name, tag)
+        held = await self._local(target.name, tagged)
+        if held and await self._redis.exists(_fresh_key(target.name, tag)):
+            return CachedManifest(*held, HIT)
+
+        upstream = await self._upstreams.client(target.project.upstream or "")
+        try:
+            head = await upstream.head_manifest(target.path, tag)
+        except UpstreamFailure as failure:
+            if held:
+                log.warning("serving_stale_manifest", repository=target.name, tag=tag, reason=str(failure))
+                return CachedManifest(*held, STALE)
+            raise failure.to_registry_error("MANIFEST_UNKNOWN") from None
+        if head is None:
+            # The upstream says the tag is gone; a mirror reflects that (the cached
+            # content stays, reachable by digest, until it expires).
+            raise RegistryError("MANIFEST_UNKNOWN", f"{target.path}:{tag} does not exist upstream")
+
+        if head.digest:
+            digest = Digest.parse(head.digest)
+            held_now = held if tagged == digest else await self._local(target.name, digest)
+            if held_now:
+                if tagged != digest:
+                    await self._repositories.set_tag(target.name, tag, digest)
+                await self._mark_fresh(target, tag)
+                return CachedManifest(*held_now, HIT)
+            result = await self._fetch(target, digest, tag=tag)
+        else:
+            result = await self._fetch(target, None, tag=tag)
+        await self._mark_fresh(target, tag)
+        return result
+
+    async def _mark_fresh(self, target: Target, tag: str) -> None:
+        ttl_ms = int(target.project.tag_ttl.total_seconds() * 1000)
+        if ttl_ms > 0:
+            await self._redis.set(_fresh_key(target.name, tag), "1", px=ttl_ms)
+
+    async def _fetch(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest:
+        """GET a manifest upstream once cluster-wide; concurrent askers wait for that GET."""
+        reference = str(digest) if digest else str(tag)
+        lease = Lease(self._redis, f"seawall:manifest-fetch:{target.name}@{reference}", FETCH_LEASE_SECONDS)
+        deadline = time.monotonic() + FETCH_LEASE_SECONDS
+        while not await lease.acquire():
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+            done = await self._fetched_meanwhile(target, digest, tag)
+            if done:
+                return done
+            if time.monotonic() > deadline:
+                raise RegistryError("UPSTREAM_TIMEOUT", f"fetching {target.path}@{reference} took too long")
+        async with lease.heartbeat():
+            done = await self._fetched_meanwhile(target, digest, tag)
+            if done:
+                return done
+            return await self._get_and_store(target, digest, tag)
+
+    async def _fetched_meanwhile(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest | None:
+        if digest is None and tag is not None:
+            if not await self._redis.exists(_fresh_key(target.name, tag)):
+                return None
+            digest = await self._repositories.resolve_tag(target.name, tag)
+        held = await self._local(target.name, digest)
+        if held is None:
+            return None
+        if tag is not None and digest is not None:
+            await self._repositories.set_tag(target.name, tag, digest)
+        return CachedManifest(*held, HIT)
+
+    async def _get_and_store(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest:
+        upstream = await self._upstreams.client(target.project.upstream or "")
+        reference = str(digest) if digest else str(tag)
+        try:
+            fetched = await upstream.get_manifest(target.path, reference)
+        except UpstreamFailure as failure:
+            raise failure.to_registry_error("MANIFEST_UNKNOWN") from None
+        if fetched is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"{target.path}@{reference} does not exist upstream")
+        # The digest is computed over the exact bytes received; a tag fetch trusts nothing else.
+        actual = Digest.of(fetched.body, digest.algorithm if digest else "sha256")
+        if digest is not None and actual != digest:
+            DIGEST_MISMATCHES.labels("upstream").inc()
+            log.error("manifest_digest_mismatch", repository=target.name, expected=str(digest), actual=str(actual))
+            raise RegistryError("UPSTREAM_ERROR", f"upstream manifest for {digest} hashes to {actual}")
+        try:
+            manifest = parse_manifest(fetched.body, fetched.media_type)
+        except RegistryError as invalid:
+            raise RegistryError("UPSTREAM_ERROR", f"upstream sent an invalid manifest: {invalid.message}") from None
+
+        await self._blobs.commit_bytes(actual, fetched.body)
+        revision = await self._repositories.add_revision(target.name, actual, manifest)
+        if tag is not None:
+            await self._repositories.set_tag(target.name, tag, actual)
+        log.info("manifest_cached", repository=target.name, digest=str(actual), media_type=manifest.media_type)
+        # An index's platform manifests are fetched only when a client asks for one: each
+        # costs a pull. An image's config and layers are free to fetch, so prefetch them.
+        if not manifest.is_index:
+            for descriptor in manifest.blobs:
+                await self._prefetch(target, descriptor.digest)
+        return CachedManifest(revision, fetched.body, MISS)

@@ -1,0 +1,86 @@
+"""Live state of blob fills in Redis: lease, progress and outcome, shared by workers and edges.
+
+Redis is disposable: losing this state only makes edges re-request a fill, which resumes
+from the segments already staged in the bucket.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.oci.digest import Digest
+
+QUEUED, FILLING, VERIFIED, COMMITTED, FAILED = "queued", "filling", "verified", "committed", "failed"
+_STATE_TTL = 3600
+
+
+def lease_key(digest: Digest) -> str:
+    return f"seawall:fill:{digest}:lease"
+
+
+def state_key(digest: Digest) -> str:
+    return f"seawall:fill:{digest}:state"
+
+
+@dataclass(frozen=True, slots=True)
+class FillState:
+    status: str | None = None
+    size: int | None = None
+    staged: int = 0
+    error_code: str | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    updated: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in (COMMITTED, FAILED)
+
+
+async def read_state(redis: Redis, digest: Digest) -> FillState:
+    raw = {k.decode(): v.decode() for k, v in (await redis.hgetall(state_key(digest))).items()}
+    if not raw:
+        return FillState()
+    return FillState(
+        status=raw.get("status"),
+        size=int(raw["size"]) if raw.get("size") else None,
+        staged=int(raw.get("staged") or 0),
+        error_code=raw.get("error_code") or None,
+        error=raw.get("error") or None,
+        retry_after=float(raw["retry_after"]) if raw.get("retry_after") else None,
+        updated=float(raw.get("updated") or 0),
+    )
+
+
+async def write_state(redis: Redis, digest: Digest, **fields: str | int | float | None) -> None:
+    mapping = {k: ("" if v is None else str(v)) for k, v in fields.items()}
+    mapping["updated"] = str(time.time())
+    key = state_key(digest)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, _STATE_TTL)
+        await pipe.execute()
+
+
+async def request_fill(redis: Redis, digest: Digest, dedupe_seconds: float = 30.0) -> bool:
+    """Mark a fill as wanted; True when the caller should enqueue it (nobody else did).
+
+    Nobody holds the lease and nobody queued it recently: reset a stale outcome (a past
+    failure) so followers wait for the new attempt instead of reading the old verdict.
+    """
+    if await redis.exists(lease_key(digest)):
+        return False
+    queued = await redis.set(f"seawall:fill:{digest}:queued", "1", nx=True, px=int(dedupe_seconds * 1000))
+    if not queued:
+        return False
+    state = await read_state(redis, digest)
+    if state.status != COMMITTED:
+        await write_state(redis, digest, status=QUEUED, error_code=None, error=None)
+    return True
+
+
+async def clear_queued(redis: Redis, digest: Digest) -> None:
+    await redis.delete(f"seawall:fill:{digest}:queued")

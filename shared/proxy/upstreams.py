@@ -1,0 +1,45 @@
+"""One upstream client per configured upstream, opened on first use and closed together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from shared.oci.errors import RegistryError
+from shared.settings import Settings
+from shared.upstream import RateLimit, UpstreamClient
+
+RateLimitHook = Callable[[str, RateLimit], Awaitable[None]]
+
+
+class UpstreamPool:
+    def __init__(self, settings: Settings, on_rate_limit: RateLimitHook | None = None) -> None:
+        self._settings = settings
+        self._on_rate_limit = on_rate_limit
+        self._clients: dict[str, UpstreamClient] = {}
+        self._lock = asyncio.Lock()
+
+    async def client(self, name: str) -> UpstreamClient:
+        client = self._clients.get(name)
+        if client is not None:
+            return client
+        async with self._lock:
+            if name not in self._clients:
+                upstream = self._settings.upstream(name)
+                if upstream is None:
+                    raise RegistryError("NAME_UNKNOWN", f"no upstream named {name!r}")
+                hook = self._on_rate_limit
+
+                async def report(rate_limit: RateLimit, upstream_name: str = name) -> None:
+                    if hook is not None:
+                        await hook(upstream_name, rate_limit)
+
+                client = UpstreamClient(upstream, on_rate_limit=report)
+                await client.start()
+                self._clients[name] = client
+            return self._clients[name]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()

@@ -1,0 +1,1022 @@
+"""The upstream registry client: the only module (with shared.storage) that talks to the outside.
+
+One `UpstreamClient` per configured upstream owns one aiohttp session. It speaks the
+distribution API for what a pull-through cache needs (manifest HEAD/GET, blob GET with
+Range), does the registry auth dance (Bearer tokens from the challenge's realm, or Basic),
+reads Docker Hub's pull-quota headers and classifies every failure into one exception,
+`UpstreamFailure`, which maps onto an OCI error. `aiohttp.ClientError` never escapes.
+
+Docker Hub specifics handled here:
+
+* a manifest GET is a pull and spends quota; HEAD and blob GETs are free. Responses carry
+  `ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600` and
+  `docker-ratelimit-source`; each one is reported to `on_rate_limit`.
+* over the quota: 429 with a JSON TOOMANYREQUESTS envelope (kind "quota"); the abuse limiter
+  answers a plain-text 429 (kind "abuse"). A 429 is never retried here.
+* blobs are redirected to a CDN: redirects are followed by hand so that Authorization is
+  dropped whenever the origin changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import hashlib
+import json
+import math
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from shared.logging import get_logger
+from shared.metrics import BYTES_FETCHED, UPSTREAM_429, UPSTREAM_REQUESTS
+from shared.oci.errors import RegistryError
+from shared.oci.mediatypes import ACCEPT
+from shared.settings import Upstream
+
+log = get_logger(__name__)
+
+USER_AGENT = "seawall/0.1"
+CONNECTION_LIMIT = 64
+MAX_REDIRECTS = 5
+# A manifest larger than this is refused (the edge's own limit is usually lower).
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# Error bodies are read only this far (for the message and the 429 classification).
+MAX_ERROR_BODY = 64 * 1024
+# Token lifetime when the token endpoint does not say (the token spec's default).
+DEFAULT_TOKEN_TTL = 60.0
+# A token is dropped this long before it expires (at most; a tenth of short lifetimes).
+TOKEN_MARGIN = 10.0
+# Retry-After sent to clients on a 429 when the upstream did not say when it reopens.
+DEFAULT_RETRY_AFTER = 60.0
+BLOB_CHUNK = 1024 * 1024
+
+KINDS = frozenset({"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+# --------------------------------------------------------------------------- rate limit
+def _parse_quota_value(value: str | None) -> tuple[int | None, float | None]:
+    """`100;w=21600` (possibly several comma-separated policies) -> (100, 21600.0)."""
+    if not value:
+        return None, None
+    number: int | None = None
+    window: float | None = None
+    # Older Docker Hub answers read `100, 100;w=21600`: the number first, then the policy.
+    for policy in value.split(","):
+        parts = [p.strip() for p in policy.split(";")]
+        if number is None:
+            try:
+                number = int(parts[0])
+            except ValueError:
+                pass
+        for param in parts[1:]:
+            key, _, raw = param.partition("=")
+            if key.strip().lower() == "w" and window is None:
+                try:
+                    window = float(raw.strip().strip('"'))
+                except ValueError:
+                    pass
+        if number is not None and window is not None:
+            break
+    return number, window
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Docker Hub's pull quota as the last response reported it."""
+
+    limit: int | None
+    remaining: int | None
+    window: float | None  # seconds
+    source: str | None  # docker-ratelimit-source: the IP or account charged
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RateLimit | None:
+        """None when the response has no ratelimit-* headers (the request was not counted)."""
+        lowered = {k.lower(): v for k, v in headers.items()}
+        raw_limit = lowered.get("ratelimit-limit")
+        raw_remaining = lowered.get("ratelimit-remaining")
+        if raw_limit is None and raw_remaining is None:
+            return None
+        limit, window = _parse_quota_value(raw_limit)
+        remaining, remaining_window = _parse_quota_value(raw_remaining)
+        source = lowered.get("docker-ratelimit-source")
+        return cls(limit, remaining, window if window is not None else remaining_window, source)
+
+
+# ------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str | None
+    size: int | None
+    rate_limit: RateLimit | None
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    body: bytes
+    media_type: str
+    digest: str  # Docker-Content-Digest if sent (and verified), else sha256 of the body
+    rate_limit: RateLimit | None
+
+
+# -------------------------------------------------------------------------- failure
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from `now` (unix time) that a Retry-After value names, or None if unparseable.
+
+    Accepts delta-seconds, a unix epoch (an integer above 10^9, as Docker Hub has been seen
+    to send) and an HTTP-date. Times in the past give 0.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number):
+            return None
+        if number > 1e9:
+            return max(0.0, number - now)
+        return max(0.0, number)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+class UpstreamFailure(Exception):
+    """Every way an upstream can fail, classified.
+
+    `kind` is one of: "timeout" (no answer in time), "refused" (connection refused),
+    "network" (any other transport failure, a cut body, a TLS error), "status" (an
+    unexpected HTTP status or a malformed answer), "auth" (the token endpoint failed or the
+    upstream kept answering 401), "quota" (a 429 with a JSON errors envelope: the pull
+    quota), "abuse" (a plain-text 429), "not_found" (a blob the upstream does not have).
+    `status` is the HTTP status or None for transport failures; `retry_after` is seconds
+    from when the failure was raised (Retry-After), or None when the upstream did not say.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        upstream: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown upstream failure kind {kind!r}")
+        self.kind = kind
+        self.message = message
+        self.upstream = upstream
+        self.status = status
+        self.retry_after = retry_after
+        self.rate_limit = rate_limit
+        self.reopens_at = time.time() + retry_after if retry_after is not None else None
+        super().__init__(f"upstream {upstream}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: rebuild explicitly so the exception survives pickling.
+        return (
+            _rebuild_failure,
+            (self.kind, self.message, self.upstream, self.status, self.retry_after, self.rate_limit,
+             self.reopens_at),
+        )
+
+    def seconds_until_reopen(self, now: float | None = None) -> float | None:
+        if self.reopens_at is None:
+            return None
+        return max(0.0, self.reopens_at - (time.time() if now is None else now))
+
+    def to_registry_error(
+        self, not_found_code: str = "MANIFEST_UNKNOWN", *, retry_after: float | None = None
+    ) -> RegistryError:
+        """The OCI error a client should see.
+
+        quota/abuse -> 429 TOOMANYREQUESTS with `Retry-After` (integer seconds, at least 1:
+        `retry_after` if given, else what the upstream said, else DEFAULT_RETRY_AFTER);
+        timeout -> 504 UPSTREAM_TIMEOUT; refused/network -> 503 UNAVAILABLE;
+        not_found -> `not_found_code` (MANIFEST_UNKNOWN or BLOB_UNKNOWN);
+        status/auth -> 502 UPSTREAM_ERROR.
+        """
+        name = self.upstream
+        if self.kind in ("quota", "abuse"):
+            wait = retry_after if retry_after is not None else self.seconds_until_reopen()
+            if wait is None:
+                wait = DEFAULT_RETRY_AFTER
+            seconds = max(1, math.ceil(wait))
+            reopens = datetime.fromtimestamp(time.time() + seconds, UTC)
+            at = reopens.isoformat(timespec="seconds").replace("+00:00", "Z")
+            what = "pull rate limit reached" if self.kind == "quota" else "too many requests"
+            return RegistryError(
+                "TOOMANYREQUESTS",
+                f"upstream {name}: {what}; it reopens in {seconds} s (at {at})",
+                detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
+                headers={"Retry-After": str(seconds)},
+            )
+        if self.kind == "timeout":
+            return RegistryError(
+                "UPSTREAM_TIMEOUT", f"upstream {name} did not answer in time: {self.message}"
+            )
+        if self.kind in ("refused", "network"):
+            return RegistryError("UNAVAILABLE", f"upstream {name} is unreachable: {self.message}")
+        if self.kind == "not_found":
+            return RegistryError(not_found_code, f"not found on upstream {name}: {self.message}")
+        return RegistryError("UPSTREAM_ERROR", f"upstream {name} failed: {self.message}")
+
+
+def _rebuild_failure(
+    kind: str,
+    message: str,
+    upstream: str,
+    status: int | None,
+    retry_after: float | None,
+    rate_limit: RateLimit | None,
+    reopens_at: float | None,
+) -> UpstreamFailure:
+    failure = UpstreamFailure(
+        kind, message, upstream=upstream, status=status, retry_after=retry_after,
+        rate_limit=rate_limit,
+    )
+    failure.reopens_at = reopens_at
+    return failure
+
+
+# ----------------------------------------------------------------- WWW-Authenticate
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_SCHEME_RE = re.compile(rf"\s*,*\s*({_TOKEN})")
+_PARAM_RE = re.compile(rf"[\s,]*({_TOKEN})\s*=\s*")
+_BARE_VALUE_RE = re.compile(r"[^\s,]*")
+
+
+def parse_challenges(values: str | list[str]) -> list[tuple[str, dict[str, str]]]:
+    """Parse WWW-Authenticate header value(s) into [(scheme in lower case, {param: value})].
+
+    Handles several challenges in one header, quoted values containing commas and escaped
+    quotes, and unquoted token values. Parameter names are lower-cased.
+    """
+    headers = [values] if isinstance(values, str) else list(values)
+    challenges: list[tuple[str, dict[str, str]]] = []
+    for header in headers:
+        pos = 0
+        length = len(header)
+        while pos < length:
+            match = _SCHEME_RE.match(header, pos)
+            if not match:
+                break
+            scheme = match[1].lower()
+            pos = match.end()
+            params: dict[str, str] = {}
+            while pos < length:
+                param = _PARAM_RE.match(header, pos)
+                if not param:
+                    break
+                # "Basic realm=..." after a comma is a new challenge, not a parameter
+                # named "Basic": _PARAM_RE needs the name to be followed by "=".
+                key = param[1].lower()
+                pos = param.end()
+                if pos < length and header[pos] == '"':
+                    pos += 1
+                    chars: list[str] = []
+                    while pos < length and header[pos] != '"':
+                        if header[pos] == "\\" and pos + 1 < length:
+                            pos += 1
+                        chars.append(header[pos])
+                        pos += 1
+                    pos += 1  # the closing quote
+                    params[key] = "".join(chars)
+                else:
+                    bare = _BARE_VALUE_RE.match(header, pos)
+                    assert bare is not None
+                    params[key] = bare[0]
+                    pos = bare.end()
+            # Skip a token68 or anything unparseable up to the next comma.
+            if pos < length and not re.match(r"[\s,]", header[pos]):
+                nxt = header.find(",", pos)
+                pos = length if nxt < 0 else nxt
+            challenges.append((scheme, params))
+    return challenges
+
+
+# ------------------------------------------------------------------------ blob stream
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+class BlobStream:
+    """The body of a blob GET, from `offset` on.
+
+    `offset` always equals the offset asked for: when the upstream ignores Range and
+    answers 200 with the whole blob, the first `offset` bytes are read and discarded before
+    the stream is handed out. `total_size` is the full blob's size (Content-Range's total,
+    or the 200's Content-Length), None if the upstream did not say. A body that ends before
+    `total_size` raises UpstreamFailure(kind="network").
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        response: aiohttp.ClientResponse,
+        *,
+        offset: int,
+        total_size: int | None,
+        digest: str,
+    ) -> None:
+        self._client = client
+        self._response = response
+        self.offset = offset
+        self.total_size = total_size
+        self.digest = digest
+        self.media_type: str | None = response.content_type if response.content_type else None
+        self.status = response.status
+        self.bytes_read = 0  # body bytes handed to the caller (after `offset`)
+        self._eof = False
+
+    @property
+    def complete(self) -> bool:
+        return self._eof
+
+    @property
+    def expected(self) -> int | None:
+        """Bytes still to come in this body in total (from `offset`), if known."""
+        return None if self.total_size is None else self.total_size - self.offset
+
+    async def _raw_read(self, n: int) -> bytes:
+        try:
+            data = await self._response.content.read(n)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise self._client._transport_failure(exc, f"reading blob {self.digest}") from exc
+        if data:
+            BYTES_FETCHED.labels(self._client.name).inc(len(data))
+        return data
+
+    async def _skip(self, count: int) -> None:
+        left = count
+        while left > 0:
+            data = await self._raw_read(min(left, BLOB_CHUNK))
+            if not data:
+                raise self._client._failure(
+                    "network",
+                    f"blob {self.digest} ended before offset {count}",
+                    status=self.status,
+                )
+            left -= len(data)
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (all that is left if n < 0); b"" at the end of the body."""
+        if self._eof:
+            return b""
+        if n < 0:
+            parts = []
+            while chunk := await self.read(BLOB_CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        if n == 0:
+            return b""
+        data = await self._raw_read(n)
+        if data:
+            self.bytes_read += len(data)
+            expected = self.expected
+            if expected is not None and self.bytes_read > expected:
+                raise self._client._failure(
+                    "network",
+                    f"blob {self.digest} body is longer than its size {self.total_size}",
+                    status=self.status,
+                )
+            return data
+        self._eof = True
+        expected = self.expected
+        if expected is not None and self.bytes_read != expected:
+            raise self._client._failure(
+                "network",
+                f"blob {self.digest} body ended after {self.offset + self.bytes_read} "
+                f"of {self.total_size} bytes",
+                status=self.status,
+            )
+        return b""
+
+    async def iter_chunks(self, size: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
+        """Chunks of exactly `size` bytes, the last one shorter."""
+        if size <= 0:
+            raise ValueError("chunk size must be positive")
+        buffer = bytearray()
+        while True:
+            data = await self.read(size - len(buffer))
+            if not data:
+                break
+            buffer += data
+            if len(buffer) >= size:
+                yield bytes(buffer)
+                buffer.clear()
+        if buffer:
+            yield bytes(buffer)
+
+
+# ---------------------------------------------------------------------------- client
+@dataclass
+class _Token:
+    value: str
+    expires: float  # time.monotonic()
+
+
+class UpstreamClient:
+    """The client of one upstream registry. `await start()` before use, `await close()` after
+    (or `async with UpstreamClient(...) as client`)."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        on_rate_limit: Callable[[RateLimit], Awaitable[None]] | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.name = upstream.name
+        self.base_url = upstream.url.rstrip("/")
+        self._on_rate_limit = on_rate_limit
+        self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        # The last Bearer challenge per scope: an expired token is renewed before the
+        # request instead of after a 401.
+        self._challenges: dict[str, dict[str, str]] = {}
+        self._basic = False  # the upstream challenged for Basic credentials
+        self._connect_timeout = upstream.connect_timeout.total_seconds()
+        self._read_timeout = upstream.read_timeout.total_seconds()
+        self._head_timeout = upstream.head_timeout.total_seconds()
+        self._log = log.bind(upstream=self.name)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        ssl_option: ssl.SSLContext | bool
+        if not self.upstream.tls_verify:
+            ssl_option = False
+        elif self.upstream.ca_file is not None:
+            ssl_option = ssl.create_default_context(cafile=str(self.upstream.ca_file))
+        else:
+            ssl_option = True
+        connector = aiohttp.TCPConnector(limit=CONNECTION_LIMIT, ssl=ssl_option)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout(),
+            auto_decompress=False,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> UpstreamClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+        )
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream client {self.name} is not started")
+        return self._session
+
+    # ------------------------------------------------------------------- failures
+    def _failure(self, kind: str, message: str, **fields: Any) -> UpstreamFailure:
+        return UpstreamFailure(kind, message, upstream=self.name, **fields)
+
+    def _transport_failure(self, exc: BaseException, what: str) -> UpstreamFailure:
+        if isinstance(exc, TimeoutError):
+            return self._failure("timeout", f"{what}: timed out")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            os_error = exc.os_error
+            if isinstance(os_error, ConnectionRefusedError) or os_error.errno == errno.ECONNREFUSED:
+                return self._failure("refused", f"{what}: connection refused")
+            return self._failure("network", f"{what}: cannot connect ({os_error.strerror or os_error})")
+        if isinstance(exc, ConnectionRefusedError):
+            return self._failure("refused", f"{what}: connection refused")
+        return self._failure("network", f"{what}: {type(exc).__name__}: {exc}")
+
+    # ----------------------------------------------------------------------- auth
+    @staticmethod
+    def _scope(repository: str) -> str:
+        return f"repository:{repository}:pull"
+
+    def _basic_header(self) -> str | None:
+        password = self.upstream.password()
+        if not self.upstream.username or password is None:
+            return None
+        raw = f"{self.upstream.username}:{password.get_secret_value()}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def _cached_token(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is None:
+            return None
+        if token.expires <= time.monotonic():
+            del self._tokens[scope]
+            return None
+        return token.value
+
+    def _authorization(self, scope: str) -> str | None:
+        token = self._cached_token(scope)
+        if token is not None:
+            return f"Bearer {token}"
+        if self._basic:
+            return self._basic_header()
+        return None
+
+    async def _obtain_token(self, scope: str, challenge: dict[str, str], stale: str | None) -> str:
+        """A token for `scope`: one fetch per scope at a time, shared by concurrent callers."""
+        lock = self._token_locks.get(scope)
+        if lock is None:
+            lock = self._token_locks[scope] = asyncio.Lock()
+        async with lock:
+            cached = self._cached_token(scope)
+            if cached is not None and cached != stale:
+                return cached
+            self._tokens.pop(scope, None)
+            value, ttl = await self._fetch_token(challenge, scope)
+            margin = min(TOKEN_MARGIN, ttl / 10)
+            self._tokens[scope] = _Token(value, time.monotonic() + ttl - margin)
+            return value
+
+    async def _fetch_token(self, challenge: dict[str, str], scope: str) -> tuple[str, float]:
+        """(token, seconds it stays valid from now) from the challenge's realm."""
+        realm = challenge.get("realm")
+        try:
+            url = URL(realm) if realm else None
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise self._failure("auth", f"bearer challenge without a usable realm: {realm!r}")
+        query: list[tuple[str, str]] = list(url.query.items())
+        if challenge.get("service"):
+            query.append(("service", challenge["service"]))
+        query.append(("scope", challenge.get("scope") or scope))
+        url = url.with_query(query)
+        headers = {"Accept": "application/json"}
+        basic = self._basic_header()
+        if basic is not None:
+            headers["Authorization"] = basic
+        response = await self._exchange("GET", url, kind="token", headers=headers)
+        try:
+            status = response.status
+            if status == 429:
+                await self._raise_for_status(response, "token request")
+            body = await self._read_limited(response, MAX_ERROR_BODY, "token request")
+        finally:
+            response.release()
+        if status != 200:
+            self._log.warning("upstream_token_failed", status=status, realm=str(url.with_query(None)))
+            raise self._failure(
+                "auth",
+                f"token endpoint answered {status}{self._excerpt(body)}",
+                status=status,
+            )
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise self._failure("auth", "token endpoint answered with something other than JSON")
+        token = document.get("token") or document.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise self._failure("auth", "token endpoint answered without a token")
+        try:
+            ttl = float(document.get("expires_in") or DEFAULT_TOKEN_TTL)
+        except (TypeError, ValueError):
+            ttl = DEFAULT_TOKEN_TTL
+        if not math.isfinite(ttl) or ttl <= 0:
+            ttl = DEFAULT_TOKEN_TTL
+        now = time.time()
+        issued = _parse_rfc3339(document.get("issued_at"))
+        # Count from issued_at when it is plausible (not in the future, not older than the
+        # lifetime: clocks differ); otherwise from now.
+        if issued is not None and now - ttl < issued <= now:
+            ttl -= now - issued
+        self._log.debug("upstream_token_fetched", scope=scope, expires_in=round(ttl, 1))
+        return token, ttl
+
+    # ------------------------------------------------------------------- requests
+    async def _exchange(
+        self,
+        method: str,
+        url: URL,
+        *,
+        kind: str,
+        headers: dict[str, str],
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One request, following redirects by hand; the response is the caller's to release.
+
+        Authorization is dropped when a redirect leaves the origin (Docker Hub sends blobs
+        to a CDN). Transport errors become UpstreamFailure.
+        """
+        session = self._require_session()
+        current_method, current_url, current_headers = method, url, dict(headers)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await session.request(
+                    current_method,
+                    current_url,
+                    headers=current_headers,
+                    allow_redirects=False,
+                    timeout=timeout or self._timeout(),
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                UPSTREAM_REQUESTS.labels(self.name, kind, current_method, "error").inc()
+                failure = self._transport_failure(exc, f"{current_method} {kind}")
+                self._log.info(
+                    "upstream_request_failed", kind=kind, method=current_method,
+                    failure=failure.kind, error=failure.message,
+                )
+                raise failure from exc
+            UPSTREAM_REQUESTS.labels(self.name, kind, current_method, str(response.status)).inc()
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECTS or not location:
+                return response
+            await self._discard(response)
+            try:
+                target = current_url.join(URL(location))
+            except ValueError as exc:
+                raise self._failure(
+                    "status", f"bad redirect location {location[:200]!r}", status=response.status
+                ) from exc
+            if target.origin() != current_url.origin():
+                current_headers.pop("Authorization", None)
+            if response.status == 303 and current_method != "HEAD":
+                current_method = "GET"
+            self._log.debug("upstream_redirect", kind=kind, status=response.status, to=target.host)
+            current_url = target
+        raise self._failure("status", f"more than {MAX_REDIRECTS} redirects for {kind}")
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        *,
+        kind: str,
+        scope: str,
+        headers: dict[str, str],
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        """A request with the auth dance: cached credentials, else answer one challenge."""
+        sent = self._authorization(scope)
+        if sent is None and scope in self._challenges:
+            # We had a token for this scope and it expired: renew it up front.
+            sent = f"Bearer {await self._obtain_token(scope, self._challenges[scope], None)}"
+        request_headers = dict(headers)
+        if sent is not None:
+            request_headers["Authorization"] = sent
+        response = await self._exchange(method, url, kind=kind, headers=request_headers, timeout=timeout)
+        if response.status != 401:
+            return response
+        challenges = parse_challenges(response.headers.getall("WWW-Authenticate", []))
+        await self._discard(response)
+        bearer = next((p for s, p in challenges if s == "bearer"), None)
+        basic = any(s == "basic" for s, _ in challenges)
+        if bearer is not None:
+            stale = sent[7:] if sent and sent.startswith("Bearer ") else None
+            token = await self._obtain_token(scope, bearer, stale)
+            self._challenges[scope] = bearer
+            request_headers["Authorization"] = f"Bearer {token}"
+        elif basic:
+            credentials = self._basic_header()
+            if credentials is None:
+                raise self._failure("auth", "upstream asks for Basic credentials; none configured", status=401)
+            if sent == credentials:
+                raise self._failure("auth", "upstream rejected the Basic credentials", status=401)
+            self._basic = True
+            request_headers["Authorization"] = credentials
+        else:
+            raise self._failure("auth", "upstream answered 401 without a usable challenge", status=401)
+        response = await self._exchange(method, url, kind=kind, headers=request_headers, timeout=timeout)
+        if response.status == 401:
+            await self._discard(response)
+            if bearer is not None:
+                self._tokens.pop(scope, None)
+            self._log.warning("upstream_auth_rejected", kind=kind, method=method)
+            raise self._failure("auth", f"upstream rejected our credentials for {scope}", status=401)
+        return response
+
+    async def _discard(self, response: aiohttp.ClientResponse) -> None:
+        """Release a response we do not need, reading a small body to keep the connection."""
+        try:
+            length = response.content_length
+            if response.method != "HEAD" and length is not None and length <= MAX_ERROR_BODY:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            response.close()
+        finally:
+            response.release()
+
+    async def _read_limited(self, response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+        """The body, at most `limit` bytes (more is cut off, the rest left unread)."""
+        if response.method == "HEAD":
+            return b""
+        buffer = bytearray()
+        try:
+            while len(buffer) < limit:
+                data = await response.content.read(limit - len(buffer))
+                if not data:
+                    break
+                buffer += data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise self._transport_failure(exc, what) from exc
+        return bytes(buffer)
+
+    @staticmethod
+    def _excerpt(body: bytes) -> str:
+        """`: <message>` from an OCI error envelope, else a short text excerpt."""
+        if not body:
+            return ""
+        try:
+            document = json.loads(body)
+            errors = document.get("errors") if isinstance(document, dict) else None
+            if errors and isinstance(errors[0], dict):
+                first = errors[0]
+                return f": {first.get('code', '')} {first.get('message', '')}".rstrip()
+            if isinstance(document, dict) and document.get("details"):
+                return f": {str(document['details'])[:200]}"
+        except (ValueError, AttributeError, IndexError, TypeError):
+            pass
+        text = body[:200].decode("utf-8", "replace").strip()
+        return f": {text}" if text else ""
+
+    async def _report_rate_limit(self, response: aiohttp.ClientResponse) -> RateLimit | None:
+        rate_limit = RateLimit.from_headers(response.headers)
+        if rate_limit is not None and self._on_rate_limit is not None:
+            try:
+                await self._on_rate_limit(rate_limit)
+            except Exception:
+                self._log.exception("rate_limit_callback_failed")
+        return rate_limit
+
+    async def _raise_for_status(
+        self,
+        response: aiohttp.ClientResponse,
+        what: str,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
+        """Raise the UpstreamFailure for an unwanted answer (the caller releases it)."""
+        status = response.status
+        body = await self._read_limited(response, MAX_ERROR_BODY, what)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        if status == 429:
+            kind = "quota" if self._has_error_envelope(response, body) else "abuse"
+            UPSTREAM_429.labels(self.name, kind).inc()
+            self._log.warning(
+                "upstream_rate_limited", what=what, limit_kind=kind, retry_after=retry_after,
+                remaining=rate_limit.remaining if rate_limit else None,
+            )
+            text = "pull rate limit reached" if kind == "quota" else "too many requests (abuse limit)"
+            raise self._failure(
+                kind, f"{what}: {text}", status=429, retry_after=retry_after, rate_limit=rate_limit
+            )
+        if status == 401:
+            raise self._failure("auth", f"{what}: 401{self._excerpt(body)}", status=status)
+        self._log.info("upstream_status", what=what, status=status)
+        raise self._failure(
+            "status", f"{what}: {status}{self._excerpt(body)}", status=status,
+            retry_after=retry_after, rate_limit=rate_limit,
+        )
+
+    @staticmethod
+    def _has_error_envelope(response: aiohttp.ClientResponse, body: bytes) -> bool:
+        if not body:
+            # HEAD (or an empty body): all we have is the content type.
+            return response.content_type == "application/json"
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return False
+        return isinstance(document, dict) and isinstance(document.get("errors"), list)
+
+    def _url(self, repository: str, kind: str, reference: str) -> URL:
+        return URL(f"{self.base_url}/v2/{repository}/{kind}/{reference}")
+
+    # ---------------------------------------------------------------- manifests
+    async def head_manifest(
+        self, repository: str, reference: str, *, timeout: float | None = None
+    ) -> ManifestHead | None:
+        """Digest, media type and size of a manifest without spending quota; None on 404.
+
+        The whole operation (auth included) is bounded by `timeout`, by default the
+        upstream's head_timeout.
+        """
+        limit = self._head_timeout if timeout is None else timeout
+        what = f"HEAD manifest {repository}:{reference}"
+        try:
+            async with asyncio.timeout(limit):
+                response = await self._send(
+                    "HEAD",
+                    self._url(repository, "manifests", reference),
+                    kind="manifest",
+                    scope=self._scope(repository),
+                    headers={"Accept": ACCEPT},
+                )
+                try:
+                    rate_limit = await self._report_rate_limit(response)
+                    if response.status == 404:
+                        return None
+                    if response.status != 200:
+                        await self._raise_for_status(response, what, rate_limit)
+                    length = response.headers.get("Content-Length")
+                    has_type = bool(response.headers.get("Content-Type"))
+                    return ManifestHead(
+                        digest=response.headers.get("Docker-Content-Digest"),
+                        media_type=response.content_type if has_type else None,
+                        size=int(length) if length and length.isdigit() else None,
+                        rate_limit=rate_limit,
+                    )
+                finally:
+                    response.release()
+        except TimeoutError as exc:
+            self._log.info("upstream_head_timeout", repository=repository, timeout=limit)
+            raise self._failure("timeout", f"{what}: no answer within {limit:g} s") from exc
+
+    async def get_manifest(
+        self, repository: str, reference: str, *, max_bytes: int = MAX_MANIFEST_BYTES
+    ) -> FetchedManifest | None:
+        """The manifest's exact bytes (spends one pull on Docker Hub); None on 404.
+
+        The body is verified: against the reference when it is a digest, and against
+        Docker-Content-Digest when the upstream sends one.
+        """
+        what = f"GET manifest {repository}:{reference}"
+        response = await self._send(
+            "GET",
+            self._url(repository, "manifests", reference),
+            kind="manifest",
+            scope=self._scope(repository),
+            headers={"Accept": ACCEPT},
+        )
+        try:
+            rate_limit = await self._report_rate_limit(response)
+            if response.status == 404:
+                await self._discard(response)
+                return None
+            if response.status != 200:
+                await self._raise_for_status(response, what, rate_limit)
+            length = response.content_length
+            if length is not None and length > max_bytes:
+                raise self._failure(
+                    "status", f"{what}: manifest of {length} bytes exceeds {max_bytes}", status=200
+                )
+            body = await self._read_limited(response, max_bytes + 1, what)
+            if len(body) > max_bytes:
+                raise self._failure("status", f"{what}: manifest exceeds {max_bytes} bytes", status=200)
+            if length is not None and len(body) != length:
+                raise self._failure(
+                    "network", f"{what}: body ended after {len(body)} of {length} bytes", status=200
+                )
+            header_digest = response.headers.get("Docker-Content-Digest")
+            media_type = response.content_type if response.headers.get("Content-Type") else ""
+        finally:
+            response.release()
+        digest = self._verify(what, body, header_digest, reference)
+        if not media_type or media_type == "application/octet-stream":
+            media_type = _sniff_media_type(body) or media_type or "application/octet-stream"
+        return FetchedManifest(body=body, media_type=media_type, digest=digest, rate_limit=rate_limit)
+
+    def _verify(self, what: str, body: bytes, header_digest: str | None, reference: str) -> str:
+        computed: dict[str, str] = {}
+
+        def digest_with(algorithm: str) -> str | None:
+            if algorithm not in ("sha256", "sha512"):
+                return None
+            if algorithm not in computed:
+                computed[algorithm] = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+            return computed[algorithm]
+
+        for claimed, source in ((reference, "reference"), (header_digest, "Docker-Content-Digest")):
+            if not claimed or ":" not in claimed:
+                continue
+            actual = digest_with(claimed.split(":", 1)[0])
+            if actual is not None and actual != claimed:
+                self._log.warning("upstream_digest_mismatch", what=what, source=source)
+                raise self._failure(
+                    "status", f"{what}: body does not match its {source} {claimed}", status=200
+                )
+        if header_digest:
+            return header_digest
+        if ":" in reference and digest_with(reference.split(":", 1)[0]):
+            return reference
+        return digest_with("sha256") or ""
+
+    # ------------------------------------------------------------------------ blobs
+    @asynccontextmanager
+    async def open_blob(
+        self, repository: str, digest: str, *, offset: int = 0
+    ) -> AsyncIterator[BlobStream]:
+        """Stream a blob from `offset` (with `Range: bytes=<offset>-` when offset > 0).
+
+        Redirects are followed (Authorization dropped across origins). A 404 raises
+        UpstreamFailure(kind="not_found"). The connection goes back to the pool only if
+        the body was read to the end; otherwise it is closed on exit.
+        """
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        what = f"GET blob {repository}@{digest}"
+        headers = {"Accept": "*/*"}
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
+        response = await self._send(
+            "GET",
+            self._url(repository, "blobs", digest),
+            kind="blob",
+            scope=self._scope(repository),
+            headers=headers,
+        )
+        stream: BlobStream | None = None
+        try:
+            if response.status == 404:
+                raise self._failure("not_found", f"{what}: blob unknown", status=404)
+            if response.status not in (200, 206):
+                await self._raise_for_status(response, what)
+            length = response.content_length
+            if response.status == 206:
+                content_range = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                if content_range is None:
+                    raise self._failure("status", f"{what}: 206 without a usable Content-Range", status=206)
+                start, end, total = content_range.groups()
+                if int(start) != offset:
+                    raise self._failure(
+                        "status", f"{what}: asked for bytes from {offset}, got from {start}", status=206
+                    )
+                total_size = int(total) if total != "*" else None
+                if total_size is None and length is not None:
+                    total_size = offset + length
+                stream = BlobStream(self, response, offset=offset, total_size=total_size, digest=digest)
+            else:
+                stream = BlobStream(self, response, offset=offset, total_size=length, digest=digest)
+                if offset > 0:
+                    if length is not None and offset > length:
+                        raise self._failure(
+                            "status", f"{what}: offset {offset} beyond the blob's {length} bytes",
+                            status=200,
+                        )
+                    # The upstream ignored Range: skip to the offset so callers always get
+                    # the body from where they asked.
+                    self._log.debug("upstream_range_ignored", digest=digest, offset=offset)
+                    await stream._skip(offset)
+            yield stream
+        finally:
+            if stream is not None and stream.complete:
+                response.release()
+            else:
+                response.close()
+
+
+def _parse_rfc3339(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    # Python wants at most 6 fractional digits; Go writes up to 9.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _sniff_media_type(body: bytes) -> str | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    return media_type if isinstance(media_type, str) else None

@@ -1,0 +1,781 @@
+"""Malformed, lying and out-of-order requests: each gets its OCI error and changes nothing.
+
+Every case checks the status, the `{"errors": [{"code", "message"}]}` envelope, that it
+is not a 500, and that the bucket holds no new object under `blobs/`, `repositories/` or
+`catalog/` (objects under `uploads/` may appear only for an upload session that is still
+live). Paths that an HTTP client would normalise (`..`, `%2F`, `//`) are sent verbatim
+with `http.client`; requests whose body lies about its length with a raw socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPMessage
+from typing import Any
+
+import httpx
+import pytest
+from minio import Minio
+
+from services.embedded import S3Server
+from shared.settings import S3Settings
+from tests.fixtures.edge import USERS, EdgeServer
+from tests.support.images import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    canonical,
+    make_image,
+    make_index,
+    make_layer,
+    sha256,
+)
+
+REPO = "local/app"
+OTHER = "local/other"
+ALICE = ("alice", USERS["alice"])
+ALICE_HEADER = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MAX_MANIFEST = 4 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Bucket:
+    """The test's bucket as the minio client lists it, to prove nothing was stored."""
+
+    def __init__(self, client: Minio, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.before: set[str] = set()
+
+    def keys(self) -> set[str]:
+        return {o.object_name for o in self.client.list_objects(self.name, recursive=True) if o.object_name}
+
+    def snapshot(self) -> None:
+        self.before = self.keys()
+
+    def assert_unchanged(self, http: httpx.Client, live: dict[str, str] | None = None) -> None:
+        """No object appeared or vanished, except parts of the live sessions in `live`.
+
+        `live` maps an upload id to its repository; a session with objects left must
+        still answer its status request (it was not abandoned half-written).
+        """
+        live = live or {}
+        now = self.keys()
+        for key in sorted(now ^ self.before):
+            assert key.startswith("uploads/"), f"{key} {'appeared' if key in now else 'vanished'}"
+        for upload_id in {k.split("/")[1] for k in now - self.before}:
+            assert upload_id in live, f"objects of unknown upload session {upload_id}"
+            status = http.get(f"/v2/{live[upload_id]}/blobs/uploads/{upload_id}")
+            assert status.status_code == 204, f"upload {upload_id} left objects but is not live"
+
+
+@dataclass
+class Raw:
+    status: int
+    headers: HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_request(
+    edge: EdgeServer,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    auth: bool = True,
+) -> Raw:
+    """Send `path` exactly as written (no dot-segment or percent normalisation)."""
+    host, port = edge.address.rsplit(":", 1)
+    connection = HTTPConnection(host, int(port), timeout=30)
+    try:
+        sent = {"Authorization": ALICE_HEADER} if auth else {}
+        sent.update(headers or {})
+        connection.request(method, path, body=body, headers=sent)
+        response = connection.getresponse()
+        return Raw(response.status, response.headers, response.read())
+    finally:
+        connection.close()
+
+
+def assert_error(response: httpx.Response | Raw, status: int, code: str) -> dict[str, Any]:
+    """The status, and the OCI envelope naming `code` (HEAD answers carry no body)."""
+    status_code = response.status if isinstance(response, Raw) else response.status_code
+    body = response.body if isinstance(response, Raw) else response.content
+    assert status_code == status, (status_code, body[:500])
+    if not body:  # a HEAD request
+        return {}
+    assert response.headers["Content-Type"].startswith("application/json")
+    envelope = json.loads(body)
+    assert isinstance(envelope, dict) and isinstance(envelope.get("errors"), list)
+    assert envelope["errors"], envelope
+    for error in envelope["errors"]:
+        assert isinstance(error.get("code"), str) and isinstance(error.get("message"), str), error
+    assert envelope["errors"][0]["code"] == code, envelope
+    return envelope["errors"][0]
+
+
+def push_blob(http: httpx.Client, repo: str, data: bytes) -> str:
+    digest = sha256(data)
+    response = http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data)
+    assert response.status_code == 201, response.text
+    return digest
+
+
+def push_image(http: httpx.Client, repo: str, image: Image, tag: str | None = None) -> None:
+    for data in image.blobs.values():
+        push_blob(http, repo, data)
+    response = http.put(
+        f"/v2/{repo}/manifests/{tag or image.digest}",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert response.status_code == 201, response.text
+
+
+def start_upload(http: httpx.Client, repo: str = REPO) -> str:
+    response = http.post(f"/v2/{repo}/blobs/uploads/")
+    assert response.status_code == 202, response.text
+    return str(response.headers["Docker-Upload-UUID"])
+
+
+def error_count(http: httpx.Client, code: str) -> float:
+    """How many `code` errors the edge (in this process) has answered, from /metrics."""
+    text = http.get("/metrics").text
+    match = re.search(rf'^seawall_errors_total\{{code="{code}"\}} (\S+)$', text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+def wait_for_errors(http: httpx.Client, code: str, above: float, timeout: float = 15.0) -> None:
+    """Wait until the edge has finished a request that failed with `code`.
+
+    A client that hangs up gets no answer, so the metric is how the test learns that the
+    handler has given up (and whatever it was writing has been aborted).
+    """
+    deadline = time.monotonic() + timeout
+    while error_count(http, code) <= above:
+        assert time.monotonic() < deadline, f"the edge never answered {code}"
+        time.sleep(0.05)
+
+
+def half_closed_exchange(edge: EdgeServer, request: bytes) -> bytes:
+    """Send `request`, shut our sending side, read whatever the edge answers."""
+    host, port = edge.address.rsplit(":", 1)
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def status_of(raw: bytes) -> int | None:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", raw)
+    return int(match[1]) if match else None
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def http(edge: EdgeServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=edge.url, auth=ALICE, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server, s3_settings: S3Settings) -> Bucket:
+    return Bucket(s3_server.client(), s3_settings.bucket)
+
+
+@pytest.fixture
+def image(http: httpx.Client) -> Image:
+    """An image in `local/app`, tagged `v1`, its blobs linked there."""
+    built = make_image(label="bad-input")
+    push_image(http, REPO, built, "v1")
+    return built
+
+
+@pytest.fixture
+def blob(http: httpx.Client) -> bytes:
+    """A 100-byte blob in `local/app`: bytes 0..99."""
+    data = bytes(range(100))
+    push_blob(http, REPO, data)
+    return data
+
+
+# --------------------------------------------------------------------------- repository names
+
+BAD_NAMES = [
+    pytest.param("local/App", id="uppercase"),
+    pytest.param("local/../app", id="dot-dot"),
+    pytest.param("local/app/../x", id="dot-dot-inner"),
+    pytest.param("local//app", id="empty-component"),
+    pytest.param("local/app/", id="trailing-slash"),
+    pytest.param("local/" + "a" * 250, id="over-255"),
+    pytest.param("local%2Fapp", id="encoded-slash"),
+    pytest.param("local/app%2Fx", id="encoded-slash-inner"),
+    pytest.param("local/%2e%2e/app", id="encoded-dot-dot"),
+    pytest.param("local/app/%2E%2E", id="encoded-dot-dot-upper"),
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_malformed_repository_names_are_name_invalid(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket, image: Image, name: str
+) -> None:
+    layer = image.layers[0]
+    new_blob = b"never stored under a malformed name"
+    requests: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+        ("GET", f"/v2/{name}/manifests/v1", None, {}),
+        ("HEAD", f"/v2/{name}/manifests/v1", None, {}),
+        ("GET", f"/v2/{name}/manifests/{image.digest}", None, {}),
+        ("PUT", f"/v2/{name}/manifests/v2", image.manifest, {"Content-Type": OCI_MANIFEST}),
+        ("PUT", f"/v2/{name}/manifests/{image.digest}", image.manifest, {"Content-Type": OCI_MANIFEST}),
+        ("DELETE", f"/v2/{name}/manifests/{image.digest}", None, {}),
+        ("GET", f"/v2/{name}/tags/list", None, {}),
+        ("GET", f"/v2/{name}/referrers/{image.digest}", None, {}),
+        ("GET", f"/v2/{name}/blobs/{sha256(layer)}", None, {}),
+        ("HEAD", f"/v2/{name}/blobs/{sha256(layer)}", None, {}),
+        ("DELETE", f"/v2/{name}/blobs/{sha256(layer)}", None, {}),
+        ("POST", f"/v2/{name}/blobs/uploads/", None, {}),
+        ("POST", f"/v2/{name}/blobs/uploads/?digest={sha256(new_blob)}", new_blob, {}),
+        ("POST", f"/v2/{name}/blobs/uploads/?mount={sha256(layer)}&from={REPO}", None, {}),
+    ]
+    bucket.snapshot()
+    for method, path, body, headers in requests:
+        response = raw_request(edge, method, path, body, headers)
+        assert_error(response, 400, "NAME_INVALID")
+    bucket.assert_unchanged(http)
+    # The well-formed repository is untouched and nothing was created elsewhere.
+    assert http.get(f"/v2/{REPO}/manifests/v1").content == image.manifest
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == ["v1"]
+    assert http.get("/v2/_catalog").json()["repositories"] == [REPO]
+
+
+def test_upload_session_under_malformed_name_is_name_invalid(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket
+) -> None:
+    upload = start_upload(http)
+    bucket.snapshot()
+    for name in ["local%2Fapp", "local/App", "local//app", "local/%2e%2e/app"]:
+        path = f"/v2/{name}/blobs/uploads/{upload}"
+        assert_error(raw_request(edge, "GET", path), 400, "NAME_INVALID")
+        assert_error(raw_request(edge, "PATCH", path, b"chunk"), 400, "NAME_INVALID")
+        assert_error(raw_request(edge, "PUT", f"{path}?digest={sha256(b'chunk')}"), 400, "NAME_INVALID")
+        assert_error(raw_request(edge, "DELETE", path), 400, "NAME_INVALID")
+    bucket.assert_unchanged(http, {upload: REPO})
+    assert http.get(f"/v2/{REPO}/blobs/uploads/{upload}").headers["Range"] == "0-0"
+
+
+# --------------------------------------------------------------------------- tags
+
+
+@pytest.mark.parametrize("tag", ["-bad", ".bad", "a" * 129, "bad+tag"])
+def test_malformed_tag_on_put_is_refused(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket, tag: str
+) -> None:
+    built = make_image(label=f"tag-{tag[:8]}")
+    for data in built.blobs.values():
+        push_blob(http, REPO, data)
+    bucket.snapshot()
+    response = http.put(
+        f"/v2/{REPO}/manifests/{tag}", content=built.manifest, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert_error(response, 400, "MANIFEST_INVALID")
+    bucket.assert_unchanged(http)
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == []
+    assert_error(http.get(f"/v2/{REPO}/manifests/{built.digest}"), 404, "MANIFEST_UNKNOWN")
+
+
+def test_valid_129th_character_boundary(http: httpx.Client, image: Image) -> None:
+    """A tag of exactly 128 characters is fine: the limit is not off by one."""
+    tag = "t" * 128
+    response = http.put(
+        f"/v2/{REPO}/manifests/{tag}", content=image.manifest, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert response.status_code == 201, response.text
+    assert tag in http.get(f"/v2/{REPO}/tags/list").json()["tags"]
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def _bad_digests(real: str) -> list[str]:
+    hex_part = real.split(":", 1)[1]
+    return [
+        "sha256:xyz",
+        "sha256:" + hex_part[:63],
+        "md5:" + hashlib.md5(b"x", usedforsecurity=False).hexdigest(),
+        "sha256:" + hex_part.upper(),
+        "sha256" + hex_part,
+        "sha256:" + hex_part + "0",
+    ]
+
+
+def test_malformed_digests_are_digest_invalid(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket, image: Image
+) -> None:
+    layer = image.layers[0]
+    upload = start_upload(http)
+    chunk = http.patch(f"/v2/{REPO}/blobs/uploads/{upload}", content=layer)
+    assert chunk.status_code == 202
+    bucket.snapshot()
+    for bad in _bad_digests(sha256(layer)):
+        for method in ("GET", "HEAD", "DELETE"):
+            assert_error(raw_request(edge, method, f"/v2/{REPO}/blobs/{bad}"), 400, "DIGEST_INVALID")
+        for method in ("GET", "HEAD", "DELETE"):
+            manifest_bad = bad.replace(sha256(layer).split(":")[1], image.digest.split(":")[1])
+            if ":" in bad:  # without a colon the reference is a tag, which is another case
+                assert_error(
+                    raw_request(edge, method, f"/v2/{REPO}/manifests/{manifest_bad}"), 400, "DIGEST_INVALID"
+                )
+        mount = http.post(f"/v2/{REPO}/blobs/uploads/", params={"mount": bad, "from": OTHER})
+        assert_error(mount, 400, "DIGEST_INVALID")
+        monolithic = http.post(f"/v2/{OTHER}/blobs/uploads/", params={"digest": bad}, content=layer)
+        assert_error(monolithic, 400, "DIGEST_INVALID")
+        finish = http.put(f"/v2/{REPO}/blobs/uploads/{upload}", params={"digest": bad})
+        assert_error(finish, 400, "DIGEST_INVALID")
+    bucket.assert_unchanged(http, {upload: REPO})
+    # The session survived every refused finish and still completes with the right digest.
+    status = http.get(f"/v2/{REPO}/blobs/uploads/{upload}")
+    assert status.headers["Range"] == f"0-{len(layer) - 1}"
+    assert http.put(f"/v2/{REPO}/blobs/uploads/{upload}", params={"digest": sha256(layer)}).status_code == 201
+    assert http.get(f"/v2/{REPO}/blobs/{sha256(layer)}").content == layer
+    assert_error(http.get(f"/v2/{OTHER}/blobs/{sha256(layer)}"), 404, "BLOB_UNKNOWN")
+    assert http.get("/v2/_catalog").json()["repositories"] == [REPO]
+
+
+def test_manifest_tag_shaped_like_a_digest_is_unknown_not_stored(
+    http: httpx.Client, bucket: Bucket, image: Image
+) -> None:
+    """`sha256` + hex without a colon is a (valid) tag that does not exist."""
+    reference = "sha256" + image.digest.split(":")[1][:60]
+    bucket.snapshot()
+    assert_error(http.get(f"/v2/{REPO}/manifests/{reference}"), 404, "MANIFEST_UNKNOWN")
+    assert_error(http.delete(f"/v2/{REPO}/manifests/{reference}"), 404, "MANIFEST_UNKNOWN")
+    bucket.assert_unchanged(http)
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=5-2", "bytes=abc", "bytes=100-200", "bytes=100-", "bytes=5000-", "bytes=-0", "bytes=",
+     "bytes=-", "items=0-5", "bytes=0-1,5-6", "bytes=1-2-3"],
+)
+def test_unsatisfiable_or_malformed_range_is_416(http: httpx.Client, blob: bytes, header: str) -> None:
+    for method in ("GET", "HEAD"):
+        response = http.request(method, f"/v2/{REPO}/blobs/{sha256(blob)}", headers={"Range": header})
+        assert_error(response, 416, "RANGE_INVALID")
+        assert response.headers["Content-Range"] == f"bytes */{len(blob)}"
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        ("bytes=0-9", 0, 9),
+        ("bytes=10-10", 10, 10),
+        ("bytes=-10", 90, 99),
+        ("bytes=90-", 90, 99),
+        ("bytes=95-500", 95, 99),
+        ("bytes=-500", 0, 99),
+        ("bytes=0-99", 0, 99),
+    ],
+)
+def test_valid_range_is_206_with_the_bytes(
+    http: httpx.Client, blob: bytes, header: str, start: int, end: int
+) -> None:
+    url = f"/v2/{REPO}/blobs/{sha256(blob)}"
+    response = http.get(url, headers={"Range": header})
+    assert response.status_code == 206, response.text
+    assert response.content == blob[start : end + 1]
+    assert response.headers["Content-Range"] == f"bytes {start}-{end}/{len(blob)}"
+    assert response.headers["Content-Length"] == str(end - start + 1)
+    head = http.head(url, headers={"Range": header})
+    assert head.status_code == 206
+    assert head.headers["Content-Length"] == str(end - start + 1)
+
+
+# --------------------------------------------------------------------------- digest mismatch
+
+
+def _chunks(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    for offset in range(0, len(data), size):
+        yield data[offset : offset + size]
+
+
+@pytest.mark.parametrize("size", [1000, 9 * 1024 * 1024], ids=["small", "multipart"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_monolithic_post_with_wrong_digest_stores_nothing(
+    http: httpx.Client, bucket: Bucket, size: int, chunked: bool
+) -> None:
+    data = hashlib.sha256(str(size).encode()).digest() * (size // 32 + 1)
+    data = data[:size]
+    claimed = sha256(data[:-1] + b"\0")
+    bucket.snapshot()
+    body: Any = _chunks(data) if chunked else data
+    response = http.post(f"/v2/{REPO}/blobs/uploads/", params={"digest": claimed}, content=body)
+    assert_error(response, 400, "DIGEST_INVALID")
+    bucket.assert_unchanged(http)
+    for digest in (claimed, sha256(data)):
+        assert_error(http.head(f"/v2/{REPO}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
+    assert http.get("/v2/_catalog").json()["repositories"] == []
+
+
+@pytest.mark.parametrize("final_chunk", [False, True], ids=["patch-then-put", "body-on-put"])
+def test_chunked_upload_with_wrong_digest_stores_nothing(
+    http: httpx.Client, bucket: Bucket, final_chunk: bool
+) -> None:
+    data = b"0123456789" * 50
+    claimed = sha256(data + b"!")
+    bucket.snapshot()
+    upload = start_upload(http)
+    url = f"/v2/{REPO}/blobs/uploads/{upload}"
+    first = data[:300] if final_chunk else data
+    patch = http.patch(url, content=first, headers={"Content-Range": f"0-{len(first) - 1}"})
+    assert patch.status_code == 202, patch.text
+    rest = data[300:] if final_chunk else b""
+    response = http.put(url, params={"digest": claimed}, content=rest)
+    assert_error(response, 400, "DIGEST_INVALID")
+    bucket.assert_unchanged(http, {upload: REPO})
+    for digest in (claimed, sha256(data)):
+        assert_error(http.head(f"/v2/{REPO}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def test_manifest_naming_a_missing_blob_is_manifest_blob_unknown(
+    http: httpx.Client, bucket: Bucket
+) -> None:
+    built = make_image([make_layer({"a": b"a"}), make_layer({"b": b"b"})], label="missing")
+    push_blob(http, REPO, built.config)
+    push_blob(http, REPO, built.layers[0])
+    # The last layer exists in the registry, but not in this repository.
+    push_blob(http, OTHER, built.layers[1])
+    bucket.snapshot()
+    for reference in ("v1", built.digest):
+        response = http.put(
+            f"/v2/{REPO}/manifests/{reference}", content=built.manifest, headers={"Content-Type": OCI_MANIFEST}
+        )
+        error = assert_error(response, 404, "MANIFEST_BLOB_UNKNOWN")
+        assert sha256(built.layers[1]) in json.dumps(error)
+    bucket.assert_unchanged(http)
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == []
+    assert_error(http.get(f"/v2/{REPO}/manifests/{built.digest}"), 404, "MANIFEST_UNKNOWN")
+
+
+def test_index_naming_a_missing_manifest_is_manifest_blob_unknown(
+    http: httpx.Client, bucket: Bucket, image: Image
+) -> None:
+    absent = make_image(label="absent", architecture="arm64")
+    for data in absent.blobs.values():
+        push_blob(http, REPO, data)
+    # The child manifest is held by another repository only.
+    push_image(http, OTHER, absent)
+    index = make_index([(image, "linux", "amd64"), (absent, "linux", "arm64")])
+    bucket.snapshot()
+    for reference in ("multi", sha256(index)):
+        response = http.put(
+            f"/v2/{REPO}/manifests/{reference}",
+            content=index,
+            headers={"Content-Type": OCI_INDEX},
+        )
+        error = assert_error(response, 404, "MANIFEST_BLOB_UNKNOWN")
+        assert absent.digest in json.dumps(error)
+    bucket.assert_unchanged(http)
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == ["v1"]
+
+
+# case -> (document of a valid image manifest, its bytes) -> (body, Content-Type)
+INVALID_MANIFESTS: dict[str, Any] = {
+    "bad-json": lambda doc, raw: (b"{not json", OCI_MANIFEST),
+    "not-utf8": lambda doc, raw: (b"\xff\xfe", OCI_MANIFEST),
+    "not-an-object": lambda doc, raw: (b"[]", OCI_MANIFEST),
+    "schema-version-1": lambda doc, raw: (canonical({**doc, "schemaVersion": 1}), OCI_MANIFEST),
+    "schema-version-string": lambda doc, raw: (canonical({**doc, "schemaVersion": "2"}), OCI_MANIFEST),
+    "content-type-contradicts-media-type": lambda doc, raw: (raw, DOCKER_MANIFEST),
+    "index-content-type-for-a-manifest": lambda doc, raw: (raw, OCI_INDEX),
+    "no-layers": lambda doc, raw: (canonical({k: v for k, v in doc.items() if k != "layers"}), OCI_MANIFEST),
+    "negative-size": lambda doc, raw: (canonical({**doc, "config": {**doc["config"], "size": -1}}), OCI_MANIFEST),
+    "index-without-manifests": lambda doc, raw: (canonical({"schemaVersion": 2, "mediaType": OCI_INDEX}), OCI_INDEX),
+    "unknown-media-type": lambda doc, raw: (canonical({**doc, "mediaType": "text/plain"}), "text/plain"),
+}
+
+
+@pytest.mark.parametrize("case", INVALID_MANIFESTS)
+def test_invalid_manifest_is_manifest_invalid(http: httpx.Client, bucket: Bucket, case: str) -> None:
+    built = make_image(label="invalid")
+    for data in built.blobs.values():
+        push_blob(http, REPO, data)
+    body, content_type = INVALID_MANIFESTS[case](json.loads(built.manifest), built.manifest)
+    bucket.snapshot()
+    for reference in ("v1", sha256(body)):
+        response = http.put(f"/v2/{REPO}/manifests/{reference}", content=body, headers={"Content-Type": content_type})
+        assert_error(response, 400, "MANIFEST_INVALID")
+    bucket.assert_unchanged(http)
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == []
+
+
+def test_manifest_with_a_malformed_descriptor_digest_is_digest_invalid(
+    http: httpx.Client, bucket: Bucket
+) -> None:
+    """A descriptor's digest is checked like one in a URL (Distribution answers the same)."""
+    built = make_image(label="bad-descriptor")
+    for data in built.blobs.values():
+        push_blob(http, REPO, data)
+    document = json.loads(built.manifest)
+    document["layers"][0]["digest"] = "sha256:" + "A" * 64
+    body = canonical(document)
+    bucket.snapshot()
+    for reference in ("v1", sha256(body)):
+        response = http.put(f"/v2/{REPO}/manifests/{reference}", content=body, headers={"Content-Type": OCI_MANIFEST})
+        assert_error(response, 400, "DIGEST_INVALID")
+    bucket.assert_unchanged(http)
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == []
+
+
+def _oversized_manifest(image: Image) -> bytes:
+    document = json.loads(image.manifest)
+    document["annotations"] = {"padding": ""}
+    base = len(canonical(document))
+    document["annotations"]["padding"] = "x" * (MAX_MANIFEST + 1 - base)
+    body = canonical(document)
+    assert len(body) == MAX_MANIFEST + 1
+    return body
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_manifest_over_4_mib_is_413(http: httpx.Client, bucket: Bucket, image: Image, chunked: bool) -> None:
+    body = _oversized_manifest(image)
+    bucket.snapshot()
+    for reference in ("big", sha256(body)):
+        content: Any = _chunks(body) if chunked else body
+        response = http.put(f"/v2/{REPO}/manifests/{reference}", content=content, headers={"Content-Type": OCI_MANIFEST})
+        assert "Content-Length" in response.request.headers or chunked
+        assert_error(response, 413, "MANIFEST_TOO_LARGE")
+    bucket.assert_unchanged(http)
+    assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == ["v1"]
+    # The connection is still usable and a manifest at the limit is accepted.
+    exact = json.loads(body)
+    exact["annotations"]["padding"] = exact["annotations"]["padding"][1:]
+    at_limit = canonical(exact)
+    assert len(at_limit) == MAX_MANIFEST
+    response = http.put(f"/v2/{REPO}/manifests/big", content=at_limit, headers={"Content-Type": OCI_MANIFEST})
+    assert response.status_code == 201, response.text
+
+
+# --------------------------------------------------------------------------- lying lengths
+
+
+def test_monolithic_upload_shorter_than_its_content_length_stores_nothing(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket
+) -> None:
+    sent = b"only half of the promised body " * 16
+    # The digest is the one of what is actually sent: only the length check can refuse it.
+    digest = sha256(sent)
+    request = (
+        f"POST /v2/{REPO}/blobs/uploads/?digest={digest} HTTP/1.1\r\n"
+        f"Host: {edge.address}\r\n"
+        f"Authorization: {ALICE_HEADER}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(sent) * 2}\r\n"
+        "\r\n"
+    ).encode() + sent
+    bucket.snapshot()
+    errors = error_count(http, "SIZE_INVALID")
+    answer = half_closed_exchange(edge, request)
+    # The edge cannot answer a client that hung up; if it did answer, it refused.
+    status = status_of(answer)
+    assert status is None or 400 <= status < 500, answer[:300]
+    wait_for_errors(http, "SIZE_INVALID", errors)
+    bucket.assert_unchanged(http)
+    assert_error(http.head(f"/v2/{REPO}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
+    assert http.get("/v2/_catalog").json()["repositories"] == []
+
+
+def test_patch_shorter_than_its_content_length_stores_no_part(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket
+) -> None:
+    upload = start_upload(http)
+    sent = b"x" * 300
+    request = (
+        f"PATCH /v2/{REPO}/blobs/uploads/{upload} HTTP/1.1\r\n"
+        f"Host: {edge.address}\r\n"
+        f"Authorization: {ALICE_HEADER}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        "Content-Length: 1000\r\n"
+        "Content-Range: 0-999\r\n"
+        "\r\n"
+    ).encode() + sent
+    bucket.snapshot()
+    errors = error_count(http, "SIZE_INVALID")
+    status = status_of(half_closed_exchange(edge, request))
+    assert status is None or 400 <= status < 500
+    wait_for_errors(http, "SIZE_INVALID", errors)
+    bucket.assert_unchanged(http, {upload: REPO})
+    assert http.get(f"/v2/{REPO}/blobs/uploads/{upload}").headers["Range"] == "0-0"
+    # The session is intact: the real chunk is accepted at offset 0.
+    data = b"y" * 1000
+    patch = http.patch(f"/v2/{REPO}/blobs/uploads/{upload}", content=data, headers={"Content-Range": "0-999"})
+    assert patch.status_code == 202
+    assert http.put(f"/v2/{REPO}/blobs/uploads/{upload}", params={"digest": sha256(data)}).status_code == 201
+    assert http.get(f"/v2/{REPO}/blobs/{sha256(data)}").content == data
+
+
+@pytest.mark.parametrize(
+    ("content_range", "body"),
+    [("0-99", b"a" * 50), ("0-9", b"a" * 50), ("5-2", b"a" * 4), ("0-", b"a"), ("bytes=0-1", b"ab"), ("x", b"a")],
+)
+def test_patch_whose_content_range_disagrees_with_its_body(
+    http: httpx.Client, bucket: Bucket, content_range: str, body: bytes
+) -> None:
+    upload = start_upload(http)
+    url = f"/v2/{REPO}/blobs/uploads/{upload}"
+    bucket.snapshot()
+    response = http.patch(url, content=body, headers={"Content-Range": content_range})
+    assert_error(response, 416, "BLOB_UPLOAD_INVALID")
+    bucket.assert_unchanged(http, {upload: REPO})
+    assert http.get(url).headers["Range"] == "0-0"
+
+
+@pytest.mark.parametrize(("content_range", "body"), [("0-99", b"a" * 50), ("0-9", b"a" * 50)])
+def test_chunked_patch_whose_content_range_disagrees_with_its_body(
+    http: httpx.Client, bucket: Bucket, content_range: str, body: bytes
+) -> None:
+    """Without a Content-Length, the body's real length is checked against Content-Range."""
+    upload = start_upload(http)
+    url = f"/v2/{REPO}/blobs/uploads/{upload}"
+    bucket.snapshot()
+    response = http.patch(url, content=_chunks(body, 16), headers={"Content-Range": content_range})
+    assert 400 <= response.status_code < 500, response.text
+    assert_error(response, response.status_code, response.json()["errors"][0]["code"])
+    assert response.json()["errors"][0]["code"] in {"SIZE_INVALID", "BLOB_UPLOAD_INVALID"}
+    bucket.assert_unchanged(http, {upload: REPO})
+    assert http.get(url).headers["Range"] == "0-0"
+    assert not [k for k in bucket.keys() if k.startswith(f"uploads/{upload}/parts/")]
+
+
+# --------------------------------------------------------------------------- chunk order
+
+
+def test_out_of_order_and_repeated_chunks_are_416(http: httpx.Client, bucket: Bucket) -> None:
+    data = bytes(range(30)) * 2
+    upload = start_upload(http)
+    url = f"/v2/{REPO}/blobs/uploads/{upload}"
+
+    def patch(start: int, end: int) -> httpx.Response:
+        return http.patch(url, content=data[start : end + 1], headers={"Content-Range": f"{start}-{end}"})
+
+    first = patch(0, 9)
+    assert first.status_code == 202
+    assert first.headers["Range"] == "0-9"
+    bucket.snapshot()
+    assert_error(patch(20, 29), 416, "BLOB_UPLOAD_INVALID")  # skips 10..19
+    assert http.get(url).headers["Range"] == "0-9"
+    assert_error(patch(0, 9), 416, "BLOB_UPLOAD_INVALID")  # the same chunk again
+    assert http.get(url).headers["Range"] == "0-9"
+    assert_error(patch(5, 14), 416, "BLOB_UPLOAD_INVALID")  # overlaps
+    assert http.get(url).headers["Range"] == "0-9"
+    bucket.assert_unchanged(http, {upload: REPO})
+    assert patch(10, 19).headers["Range"] == "0-19"
+    assert patch(20, 59).headers["Range"] == "0-59"
+    # A PUT whose final chunk is out of order is refused the same way.
+    put = http.put(url, params={"digest": sha256(data)}, content=b"zz", headers={"Content-Range": "70-71"})
+    assert_error(put, 416, "BLOB_UPLOAD_INVALID")
+    assert http.get(url).headers["Range"] == "0-59"
+    done = http.put(url, params={"digest": sha256(data)})
+    assert done.status_code == 201, done.text
+    assert http.get(f"/v2/{REPO}/blobs/{sha256(data)}").content == data
+
+
+# --------------------------------------------------------------------------- upload ids
+
+
+def test_unknown_or_foreign_upload_id_is_blob_upload_unknown(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket
+) -> None:
+    mine = start_upload(http, REPO)
+    assert http.patch(f"/v2/{REPO}/blobs/uploads/{mine}", content=b"abc").status_code == 202
+    http.post(f"/v2/{OTHER}/blobs/uploads/")  # `other` exists as a repository too
+    bucket.snapshot()
+    ids = [(REPO, uuid.uuid4().hex), (REPO, "not-an-upload"), (REPO, "a" * 300), (OTHER, mine)]
+    for repo, upload in ids:
+        url = f"/v2/{repo}/blobs/uploads/{upload}"
+        assert_error(http.get(url), 404, "BLOB_UPLOAD_UNKNOWN")
+        assert_error(http.patch(url, content=b"def"), 404, "BLOB_UPLOAD_UNKNOWN")
+        assert_error(http.put(url, params={"digest": sha256(b"abc")}), 404, "BLOB_UPLOAD_UNKNOWN")
+        assert_error(http.put(url, params={"digest": sha256(b"abcdef")}, content=b"def"), 404, "BLOB_UPLOAD_UNKNOWN")
+        assert_error(http.delete(url), 404, "BLOB_UPLOAD_UNKNOWN")
+    bucket.assert_unchanged(http, {mine: REPO})
+    # The session survived the foreign DELETE and PUT, with exactly its own bytes.
+    assert http.get(f"/v2/{REPO}/blobs/uploads/{mine}").headers["Range"] == "0-2"
+    assert http.put(f"/v2/{REPO}/blobs/uploads/{mine}", params={"digest": sha256(b"abc")}).status_code == 201
+    # A finished session is gone for good.
+    assert_error(http.get(f"/v2/{REPO}/blobs/uploads/{mine}"), 404, "BLOB_UPLOAD_UNKNOWN")
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v2/x/unknown", "/v2/local/app/unknown", "/v2/local/app/manifests/", "/v2/local/app/blobs/",
+     "/v3/", "/", "/v2/local/app/tags/list/extra"],
+)
+def test_unknown_endpoint_is_404_envelope(edge: EdgeServer, path: str) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        assert_error(raw_request(edge, method, path), 404, "NOT_FOUND")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/local/app/manifests/v1"),
+        ("PATCH", "/v2/local/app/manifests/v1"),
+        ("PUT", f"/v2/local/app/blobs/{sha256(b'x')}"),
+        ("POST", f"/v2/local/app/blobs/{sha256(b'x')}"),
+        ("PATCH", "/v2/"),
+        ("DELETE", "/v2/_catalog"),
+        ("POST", "/v2/local/app/tags/list"),
+        ("PUT", f"/v2/local/app/referrers/{sha256(b'x')}"),
+    ],
+)
+def test_unsupported_method_is_405_envelope(
+    edge: EdgeServer, http: httpx.Client, bucket: Bucket, method: str, path: str
+) -> None:
+    bucket.snapshot()
+    assert_error(raw_request(edge, method, path, b"{}"), 405, "UNSUPPORTED")
+    bucket.assert_unchanged(http)
+
+
+# --------------------------------------------------------------------------- pagination
+
+
+@pytest.mark.parametrize("n", ["abc", "-1", "1.5", "0x10", " 3"])
+def test_tags_list_with_malformed_n_is_400(http: httpx.Client, image: Image, n: str) -> None:
+    assert_error(http.get(f"/v2/{REPO}/tags/list", params={"n": n}), 400, "PAGINATION_INVALID")
+    assert_error(http.get("/v2/_catalog", params={"n": n}), 400, "PAGINATION_INVALID")
+    assert http.get(f"/v2/{REPO}/tags/list", params={"n": "1"}).json()["tags"] == ["v1"]

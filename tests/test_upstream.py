@@ -1,0 +1,656 @@
+"""shared.upstream against the Docker Hub emulator in front of a real Distribution registry.
+
+Coroutines run with `asyncio.run` (no pytest-asyncio). Timings are asserted with generous
+bounds only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from shared.oci.mediatypes import ACCEPT
+from shared.settings import Upstream
+from shared.upstream import (
+    FetchedManifest,
+    ManifestHead,
+    RateLimit,
+    UpstreamClient,
+    UpstreamFailure,
+    parse_challenges,
+    parse_retry_after,
+)
+from tests.support.distribution import Distribution
+from tests.support.dockerhub import SERVICE, DockerHubEmulator
+from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer, sha256
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------- helpers
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def push_blob(client: httpx.Client, repository: str, data: bytes) -> str:
+    """Monolithic upload: POST, then PUT ?digest= with the whole body."""
+    digest = sha256(data)
+    r = client.post(f"/v2/{repository}/blobs/uploads/")
+    assert r.status_code == 202, r.text
+    location = httpx.URL(r.headers["Location"]).copy_merge_params({"digest": digest})
+    r = client.put(location, content=data, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    return digest
+
+
+def push_image(client: httpx.Client, repository: str, image: Image, tag: str) -> None:
+    for data in image.blobs.values():
+        push_blob(client, repository, data)
+    r = client.put(
+        f"/v2/{repository}/manifests/{tag}",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert r.status_code == 201, r.text
+
+
+@dataclass
+class Seeded:
+    repository: str
+    image: Image
+    layer: bytes
+
+    @property
+    def layer_digest(self) -> str:
+        return sha256(self.layer)
+
+
+@pytest.fixture(scope="module")
+def seeded(distribution: Distribution) -> Seeded:
+    """An image tagged `latest` in a fresh library/* repository of the session's registry."""
+    repository = f"library/upstream-{secrets.token_hex(4)}"
+    layer = make_layer(size=300 * 1024, seed=repository)
+    image = make_image([layer], label=repository)
+    with httpx.Client(base_url=distribution.url, timeout=30) as client:
+        push_image(client, repository, image, "latest")
+    return Seeded(repository, image, layer)
+
+
+@pytest.fixture
+def hub(distribution: Distribution) -> Iterator[DockerHubEmulator]:
+    with DockerHubEmulator(distribution.url) as emulator:
+        yield emulator
+
+
+def upstream_for(url: str, **fields: Any) -> Upstream:
+    fields.setdefault("name", f"hub-{secrets.token_hex(3)}")
+    return Upstream(url=url, **fields)
+
+
+async def with_client(
+    upstream: Upstream,
+    body: Callable[[UpstreamClient], Awaitable[T]],
+    *,
+    on_rate_limit: Callable[[RateLimit], Awaitable[None]] | None = None,
+) -> T:
+    async with UpstreamClient(upstream, on_rate_limit=on_rate_limit) as client:
+        return await body(client)
+
+
+def failure_of(upstream: Upstream, body: Callable[[UpstreamClient], Awaitable[Any]]) -> UpstreamFailure:
+    async def scenario() -> UpstreamFailure:
+        async with UpstreamClient(upstream) as client:
+            with pytest.raises(UpstreamFailure) as info:
+                await body(client)
+            return info.value
+
+    return run(scenario())
+
+
+def tokens_issued(hub: DockerHubEmulator) -> int:
+    return int(hub.snapshot()["tokens_issued"])
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# ------------------------------------------------------------------ pure functions
+def test_parse_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("120", now) == 120
+    assert parse_retry_after(" 0 ", now) == 0
+    assert parse_retry_after(str(int(now) + 300), now) == pytest.approx(300)
+    assert parse_retry_after(str(int(now) - 300), now) == 0  # an epoch in the past
+    assert parse_retry_after(formatdate(now + 90, usegmt=True), now) == pytest.approx(90)
+    assert parse_retry_after(None, now) is None
+    assert parse_retry_after("", now) is None
+    assert parse_retry_after("soon", now) is None
+
+
+def test_rate_limit_from_headers() -> None:
+    rl = RateLimit.from_headers(
+        {
+            "RateLimit-Limit": "100;w=21600",
+            "ratelimit-remaining": "76;w=21600",
+            "docker-ratelimit-source": "203.0.113.7",
+        }
+    )
+    assert rl == RateLimit(limit=100, remaining=76, window=21600.0, source="203.0.113.7")
+    assert RateLimit.from_headers({"Content-Type": "application/json"}) is None
+    several = RateLimit.from_headers({"ratelimit-limit": "100, 100;w=21600"})
+    assert several is not None and several.limit == 100 and several.window == 21600.0
+
+
+def test_parse_challenges() -> None:
+    header = (
+        'Bearer realm="https://auth.example/token",service="registry.example",'
+        'scope="repository:library/alpine:pull,push repository:x/y:pull",error="insufficient_scope", '
+        'Basic realm="a \\"quoted\\", realm"'
+    )
+    challenges = parse_challenges(header)
+    assert [scheme for scheme, _ in challenges] == ["bearer", "basic"]
+    bearer = challenges[0][1]
+    assert bearer["realm"] == "https://auth.example/token"
+    assert bearer["service"] == "registry.example"
+    assert bearer["scope"] == "repository:library/alpine:pull,push repository:x/y:pull"
+    assert bearer["error"] == "insufficient_scope"
+    assert challenges[1][1] == {"realm": 'a "quoted", realm'}
+    assert parse_challenges(["Basic realm=plain", "Negotiate abc123=="]) == [
+        ("basic", {"realm": "plain"}),
+        ("negotiate", {}),
+    ]
+
+
+def test_to_registry_error_mapping() -> None:
+    quota = UpstreamFailure("quota", "pulls", upstream="dockerhub", status=429, retry_after=41.2)
+    error = quota.to_registry_error()
+    assert (error.code, error.status) == ("TOOMANYREQUESTS", 429)
+    assert 1 <= int(error.headers["Retry-After"]) <= 42
+    assert "dockerhub" in error.message and "reopens" in error.message
+    unknown = UpstreamFailure("abuse", "x", upstream="dockerhub", status=429).to_registry_error()
+    assert unknown.code == "TOOMANYREQUESTS" and int(unknown.headers["Retry-After"]) >= 1
+    soon = UpstreamFailure("quota", "x", upstream="u", retry_after=0.01).to_registry_error()
+    assert soon.headers["Retry-After"] == "1"
+    table = {
+        "timeout": ("UPSTREAM_TIMEOUT", 504),
+        "refused": ("UNAVAILABLE", 503),
+        "network": ("UNAVAILABLE", 503),
+        "status": ("UPSTREAM_ERROR", 502),
+        "auth": ("UPSTREAM_ERROR", 502),
+        "not_found": ("MANIFEST_UNKNOWN", 404),
+    }
+    for kind, expected in table.items():
+        mapped = UpstreamFailure(kind, "m", upstream="u").to_registry_error()
+        assert (mapped.code, mapped.status) == expected, kind
+    blob = UpstreamFailure("not_found", "m", upstream="u", status=404).to_registry_error("BLOB_UNKNOWN")
+    assert (blob.code, blob.status) == ("BLOB_UNKNOWN", 404)
+    copy = pickle.loads(pickle.dumps(quota))
+    assert (copy.kind, copy.upstream, copy.status, copy.reopens_at) == (
+        "quota",
+        "dockerhub",
+        429,
+        quota.reopens_at,
+    )
+
+
+# ------------------------------------------------------------------ tokens and auth
+def test_token_flow_and_cache(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    upstream = upstream_for(hub.url)
+
+    async def body(client: UpstreamClient) -> tuple[FetchedManifest | None, FetchedManifest | None]:
+        first = await client.get_manifest(seeded.repository, "latest")
+        second = await client.get_manifest(seeded.repository, "latest")
+        return first, second
+
+    first, second = run(with_client(upstream, body))
+    assert first is not None and second is not None
+    assert tokens_issued(hub) == 1
+    assert hub.count("GET", "token") == 1
+    # One challenge, then the token was pre-sent.
+    assert hub.count("GET", "manifest", status=401) == 1
+    assert hub.count("GET", "manifest", status=200) == 2
+    token_request = next(r for r in hub.requests if r.kind == "token")
+    assert token_request.identity == "anonymous"
+
+
+def test_concurrent_requests_share_one_token(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    upstream = upstream_for(hub.url)
+
+    async def body(client: UpstreamClient) -> list[ManifestHead | None]:
+        return await asyncio.gather(
+            *(client.head_manifest(seeded.repository, "latest") for _ in range(10))
+        )
+
+    heads = run(with_client(upstream, body))
+    assert all(h is not None and h.digest == seeded.image.digest for h in heads)
+    assert tokens_issued(hub) == 1
+
+
+def test_expired_token_is_renewed_before_the_request(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.set_token_ttl(2)
+    upstream = upstream_for(hub.url)
+
+    async def body(client: UpstreamClient) -> None:
+        assert await client.head_manifest(seeded.repository, "latest") is not None
+        assert await client.head_manifest(seeded.repository, "latest") is not None
+        assert tokens_issued(hub) == 1
+        await asyncio.sleep(2.3)
+        assert await client.head_manifest(seeded.repository, "latest") is not None
+
+    run(with_client(upstream, body))
+    assert tokens_issued(hub) == 2
+    assert hub.count("HEAD", "manifest", status=401) == 1  # renewed without a new challenge
+
+
+def test_revoked_token_is_replaced_after_401(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    upstream = upstream_for(hub.url)
+
+    async def body(client: UpstreamClient) -> None:
+        assert await client.head_manifest(seeded.repository, "latest") is not None
+        hub.revoke_tokens()
+        assert await client.head_manifest(seeded.repository, "latest") is not None
+
+    run(with_client(upstream, body))
+    assert tokens_issued(hub) == 2
+    assert hub.count("HEAD", "manifest", status=401) == 2
+    assert hub.count("HEAD", "manifest", status=200) == 2
+
+
+def test_second_401_is_an_auth_failure(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    challenge = (
+        f'Bearer realm="{hub.url}/token",service="{SERVICE}",'
+        f'scope="repository:{seeded.repository}:pull",error="insufficient_scope"'
+    )
+    hub.fail_always(401, kind="manifest", headers={"WWW-Authenticate": challenge})
+    failure = failure_of(
+        upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
+    )
+    assert failure.kind == "auth" and failure.status == 401
+    assert failure.to_registry_error().code == "UPSTREAM_ERROR"
+    assert tokens_issued(hub) == 1  # one token, one retry with it, no loop
+    assert hub.count("GET", "manifest") == 2
+
+
+def test_basic_credentials_reach_the_token_endpoint(
+    distribution: Distribution, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEAWALL_TEST_HUB_PASSWORD", "alice-hub-secret")
+    with DockerHubEmulator(distribution.url, accounts={"alice": "alice-hub-secret"}) as hub:
+        hub.set_quota(limit=200, identity="alice")
+        seen: list[RateLimit] = []
+
+        async def record(rate_limit: RateLimit) -> None:
+            seen.append(rate_limit)
+
+        upstream = upstream_for(hub.url, username="alice", password_env="SEAWALL_TEST_HUB_PASSWORD")
+        fetched = run(
+            with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record)
+        )
+        assert fetched is not None
+        assert hub.pulls("alice") == 1
+        assert hub.pulls("anonymous") == 0
+        assert hub.remaining("alice") == 199
+        assert hub.remaining("anonymous") == 100
+        assert fetched.rate_limit == RateLimit(limit=200, remaining=199, window=21600.0, source="alice")
+        assert seen == [fetched.rate_limit]
+        token_request = next(r for r in hub.requests if r.kind == "token")
+        assert token_request.identity == "alice"
+
+
+def test_wrong_credentials_are_an_auth_failure(
+    distribution: Distribution, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEAWALL_TEST_HUB_PASSWORD", "wrong")
+    with DockerHubEmulator(distribution.url, accounts={"alice": "alice-hub-secret"}) as hub:
+        upstream = upstream_for(hub.url, username="alice", password_env="SEAWALL_TEST_HUB_PASSWORD")
+        failure = failure_of(upstream, lambda c: c.head_manifest(seeded.repository, "latest"))
+        assert failure.kind == "auth" and failure.status == 401
+        assert "wrong" not in str(failure)
+
+
+# ----------------------------------------------------------------------- manifests
+def test_head_returns_digest_and_spends_no_quota(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    seen: list[RateLimit] = []
+
+    async def record(rate_limit: RateLimit) -> None:
+        seen.append(rate_limit)
+
+    head = run(
+        with_client(
+            upstream_for(hub.url),
+            lambda c: c.head_manifest(seeded.repository, "latest"),
+            on_rate_limit=record,
+        )
+    )
+    assert head is not None
+    assert head.digest == seeded.image.digest
+    assert head.media_type == OCI_MANIFEST
+    assert head.size == len(seeded.image.manifest)
+    assert head.rate_limit is not None and head.rate_limit.remaining == 100
+    assert seen == [head.rate_limit]
+    assert hub.pulls() == 0
+    assert hub.remaining() == 100
+
+
+def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    seen: list[RateLimit] = []
+
+    async def record(rate_limit: RateLimit) -> None:
+        seen.append(rate_limit)
+
+    upstream = upstream_for(hub.url)
+    fetched = run(
+        with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record)
+    )
+    assert fetched is not None
+    assert fetched.body == seeded.image.manifest
+    assert fetched.digest == seeded.image.digest
+    assert fetched.media_type == OCI_MANIFEST
+    assert hub.pulls() == 1
+    assert hub.remaining() == 99
+    assert fetched.rate_limit == RateLimit(limit=100, remaining=99, window=21600.0, source="127.0.0.1")
+    assert seen == [fetched.rate_limit]
+    manifest_gets = [r for r in hub.requests if r.kind == "manifest" and r.method == "GET"]
+    assert all(r.accept == ACCEPT for r in manifest_gets)
+    assert metric(
+        "seawall_upstream_requests_total",
+        upstream=upstream.name, kind="manifest", method="GET", status="200",
+    ) == 1
+    assert metric(
+        "seawall_upstream_requests_total",
+        upstream=upstream.name, kind="token", method="GET", status="200",
+    ) == 1
+
+
+def test_get_by_digest(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    fetched = run(
+        with_client(
+            upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, seeded.image.digest)
+        )
+    )
+    assert fetched is not None and fetched.body == seeded.image.manifest
+
+
+def test_unknown_manifest_is_none(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    async def body(client: UpstreamClient) -> tuple[Any, Any, Any]:
+        return (
+            await client.head_manifest(seeded.repository, "no-such-tag"),
+            await client.get_manifest(seeded.repository, "no-such-tag"),
+            await client.get_manifest("library/no-such-repo", "latest"),
+        )
+
+    assert run(with_client(upstream_for(hub.url), body)) == (None, None, None)
+    assert hub.pulls() == 0  # Docker Hub does not charge a 404
+
+
+# ----------------------------------------------------------------------------- 429s
+def test_quota_429_with_retry_after_seconds(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.fail_next(status=429, kind="manifest", method="GET", retry_after=120)
+    upstream = upstream_for(hub.url)
+    failure = failure_of(upstream, lambda c: c.get_manifest(seeded.repository, "latest"))
+    assert failure.kind == "quota" and failure.status == 429
+    assert failure.retry_after == pytest.approx(120, abs=2)
+    error = failure.to_registry_error()
+    assert (error.code, error.status) == ("TOOMANYREQUESTS", 429)
+    assert 115 <= int(error.headers["Retry-After"]) <= 121
+    assert upstream.name in error.message
+    assert metric("seawall_upstream_429_total", upstream=upstream.name, kind="quota") == 1
+    # Never retried: exactly one manifest GET got through auth and was answered 429.
+    assert hub.count("GET", "manifest", status=429) == 1
+
+
+def test_quota_exhausted_with_epoch_retry_after(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.set_quota(limit=1, window_seconds=300, retry_after="epoch")
+    seen: list[RateLimit] = []
+
+    async def record(rate_limit: RateLimit) -> None:
+        seen.append(rate_limit)
+
+    async def scenario() -> UpstreamFailure:
+        async with UpstreamClient(upstream_for(hub.url), on_rate_limit=record) as client:
+            assert await client.get_manifest(seeded.repository, "latest") is not None
+            with pytest.raises(UpstreamFailure) as info:
+                await client.get_manifest(seeded.repository, "latest")
+            return info.value
+
+    failure = run(scenario())
+    assert failure.kind == "quota"
+    assert failure.retry_after is not None and 290 <= failure.retry_after <= 301
+    assert failure.rate_limit is not None and failure.rate_limit.remaining == 0
+    assert [r.remaining for r in seen] == [0, 0]
+    assert seen[0].limit == 1 and seen[0].window == 300
+    assert hub.pulls() == 1
+
+
+def test_quota_429_with_http_date(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.fail_next(
+        status=429, kind="manifest", method="GET", retry_after=90, retry_after_format="http-date"
+    )
+    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
+    assert failure.kind == "quota"
+    assert failure.retry_after is not None and 85 <= failure.retry_after <= 91
+
+
+def test_plain_text_429_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.set_abuse_limit(0)
+    upstream = upstream_for(hub.url)
+    failure = failure_of(upstream, lambda c: c.get_manifest(seeded.repository, "latest"))
+    assert failure.kind == "abuse" and failure.status == 429
+    assert failure.retry_after is None
+    assert failure.to_registry_error().code == "TOOMANYREQUESTS"
+    assert metric("seawall_upstream_429_total", upstream=upstream.name, kind="abuse") == 1
+    assert hub.count("GET") == 1  # not retried, not even the token fetch
+
+
+def test_plain_text_429_on_head_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.fail_next(status=429, kind="manifest", method="HEAD", plain_text=True, retry_after=30)
+    failure = failure_of(upstream_for(hub.url), lambda c: c.head_manifest(seeded.repository, "latest"))
+    assert failure.kind == "abuse"
+    assert failure.retry_after == pytest.approx(30, abs=2)
+
+
+# ------------------------------------------------------------ other failure kinds
+def test_server_error_is_status_failure(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.fail_next(status=500, kind="manifest", method="GET")
+    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
+    assert failure.kind == "status" and failure.status == 500
+    assert "500" in failure.message
+    error = failure.to_registry_error()
+    assert (error.code, error.status) == ("UPSTREAM_ERROR", 502)
+
+
+def test_stalled_head_times_out(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.stall("manifest", 30, method="HEAD")
+    upstream = upstream_for(hub.url, head_timeout=0.5)
+    started = time.monotonic()
+    failure = failure_of(upstream, lambda c: c.head_manifest(seeded.repository, "latest"))
+    elapsed = time.monotonic() - started
+    assert failure.kind == "timeout" and failure.status is None
+    assert elapsed < 0.5 + 5
+    assert failure.to_registry_error().status == 504
+    hub.clear_faults()
+
+
+def test_stalled_get_times_out_on_read_timeout(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.stall("manifest", 30, method="GET")
+    upstream = upstream_for(hub.url, read_timeout=0.5)
+    started = time.monotonic()
+    failure = failure_of(upstream, lambda c: c.get_manifest(seeded.repository, "latest"))
+    assert failure.kind == "timeout"
+    assert time.monotonic() - started < 0.5 + 5
+    hub.clear_faults()
+
+
+def test_stopped_upstream_is_refused(distribution: Distribution, seeded: Seeded) -> None:
+    hub = DockerHubEmulator(distribution.url).start()
+    url = hub.url
+    hub.stop()
+    upstream = upstream_for(url)
+    failure = failure_of(upstream, lambda c: c.head_manifest(seeded.repository, "latest"))
+    assert failure.kind == "refused" and failure.status is None
+    error = failure.to_registry_error()
+    assert (error.code, error.status) == ("UNAVAILABLE", 503)
+    assert metric(
+        "seawall_upstream_requests_total",
+        upstream=upstream.name, kind="manifest", method="HEAD", status="error",
+    ) == 1
+
+
+# --------------------------------------------------------------------------- blobs
+def test_blob_whole_and_from_offset(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    upstream = upstream_for(hub.url)
+    layer, digest = seeded.layer, seeded.layer_digest
+
+    async def body(client: UpstreamClient) -> None:
+        async with client.open_blob(seeded.repository, digest) as stream:
+            assert (stream.offset, stream.total_size) == (0, len(layer))
+            assert await stream.read() == layer
+        async with client.open_blob(seeded.repository, digest, offset=1000) as stream:
+            assert (stream.offset, stream.total_size) == (1000, len(layer))
+            chunks = [chunk async for chunk in stream.iter_chunks(64 * 1024)]
+            assert all(len(c) == 64 * 1024 for c in chunks[:-1])
+            assert b"".join(chunks) == layer[1000:]
+
+    before = metric("seawall_upstream_bytes_total", upstream=upstream.name)
+    run(with_client(upstream, body))
+    assert metric("seawall_upstream_bytes_total", upstream=upstream.name) - before == 2 * len(layer) - 1000
+    ranges = [r.range for r in hub.requests if r.kind == "blob" and r.status in (200, 206)]
+    assert ranges == [None, "bytes=1000-"]
+    assert hub.pulls() == 0
+
+
+def test_unknown_blob_is_not_found(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    missing = sha256(b"not there " + secrets.token_bytes(8))
+
+    async def body(client: UpstreamClient) -> None:
+        async with client.open_blob(seeded.repository, missing):
+            raise AssertionError("unreachable")
+
+    failure = failure_of(upstream_for(hub.url), body)
+    assert failure.kind == "not_found" and failure.status == 404
+    error = failure.to_registry_error("BLOB_UNKNOWN")
+    assert (error.code, error.status) == ("BLOB_UNKNOWN", 404)
+
+
+def test_cut_blob_is_a_network_failure(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    hub.cut_blob_after(seeded.layer_digest, 50_000)
+
+    async def body(client: UpstreamClient) -> None:
+        async with client.open_blob(seeded.repository, seeded.layer_digest) as stream:
+            await stream.read()
+
+    failure = failure_of(upstream_for(hub.url), body)
+    assert failure.kind == "network"
+
+
+# ------------------------------------------ Basic auth, CDN redirect, Range ignored
+class FakeRegistry:
+    """A registry that wants Basic credentials and redirects blob GETs to a 'CDN' on
+    another origin; the CDN ignores Range. Both record the Authorization they saw."""
+
+    def __init__(self, blob: bytes, manifest: bytes) -> None:
+        self.blob = blob
+        self.manifest = manifest
+        self.registry_auth: list[str | None] = []
+        self.cdn_auth: list[str | None] = []
+        self.cdn_ranges: list[str | None] = []
+        self._runners: list[web.AppRunner] = []
+        self.url = self.cdn_url = ""
+
+    async def __aenter__(self) -> FakeRegistry:
+        registry = web.Application()
+        registry.router.add_route("*", "/v2/{name:.+}/manifests/{ref}", self._manifest)
+        registry.router.add_get("/v2/{name:.+}/blobs/{digest}", self._redirect)
+        cdn = web.Application()
+        cdn.router.add_get("/blobs/{digest}", self._cdn)
+        self.url = await self._serve(registry)
+        self.cdn_url = await self._serve(cdn)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+    async def _serve(self, app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    def _check(self, request: web.Request) -> web.Response | None:
+        auth = request.headers.get("Authorization")
+        self.registry_auth.append(auth)
+        if auth is None or not auth.startswith("Basic "):
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="fake"'})
+        return None
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        # No Docker-Content-Digest and no Content-Type: the client hashes and sniffs.
+        response = web.Response(body=self.manifest)
+        response.headers.popall("Content-Type", None)
+        return response
+
+    async def _redirect(self, request: web.Request) -> web.StreamResponse:
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/blobs/{request.match_info['digest']}")
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        self.cdn_auth.append(request.headers.get("Authorization"))
+        self.cdn_ranges.append(request.headers.get("Range"))
+        return web.Response(body=self.blob, content_type="application/octet-stream")
+
+
+def test_basic_auth_redirect_drops_authorization_and_ignored_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEAWALL_TEST_FAKE_PASSWORD", "pw")
+    blob = bytes(range(256)) * 400
+    digest = sha256(blob)
+    image = make_image(label="fake")
+
+    async def scenario() -> None:
+        async with FakeRegistry(blob, image.manifest) as fake:
+            upstream = upstream_for(fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD")
+            async with UpstreamClient(upstream) as client:
+                fetched = await client.get_manifest("team/app", "v1")
+                assert fetched is not None
+                assert fetched.body == image.manifest
+                assert fetched.digest == image.digest  # sha256 of the body
+                assert fetched.media_type == OCI_MANIFEST  # from the body's mediaType
+                async with client.open_blob("team/app", digest, offset=5000) as stream:
+                    # The CDN answered 200 with the whole blob: the client skipped ahead.
+                    assert (stream.offset, stream.total_size) == (5000, len(blob))
+                    assert await stream.read() == blob[5000:]
+            # Challenged once, then Basic was pre-sent; nothing reached the CDN.
+            assert fake.registry_auth[0] is None
+            assert all(a is not None and a.startswith("Basic ") for a in fake.registry_auth[1:])
+            assert len(fake.registry_auth) == 3
+            assert fake.cdn_auth == [None]
+            assert fake.cdn_ranges == ["bytes=5000-"]
+
+    run(scenario())
+
+
+def test_client_must_be_started() -> None:
+    client = UpstreamClient(upstream_for("http://127.0.0.1:9"))
+    with pytest.raises(RuntimeError):
+        run(client.head_manifest("library/alpine", "latest"))

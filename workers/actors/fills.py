@@ -1,0 +1,48 @@
+"""Fill actors: fetch a blob from its upstream into the cache; purge a fill's staging."""
+
+from __future__ import annotations
+
+import dramatiq
+import structlog
+
+from shared.metrics import JOBS
+from shared.oci.digest import Digest
+from shared.proxy import fill
+from shared.proxy.events import FILL_ACTOR, FILL_QUEUE, MAINTENANCE_QUEUE, PURGE_STAGING_ACTOR
+from workers.runtime import fill_deps, settings, upstreams
+
+log = structlog.get_logger("worker")
+
+
+async def run_fill(project: str, repository: str, digest: str) -> str:
+    found = settings().project(project)
+    if found is None or found.upstream is None:
+        log.warning("fill_for_unknown_project", project=project)
+        return "unknown-project"
+    client = await upstreams().client(found.upstream)
+    return await fill.fill_blob(fill_deps(), client, f"{project}/{repository}", repository, Digest.parse(digest))
+
+
+# Upstream failures are retried with backoff (the fill resumes where it stopped); a
+# digest mismatch is permanent. Redelivery of a finished fill finds the blob present.
+@dramatiq.actor(
+    actor_name=FILL_ACTOR,
+    queue_name=FILL_QUEUE,
+    max_retries=5,
+    min_backoff=1_000,
+    max_backoff=60_000,
+    time_limit=6 * 3_600_000,
+    throws=(fill.DigestMismatch,),
+)
+async def fill_blob(project: str, repository: str, digest: str) -> None:
+    try:
+        outcome = await run_fill(project, repository, digest)
+    except Exception:
+        JOBS.labels(FILL_ACTOR, "error").inc()
+        raise
+    JOBS.labels(FILL_ACTOR, outcome).inc()
+
+
+@dramatiq.actor(actor_name=PURGE_STAGING_ACTOR, queue_name=MAINTENANCE_QUEUE, max_retries=3, min_backoff=10_000)
+async def purge_staging(digest: str) -> None:
+    await fill.purge_staging(fill_deps(), Digest.parse(digest))
