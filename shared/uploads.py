@@ -115,7 +115,10 @@ class UploadStore:
             try:
                 info = json.loads(await self._store.get_bytes(layout.upload_info(upload_id)))
             except ObjectMissing:
-                ids.append(upload_id)
+                # Filer-backed stores (SeaweedFS) keep the empty directory of a finished or
+                # purged session; only one that still holds objects is an orphan to purge.
+                if await self._store.list_keys(layout.upload(upload_id)):
+                    ids.append(upload_id)
                 continue
             if float(info.get("started", 0)) < older_than:
                 ids.append(upload_id)

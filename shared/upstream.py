@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -39,7 +40,7 @@ import aiohttp
 from yarl import URL
 
 from shared.logging import get_logger
-from shared.metrics import BYTES_FETCHED, UPSTREAM_429, UPSTREAM_REQUESTS
+from shared.metrics import BYTES_FETCHED, DIGEST_MISMATCHES, UPSTREAM_429, UPSTREAM_REQUESTS
 from shared.oci.errors import RegistryError
 from shared.oci.mediatypes import ACCEPT
 from shared.settings import Upstream
@@ -61,7 +62,9 @@ TOKEN_MARGIN = 10.0
 DEFAULT_RETRY_AFTER = 60.0
 BLOB_CHUNK = 1024 * 1024
 
-KINDS = frozenset({"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found"})
+KINDS = frozenset(
+    {"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found"}
+)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -76,17 +79,13 @@ def _parse_quota_value(value: str | None) -> tuple[int | None, float | None]:
     for policy in value.split(","):
         parts = [p.strip() for p in policy.split(";")]
         if number is None:
-            try:
+            with contextlib.suppress(ValueError):
                 number = int(parts[0])
-            except ValueError:
-                pass
         for param in parts[1:]:
             key, _, raw = param.partition("=")
             if key.strip().lower() == "w" and window is None:
-                try:
+                with contextlib.suppress(ValueError):
                     window = float(raw.strip().strip('"'))
-                except ValueError:
-                    pass
         if number is not None and window is not None:
             break
     return number, window
@@ -165,7 +164,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-class UpstreamFailure(Exception):
+class UpstreamFailure(Exception):  # noqa: N818 - the name the callers know
     """Every way an upstream can fail, classified.
 
     `kind` is one of: "timeout" (no answer in time), "refused" (connection refused),
@@ -202,8 +201,15 @@ class UpstreamFailure(Exception):
         # Keyword-only arguments: rebuild explicitly so the exception survives pickling.
         return (
             _rebuild_failure,
-            (self.kind, self.message, self.upstream, self.status, self.retry_after, self.rate_limit,
-             self.reopens_at),
+            (
+                self.kind,
+                self.message,
+                self.upstream,
+                self.status,
+                self.retry_after,
+                self.rate_limit,
+                self.reopens_at,
+            ),
         )
 
     def seconds_until_reopen(self, now: float | None = None) -> float | None:
@@ -258,7 +264,11 @@ def _rebuild_failure(
     reopens_at: float | None,
 ) -> UpstreamFailure:
     failure = UpstreamFailure(
-        kind, message, upstream=upstream, status=status, retry_after=retry_after,
+        kind,
+        message,
+        upstream=upstream,
+        status=status,
+        retry_after=retry_after,
         rate_limit=rate_limit,
     )
     failure.reopens_at = reopens_at
@@ -270,6 +280,7 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _SCHEME_RE = re.compile(rf"\s*,*\s*({_TOKEN})")
 _PARAM_RE = re.compile(rf"[\s,]*({_TOKEN})\s*=\s*")
 _BARE_VALUE_RE = re.compile(r"[^\s,]*")
+_TOKEN68_RE = re.compile(r"\s+[A-Za-z0-9._~+/-]+=*\s*(?:,|$)")
 
 
 def parse_challenges(values: str | list[str]) -> list[tuple[str, dict[str, str]]]:
@@ -290,6 +301,11 @@ def parse_challenges(values: str | list[str]) -> list[tuple[str, dict[str, str]]
             scheme = match[1].lower()
             pos = match.end()
             params: dict[str, str] = {}
+            token68 = _TOKEN68_RE.match(header, pos)
+            if token68:  # e.g. `Negotiate abc==`: no parameters
+                pos = token68.end()
+                challenges.append((scheme, params))
+                continue
             while pos < length:
                 param = _PARAM_RE.match(header, pos)
                 if not param:
@@ -519,7 +535,9 @@ class UpstreamClient:
             os_error = exc.os_error
             if isinstance(os_error, ConnectionRefusedError) or os_error.errno == errno.ECONNREFUSED:
                 return self._failure("refused", f"{what}: connection refused")
-            return self._failure("network", f"{what}: cannot connect ({os_error.strerror or os_error})")
+            return self._failure(
+                "network", f"{what}: cannot connect ({os_error.strerror or os_error})"
+            )
         if isinstance(exc, ConnectionRefusedError):
             return self._failure("refused", f"{what}: connection refused")
         return self._failure("network", f"{what}: {type(exc).__name__}: {exc}")
@@ -595,7 +613,9 @@ class UpstreamClient:
         finally:
             response.release()
         if status != 200:
-            self._log.warning("upstream_token_failed", status=status, realm=str(url.with_query(None)))
+            self._log.warning(
+                "upstream_token_failed", status=status, realm=str(url.with_query(None))
+            )
             raise self._failure(
                 "auth",
                 f"token endpoint answered {status}{self._excerpt(body)}",
@@ -633,7 +653,6 @@ class UpstreamClient:
         *,
         kind: str,
         headers: dict[str, str],
-        timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         """One request, following redirects by hand; the response is the caller's to release.
 
@@ -649,14 +668,17 @@ class UpstreamClient:
                     current_url,
                     headers=current_headers,
                     allow_redirects=False,
-                    timeout=timeout or self._timeout(),
+                    timeout=self._timeout(),
                 )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 UPSTREAM_REQUESTS.labels(self.name, kind, current_method, "error").inc()
                 failure = self._transport_failure(exc, f"{current_method} {kind}")
                 self._log.info(
-                    "upstream_request_failed", kind=kind, method=current_method,
-                    failure=failure.kind, error=failure.message,
+                    "upstream_request_failed",
+                    kind=kind,
+                    method=current_method,
+                    failure=failure.kind,
+                    error=failure.message,
                 )
                 raise failure from exc
             UPSTREAM_REQUESTS.labels(self.name, kind, current_method, str(response.status)).inc()
@@ -686,7 +708,6 @@ class UpstreamClient:
         kind: str,
         scope: str,
         headers: dict[str, str],
-        timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         """A request with the auth dance: cached credentials, else answer one challenge."""
         sent = self._authorization(scope)
@@ -696,7 +717,7 @@ class UpstreamClient:
         request_headers = dict(headers)
         if sent is not None:
             request_headers["Authorization"] = sent
-        response = await self._exchange(method, url, kind=kind, headers=request_headers, timeout=timeout)
+        response = await self._exchange(method, url, kind=kind, headers=request_headers)
         if response.status != 401:
             return response
         challenges = parse_challenges(response.headers.getall("WWW-Authenticate", []))
@@ -711,20 +732,31 @@ class UpstreamClient:
         elif basic:
             credentials = self._basic_header()
             if credentials is None:
-                raise self._failure("auth", "upstream asks for Basic credentials; none configured", status=401)
+                raise self._failure(
+                    "auth", "upstream asks for Basic credentials; none configured", status=401
+                )
             if sent == credentials:
                 raise self._failure("auth", "upstream rejected the Basic credentials", status=401)
             self._basic = True
             request_headers["Authorization"] = credentials
         else:
-            raise self._failure("auth", "upstream answered 401 without a usable challenge", status=401)
-        response = await self._exchange(method, url, kind=kind, headers=request_headers, timeout=timeout)
+            raise self._failure(
+                "auth", "upstream answered 401 without a usable challenge", status=401
+            )
+        response = await self._exchange(method, url, kind=kind, headers=request_headers)
         if response.status == 401:
+            # Docker Hub answers this way (error="insufficient_scope") for a repository
+            # that does not exist as well as for one we may not pull: say which it claimed.
+            again = parse_challenges(response.headers.getall("WWW-Authenticate", []))
             await self._discard(response)
+            error = next((p["error"] for _, p in again if p.get("error")), None)
             if bearer is not None:
                 self._tokens.pop(scope, None)
-            self._log.warning("upstream_auth_rejected", kind=kind, method=method)
-            raise self._failure("auth", f"upstream rejected our credentials for {scope}", status=401)
+            self._log.warning("upstream_auth_rejected", kind=kind, method=method, error=error)
+            reason = f" ({error})" if error else ""
+            raise self._failure(
+                "auth", f"upstream rejected our credentials for {scope}{reason}", status=401
+            )
         return response
 
     async def _discard(self, response: aiohttp.ClientResponse) -> None:
@@ -794,10 +826,15 @@ class UpstreamClient:
             kind = "quota" if self._has_error_envelope(response, body) else "abuse"
             UPSTREAM_429.labels(self.name, kind).inc()
             self._log.warning(
-                "upstream_rate_limited", what=what, limit_kind=kind, retry_after=retry_after,
+                "upstream_rate_limited",
+                what=what,
+                limit_kind=kind,
+                retry_after=retry_after,
                 remaining=rate_limit.remaining if rate_limit else None,
             )
-            text = "pull rate limit reached" if kind == "quota" else "too many requests (abuse limit)"
+            text = (
+                "pull rate limit reached" if kind == "quota" else "too many requests (abuse limit)"
+            )
             raise self._failure(
                 kind, f"{what}: {text}", status=429, retry_after=retry_after, rate_limit=rate_limit
             )
@@ -805,8 +842,11 @@ class UpstreamClient:
             raise self._failure("auth", f"{what}: 401{self._excerpt(body)}", status=status)
         self._log.info("upstream_status", what=what, status=status)
         raise self._failure(
-            "status", f"{what}: {status}{self._excerpt(body)}", status=status,
-            retry_after=retry_after, rate_limit=rate_limit,
+            "status",
+            f"{what}: {status}{self._excerpt(body)}",
+            status=status,
+            retry_after=retry_after,
+            rate_limit=rate_limit,
         )
 
     @staticmethod
@@ -825,7 +865,11 @@ class UpstreamClient:
 
     # ---------------------------------------------------------------- manifests
     async def head_manifest(
-        self, repository: str, reference: str, *, timeout: float | None = None
+        self,
+        repository: str,
+        reference: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounds the auth dance too
     ) -> ManifestHead | None:
         """Digest, media type and size of a manifest without spending quota; None on 404.
 
@@ -893,7 +937,9 @@ class UpstreamClient:
                 )
             body = await self._read_limited(response, max_bytes + 1, what)
             if len(body) > max_bytes:
-                raise self._failure("status", f"{what}: manifest exceeds {max_bytes} bytes", status=200)
+                raise self._failure(
+                    "status", f"{what}: manifest exceeds {max_bytes} bytes", status=200
+                )
             if length is not None and len(body) != length:
                 raise self._failure(
                     "network", f"{what}: body ended after {len(body)} of {length} bytes", status=200
@@ -905,7 +951,9 @@ class UpstreamClient:
         digest = self._verify(what, body, header_digest, reference)
         if not media_type or media_type == "application/octet-stream":
             media_type = _sniff_media_type(body) or media_type or "application/octet-stream"
-        return FetchedManifest(body=body, media_type=media_type, digest=digest, rate_limit=rate_limit)
+        return FetchedManifest(
+            body=body, media_type=media_type, digest=digest, rate_limit=rate_limit
+        )
 
     def _verify(self, what: str, body: bytes, header_digest: str | None, reference: str) -> str:
         computed: dict[str, str] = {}
@@ -922,6 +970,7 @@ class UpstreamClient:
                 continue
             actual = digest_with(claimed.split(":", 1)[0])
             if actual is not None and actual != claimed:
+                DIGEST_MISMATCHES.labels("upstream").inc()
                 self._log.warning("upstream_digest_mismatch", what=what, source=source)
                 raise self._failure(
                     "status", f"{what}: body does not match its {source} {claimed}", status=200
@@ -966,22 +1015,29 @@ class UpstreamClient:
             if response.status == 206:
                 content_range = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
                 if content_range is None:
-                    raise self._failure("status", f"{what}: 206 without a usable Content-Range", status=206)
-                start, end, total = content_range.groups()
+                    raise self._failure(
+                        "status", f"{what}: 206 without a usable Content-Range", status=206
+                    )
+                start, _end, total = content_range.groups()
                 if int(start) != offset:
                     raise self._failure(
-                        "status", f"{what}: asked for bytes from {offset}, got from {start}", status=206
+                        "status",
+                        f"{what}: asked for bytes from {offset}, got from {start}",
+                        status=206,
                     )
                 total_size = int(total) if total != "*" else None
                 if total_size is None and length is not None:
                     total_size = offset + length
-                stream = BlobStream(self, response, offset=offset, total_size=total_size, digest=digest)
+                stream = BlobStream(
+                    self, response, offset=offset, total_size=total_size, digest=digest
+                )
             else:
                 stream = BlobStream(self, response, offset=offset, total_size=length, digest=digest)
                 if offset > 0:
                     if length is not None and offset > length:
                         raise self._failure(
-                            "status", f"{what}: offset {offset} beyond the blob's {length} bytes",
+                            "status",
+                            f"{what}: offset {offset} beyond the blob's {length} bytes",
                             status=200,
                         )
                     # The upstream ignored Range: skip to the offset so callers always get

@@ -82,6 +82,7 @@ class Bucket:
 
 @dataclass
 class Raw:
+    method: str
     status: int
     headers: HTTPMessage
     body: bytes
@@ -106,19 +107,22 @@ def raw_request(
         sent.update(headers or {})
         connection.request(method, path, body=body, headers=sent)
         response = connection.getresponse()
-        return Raw(response.status, response.headers, response.read())
+        return Raw(method, response.status, response.headers, response.read())
     finally:
         connection.close()
 
 
 def assert_error(response: httpx.Response | Raw, status: int, code: str) -> dict[str, Any]:
     """The status, and the OCI envelope naming `code` (HEAD answers carry no body)."""
-    status_code = response.status if isinstance(response, Raw) else response.status_code
-    body = response.body if isinstance(response, Raw) else response.content
+    if isinstance(response, Raw):
+        method, status_code, body = response.method, response.status, response.body
+    else:
+        method, status_code, body = response.request.method, response.status_code, response.content
     assert status_code == status, (status_code, body[:500])
-    if not body:  # a HEAD request
-        return {}
     assert response.headers["Content-Type"].startswith("application/json")
+    if method == "HEAD":
+        assert not body
+        return {}
     envelope = json.loads(body)
     assert isinstance(envelope, dict) and isinstance(envelope.get("errors"), list)
     assert envelope["errors"], envelope
@@ -356,6 +360,8 @@ def test_malformed_digests_are_digest_invalid(
         assert_error(monolithic, 400, "DIGEST_INVALID")
         finish = http.put(f"/v2/{REPO}/blobs/uploads/{upload}", params={"digest": bad})
         assert_error(finish, 400, "DIGEST_INVALID")
+    missing = http.put(f"/v2/{REPO}/blobs/uploads/{upload}")
+    assert_error(missing, 400, "DIGEST_INVALID")
     bucket.assert_unchanged(http, {upload: REPO})
     # The session survived every refused finish and still completes with the right digest.
     status = http.get(f"/v2/{REPO}/blobs/uploads/{upload}")
@@ -555,6 +561,19 @@ def test_manifest_with_a_malformed_descriptor_digest_is_digest_invalid(
         assert_error(response, 400, "DIGEST_INVALID")
     bucket.assert_unchanged(http)
     assert http.get(f"/v2/{REPO}/tags/list").json()["tags"] == []
+
+
+def test_manifest_put_by_a_digest_it_does_not_hash_to_is_digest_invalid(
+    http: httpx.Client, bucket: Bucket, image: Image
+) -> None:
+    other = make_image(label="other-digest")
+    bucket.snapshot()
+    response = http.put(
+        f"/v2/{REPO}/manifests/{other.digest}", content=image.manifest, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert_error(response, 400, "DIGEST_INVALID")
+    bucket.assert_unchanged(http)
+    assert_error(http.get(f"/v2/{REPO}/manifests/{other.digest}"), 404, "MANIFEST_UNKNOWN")
 
 
 def _oversized_manifest(image: Image) -> bytes:

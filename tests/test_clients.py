@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.clients import Ctr, Docker, Podman, Skopeo, output
-from tests.fixtures.edge import USERS, EdgeServer
+from tests.fixtures.clients import ContainerdFactory, Ctr, Docker, Podman, Skopeo, output
+from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer
 from tests.support.images import Image, make_image, make_index, make_layer, sha256, write_oci_layout
 
 pytestmark = pytest.mark.clients
@@ -21,7 +21,9 @@ BOB = ("bob", USERS["bob"])
 MIB = 1024 * 1024
 # What docker, podman and skopeo print when a registry wants credentials they lack (docker
 # says "no basic auth credentials" before sending anything once /v2/ challenged it).
-NEEDS_AUTH = re.compile(r"unauthori[sz]ed|authentication required|no basic auth credentials", re.IGNORECASE)
+NEEDS_AUTH = re.compile(
+    r"unauthori[sz]ed|authentication required|no basic auth credentials", re.IGNORECASE
+)
 
 
 def tiny_image(label: str, *, architecture: str = "amd64") -> Image:
@@ -135,7 +137,10 @@ def test_docker_push_then_pull_gives_back_the_same_image(
 ) -> None:
     label = secrets.token_hex(4)
     image = make_image(
-        [make_layer({"a.txt": f"a {label}".encode()}), make_layer({"b.bin": random.Random(label).randbytes(MIB)})],
+        [
+            make_layer({"a.txt": f"a {label}".encode()}),
+            make_layer({"b.bin": random.Random(label).randbytes(MIB)}),
+        ],
         label=label,
     )
     image_id = docker_load(docker, skopeo, tmp_path, image, f"seawall-test/docker-{label}:built")
@@ -202,7 +207,9 @@ def test_docker_push_without_login_is_refused(
     assert "manifest unknown" in missing.stderr, missing.stderr
 
 
-def test_skopeo_push_without_credentials_is_refused(edge: EdgeServer, skopeo: Skopeo, tmp_path: Path) -> None:
+def test_skopeo_push_without_credentials_is_refused(
+    edge: EdgeServer, skopeo: Skopeo, tmp_path: Path
+) -> None:
     layout = tmp_path / "layout"
     write_oci_layout(layout, [tiny_image(secrets.token_hex(4))], tag="v1")
     target = f"docker://{edge.address}/local/anon-skopeo:v1"
@@ -234,7 +241,9 @@ def test_podman_pulls_public_anonymously_and_private_with_credentials(
     assert podman.image_digest(private_ref) == private.digest
 
 
-def test_ctr_pulls_through_a_hosts_dir(edge: EdgeServer, ctr: Ctr, skopeo: Skopeo, tmp_path: Path) -> None:
+def test_ctr_pulls_through_a_hosts_dir(
+    edge: EdgeServer, ctr: Ctr, skopeo: Skopeo, tmp_path: Path
+) -> None:
     label = secrets.token_hex(4)
     image = tiny_image(label)
     push_with_skopeo(skopeo, tmp_path, edge, image, f"local/ctr-{label}")
@@ -248,7 +257,10 @@ def test_ctr_pulls_through_a_hosts_dir(edge: EdgeServer, ctr: Ctr, skopeo: Skope
 
 
 def test_ctr_pulls_docker_io_names_through_a_mirror_hosts_entry(
-    edge_factory, containerd_factory, skopeo: Skopeo, tmp_path: Path
+    edge_factory: EdgeFactory,
+    containerd_factory: ContainerdFactory,
+    skopeo: Skopeo,
+    tmp_path: Path,
 ) -> None:
     """hosts.toml for docker.io sends containerd to the edge, which maps `?ns=` to a project."""
     edge = edge_factory(mirror={"namespaces": {"docker.io": "local"}})

@@ -76,3 +76,121 @@ def test_containerd_namespace_query_routes_to_the_mapped_project(cache_stack: St
         unknown = client.get(f"/v2/{name}/manifests/1.0", params={"ns": "quay.io"})
     assert unknown.status_code == 404
     assert unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+def _pull_in_subprocess(args: tuple[str, str, str, bytes, dict[str, bytes]]) -> None:
+    base_url, path, tag, manifest, blobs = args
+    image = Image(config=b"", layers=[], manifest=manifest, blobs=blobs)
+    pull(base_url, path, tag, image)
+
+
+def test_concurrent_cold_pulls_reach_the_upstream_once_per_object(
+    cache_stack: StackFactory, hub: DockerHubEmulator, distribution, repo_name: Callable[[], str]
+) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    name = repo_name()
+    layers = [make_layer(size=2_000_000, seed=f"{name}-{i}") for i in range(3)]
+    image = make_image(layers, label=name)
+    push_image(distribution.url, name, image, "cold")
+    stack = cache_stack(workers=2)
+    second_edge = stack.start_edge()
+    urls = [stack.edge.url, second_edge.url]
+    jobs = [(urls[i % 2], f"hub/{name}", "cold", image.manifest, image.blobs) for i in range(20)]
+    # Client processes, several connections each: the pulls really are concurrent.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool:
+        list(pool.map(_pull_in_subprocess, jobs))
+    assert hub.count("GET", "manifest", status=200) == 1
+    for digest in image.blobs:
+        assert hub.count("GET", "blob", path=f"/v2/{name}/blobs/{digest}", status=200) == 1, digest
+
+
+def test_cached_tag_after_ttl_is_revalidated_with_head_only(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+    name, image = seeded
+    stack = cache_stack(tag_ttl="0s")
+    pull(stack.edge.url, f"hub/{name}", "1.0", image)
+    hub.reset_counters()
+    with httpx.Client(base_url=stack.edge.url) as client:
+        for _ in range(10):
+            response = client.get(f"/v2/hub/{name}/manifests/1.0", headers={"Accept": ACCEPT})
+            assert response.status_code == 200
+            assert response.content == image.manifest
+    assert hub.count("GET", "manifest") == 0
+    assert hub.count("HEAD", "manifest", status=200) == 10
+
+
+def test_within_tag_ttl_the_upstream_is_not_asked(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+    name, image = seeded
+    stack = cache_stack(tag_ttl="1h")
+    pull(stack.edge.url, f"hub/{name}", "1.0", image)
+    hub.reset_counters()
+    with httpx.Client(base_url=stack.edge.url) as client:
+        for _ in range(5):
+            assert client.get(f"/v2/hub/{name}/manifests/1.0").status_code == 200
+    assert hub.count("HEAD", "manifest") == 0 and hub.count("GET", "manifest") == 0
+
+
+def test_moved_tag_is_fetched_once_and_the_tag_follows(
+    cache_stack: StackFactory, hub: DockerHubEmulator, distribution, seeded
+) -> None:
+    name, image = seeded
+    stack = cache_stack(tag_ttl="0s")
+    pull(stack.edge.url, f"hub/{name}", "1.0", image)
+    newer = make_image([make_layer({"v2": b"2"})], label=f"{name}-v2")
+    push_image(distribution.url, name, newer, "1.0")
+    hub.reset_counters()
+    pull(stack.edge.url, f"hub/{name}", "1.0", newer)
+    assert hub.count("GET", "manifest", status=200) == 1
+    # The old image stays reachable by digest.
+    with httpx.Client(base_url=stack.edge.url) as client:
+        old = client.get(f"/v2/hub/{name}/manifests/{image.digest}")
+    assert old.status_code == 200 and old.content == image.manifest
+
+
+def test_pulling_one_platform_of_an_index_fetches_only_that_manifest(
+    cache_stack: StackFactory, hub: DockerHubEmulator, distribution, repo_name: Callable[[], str]
+) -> None:
+    name = repo_name()
+    amd = make_image([make_layer({"amd": name.encode()})], label=f"{name}-amd64")
+    arm = make_image([make_layer({"arm": name.encode()})], architecture="arm64", label=f"{name}-arm64")
+    index = make_index([(amd, "linux", "amd64"), (arm, "linux", "arm64")])
+    push_index(distribution.url, name, [amd, arm], index, "multi")
+    stack = cache_stack()
+    with httpx.Client(base_url=stack.edge.url, timeout=30) as client:
+        top = client.get(f"/v2/hub/{name}/manifests/multi", headers={"Accept": ACCEPT})
+        assert top.status_code == 200 and top.content == index
+        platform = client.get(f"/v2/hub/{name}/manifests/{arm.digest}", headers={"Accept": ACCEPT})
+        assert platform.status_code == 200 and platform.content == arm.manifest
+    assert hub.count("GET", "manifest", path=f"/v2/{name}/manifests/{arm.digest}") == 1
+    assert hub.count("GET", "manifest", path=f"/v2/{name}/manifests/{amd.digest}") == 0
+
+
+def test_new_image_manifest_prefetches_its_blobs(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+    name, image = seeded
+    stack = cache_stack()
+    with httpx.Client(base_url=stack.edge.url, timeout=30) as client:
+        assert client.get(f"/v2/hub/{name}/manifests/1.0", headers={"Accept": ACCEPT}).status_code == 200
+        # No client asks for a blob, yet the workers fetch them all.
+        wait_for(lambda: hub.count("GET", "blob", status=200) >= len(image.blobs), 30, "prefetched blobs")
+        wait_for(
+            lambda: all(client.head(f"/v2/hub/{name}/blobs/{d}").headers.get("X-Seawall-Cache") is None for d in image.blobs),
+            30,
+            "prefetched blobs committed",
+        )
+    for digest in image.blobs:
+        assert hub.count("GET", "blob", path=f"/v2/{name}/blobs/{digest}", status=200) == 1
+
+
+def test_range_request_on_a_cached_blob(cache_stack: StackFactory, seeded) -> None:
+    name, image = seeded
+    stack = cache_stack()
+    pull(stack.edge.url, f"hub/{name}", "1.0", image)
+    digest, data = next(iter(image.blobs.items()))
+    with httpx.Client(base_url=stack.edge.url) as client:
+        part = client.get(f"/v2/hub/{name}/blobs/{digest}", headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206
+    assert part.content == data[10:100]
+    assert part.headers["Content-Range"] == f"bytes 10-99/{len(data)}"
+

@@ -80,7 +80,9 @@ class Seeded:
 def seeded(distribution: Distribution) -> Seeded:
     """An image tagged `latest` in a fresh library/* repository of the session's registry."""
     repository = f"library/upstream-{secrets.token_hex(4)}"
-    layer = make_layer(size=300 * 1024, seed=repository)
+    # Random content so the gzipped layer stays ~300 KiB (cuts and ranges need a big body).
+    layer = make_layer({"random.bin": secrets.token_bytes(300 * 1024)})
+    assert len(layer) > 300 * 1024
     image = make_image([layer], label=repository)
     with httpx.Client(base_url=distribution.url, timeout=30) as client:
         push_image(client, repository, image, "latest")
@@ -108,7 +110,9 @@ async def with_client(
         return await body(client)
 
 
-def failure_of(upstream: Upstream, body: Callable[[UpstreamClient], Awaitable[Any]]) -> UpstreamFailure:
+def failure_of(
+    upstream: Upstream, body: Callable[[UpstreamClient], Awaitable[Any]]
+) -> UpstreamFailure:
     async def scenario() -> UpstreamFailure:
         async with UpstreamClient(upstream) as client:
             with pytest.raises(UpstreamFailure) as info:
@@ -150,13 +154,16 @@ def test_rate_limit_from_headers() -> None:
     assert rl == RateLimit(limit=100, remaining=76, window=21600.0, source="203.0.113.7")
     assert RateLimit.from_headers({"Content-Type": "application/json"}) is None
     several = RateLimit.from_headers({"ratelimit-limit": "100, 100;w=21600"})
-    assert several is not None and several.limit == 100 and several.window == 21600.0
+    assert several is not None
+    assert several.limit == 100
+    assert several.window == 21600.0
 
 
 def test_parse_challenges() -> None:
     header = (
         'Bearer realm="https://auth.example/token",service="registry.example",'
-        'scope="repository:library/alpine:pull,push repository:x/y:pull",error="insufficient_scope", '
+        'scope="repository:library/alpine:pull,push repository:x/y:pull",'
+        'error="insufficient_scope", '
         'Basic realm="a \\"quoted\\", realm"'
     )
     challenges = parse_challenges(header)
@@ -178,9 +185,11 @@ def test_to_registry_error_mapping() -> None:
     error = quota.to_registry_error()
     assert (error.code, error.status) == ("TOOMANYREQUESTS", 429)
     assert 1 <= int(error.headers["Retry-After"]) <= 42
-    assert "dockerhub" in error.message and "reopens" in error.message
+    assert "dockerhub" in error.message
+    assert "reopens" in error.message
     unknown = UpstreamFailure("abuse", "x", upstream="dockerhub", status=429).to_registry_error()
-    assert unknown.code == "TOOMANYREQUESTS" and int(unknown.headers["Retry-After"]) >= 1
+    assert unknown.code == "TOOMANYREQUESTS"
+    assert int(unknown.headers["Retry-After"]) >= 1
     soon = UpstreamFailure("quota", "x", upstream="u", retry_after=0.01).to_registry_error()
     assert soon.headers["Retry-After"] == "1"
     table = {
@@ -194,7 +203,9 @@ def test_to_registry_error_mapping() -> None:
     for kind, expected in table.items():
         mapped = UpstreamFailure(kind, "m", upstream="u").to_registry_error()
         assert (mapped.code, mapped.status) == expected, kind
-    blob = UpstreamFailure("not_found", "m", upstream="u", status=404).to_registry_error("BLOB_UNKNOWN")
+    blob = UpstreamFailure("not_found", "m", upstream="u", status=404).to_registry_error(
+        "BLOB_UNKNOWN"
+    )
     assert (blob.code, blob.status) == ("BLOB_UNKNOWN", 404)
     copy = pickle.loads(pickle.dumps(quota))
     assert (copy.kind, copy.upstream, copy.status, copy.reopens_at) == (
@@ -215,7 +226,8 @@ def test_token_flow_and_cache(hub: DockerHubEmulator, seeded: Seeded) -> None:
         return first, second
 
     first, second = run(with_client(upstream, body))
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert tokens_issued(hub) == 1
     assert hub.count("GET", "token") == 1
     # One challenge, then the token was pre-sent.
@@ -238,7 +250,9 @@ def test_concurrent_requests_share_one_token(hub: DockerHubEmulator, seeded: See
     assert tokens_issued(hub) == 1
 
 
-def test_expired_token_is_renewed_before_the_request(hub: DockerHubEmulator, seeded: Seeded) -> None:
+def test_expired_token_is_renewed_before_the_request(
+    hub: DockerHubEmulator, seeded: Seeded
+) -> None:
     hub.set_token_ttl(2)
     upstream = upstream_for(hub.url)
 
@@ -277,7 +291,9 @@ def test_second_401_is_an_auth_failure(hub: DockerHubEmulator, seeded: Seeded) -
     failure = failure_of(
         upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
     )
-    assert failure.kind == "auth" and failure.status == 401
+    assert failure.kind == "auth"
+    assert failure.status == 401
+    assert "insufficient_scope" in failure.message
     assert failure.to_registry_error().code == "UPSTREAM_ERROR"
     assert tokens_issued(hub) == 1  # one token, one retry with it, no loop
     assert hub.count("GET", "manifest") == 2
@@ -296,14 +312,20 @@ def test_basic_credentials_reach_the_token_endpoint(
 
         upstream = upstream_for(hub.url, username="alice", password_env="SEAWALL_TEST_HUB_PASSWORD")
         fetched = run(
-            with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record)
+            with_client(
+                upstream,
+                lambda c: c.get_manifest(seeded.repository, "latest"),
+                on_rate_limit=record,
+            )
         )
         assert fetched is not None
         assert hub.pulls("alice") == 1
         assert hub.pulls("anonymous") == 0
         assert hub.remaining("alice") == 199
         assert hub.remaining("anonymous") == 100
-        assert fetched.rate_limit == RateLimit(limit=200, remaining=199, window=21600.0, source="alice")
+        assert fetched.rate_limit == RateLimit(
+            limit=200, remaining=199, window=21600.0, source="alice"
+        )
         assert seen == [fetched.rate_limit]
         token_request = next(r for r in hub.requests if r.kind == "token")
         assert token_request.identity == "alice"
@@ -316,7 +338,8 @@ def test_wrong_credentials_are_an_auth_failure(
     with DockerHubEmulator(distribution.url, accounts={"alice": "alice-hub-secret"}) as hub:
         upstream = upstream_for(hub.url, username="alice", password_env="SEAWALL_TEST_HUB_PASSWORD")
         failure = failure_of(upstream, lambda c: c.head_manifest(seeded.repository, "latest"))
-        assert failure.kind == "auth" and failure.status == 401
+        assert failure.kind == "auth"
+        assert failure.status == 401
         assert "wrong" not in str(failure)
 
 
@@ -338,13 +361,16 @@ def test_head_returns_digest_and_spends_no_quota(hub: DockerHubEmulator, seeded:
     assert head.digest == seeded.image.digest
     assert head.media_type == OCI_MANIFEST
     assert head.size == len(seeded.image.manifest)
-    assert head.rate_limit is not None and head.rate_limit.remaining == 100
+    assert head.rate_limit is not None
+    assert head.rate_limit.remaining == 100
     assert seen == [head.rate_limit]
     assert hub.pulls() == 0
     assert hub.remaining() == 100
 
 
-def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, seeded: Seeded) -> None:
+def test_get_returns_exact_bytes_and_spends_one_pull(
+    hub: DockerHubEmulator, seeded: Seeded
+) -> None:
     seen: list[RateLimit] = []
 
     async def record(rate_limit: RateLimit) -> None:
@@ -352,7 +378,9 @@ def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, see
 
     upstream = upstream_for(hub.url)
     fetched = run(
-        with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record)
+        with_client(
+            upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record
+        )
     )
     assert fetched is not None
     assert fetched.body == seeded.image.manifest
@@ -360,18 +388,32 @@ def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, see
     assert fetched.media_type == OCI_MANIFEST
     assert hub.pulls() == 1
     assert hub.remaining() == 99
-    assert fetched.rate_limit == RateLimit(limit=100, remaining=99, window=21600.0, source="127.0.0.1")
+    assert fetched.rate_limit == RateLimit(
+        limit=100, remaining=99, window=21600.0, source="127.0.0.1"
+    )
     assert seen == [fetched.rate_limit]
     manifest_gets = [r for r in hub.requests if r.kind == "manifest" and r.method == "GET"]
     assert all(r.accept == ACCEPT for r in manifest_gets)
-    assert metric(
-        "seawall_upstream_requests_total",
-        upstream=upstream.name, kind="manifest", method="GET", status="200",
-    ) == 1
-    assert metric(
-        "seawall_upstream_requests_total",
-        upstream=upstream.name, kind="token", method="GET", status="200",
-    ) == 1
+    assert (
+        metric(
+            "seawall_upstream_requests_total",
+            upstream=upstream.name,
+            kind="manifest",
+            method="GET",
+            status="200",
+        )
+        == 1
+    )
+    assert (
+        metric(
+            "seawall_upstream_requests_total",
+            upstream=upstream.name,
+            kind="token",
+            method="GET",
+            status="200",
+        )
+        == 1
+    )
 
 
 def test_get_by_digest(hub: DockerHubEmulator, seeded: Seeded) -> None:
@@ -380,7 +422,8 @@ def test_get_by_digest(hub: DockerHubEmulator, seeded: Seeded) -> None:
             upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, seeded.image.digest)
         )
     )
-    assert fetched is not None and fetched.body == seeded.image.manifest
+    assert fetched is not None
+    assert fetched.body == seeded.image.manifest
 
 
 def test_unknown_manifest_is_none(hub: DockerHubEmulator, seeded: Seeded) -> None:
@@ -400,7 +443,8 @@ def test_quota_429_with_retry_after_seconds(hub: DockerHubEmulator, seeded: Seed
     hub.fail_next(status=429, kind="manifest", method="GET", retry_after=120)
     upstream = upstream_for(hub.url)
     failure = failure_of(upstream, lambda c: c.get_manifest(seeded.repository, "latest"))
-    assert failure.kind == "quota" and failure.status == 429
+    assert failure.kind == "quota"
+    assert failure.status == 429
     assert failure.retry_after == pytest.approx(120, abs=2)
     error = failure.to_registry_error()
     assert (error.code, error.status) == ("TOOMANYREQUESTS", 429)
@@ -427,10 +471,13 @@ def test_quota_exhausted_with_epoch_retry_after(hub: DockerHubEmulator, seeded: 
 
     failure = run(scenario())
     assert failure.kind == "quota"
-    assert failure.retry_after is not None and 290 <= failure.retry_after <= 301
-    assert failure.rate_limit is not None and failure.rate_limit.remaining == 0
+    assert failure.retry_after is not None
+    assert 290 <= failure.retry_after <= 301
+    assert failure.rate_limit is not None
+    assert failure.rate_limit.remaining == 0
     assert [r.remaining for r in seen] == [0, 0]
-    assert seen[0].limit == 1 and seen[0].window == 300
+    assert seen[0].limit == 1
+    assert seen[0].window == 300
     assert hub.pulls() == 1
 
 
@@ -438,16 +485,20 @@ def test_quota_429_with_http_date(hub: DockerHubEmulator, seeded: Seeded) -> Non
     hub.fail_next(
         status=429, kind="manifest", method="GET", retry_after=90, retry_after_format="http-date"
     )
-    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
+    failure = failure_of(
+        upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
+    )
     assert failure.kind == "quota"
-    assert failure.retry_after is not None and 85 <= failure.retry_after <= 91
+    assert failure.retry_after is not None
+    assert 85 <= failure.retry_after <= 91
 
 
 def test_plain_text_429_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.set_abuse_limit(0)
     upstream = upstream_for(hub.url)
     failure = failure_of(upstream, lambda c: c.get_manifest(seeded.repository, "latest"))
-    assert failure.kind == "abuse" and failure.status == 429
+    assert failure.kind == "abuse"
+    assert failure.status == 429
     assert failure.retry_after is None
     assert failure.to_registry_error().code == "TOOMANYREQUESTS"
     assert metric("seawall_upstream_429_total", upstream=upstream.name, kind="abuse") == 1
@@ -456,7 +507,9 @@ def test_plain_text_429_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None
 
 def test_plain_text_429_on_head_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.fail_next(status=429, kind="manifest", method="HEAD", plain_text=True, retry_after=30)
-    failure = failure_of(upstream_for(hub.url), lambda c: c.head_manifest(seeded.repository, "latest"))
+    failure = failure_of(
+        upstream_for(hub.url), lambda c: c.head_manifest(seeded.repository, "latest")
+    )
     assert failure.kind == "abuse"
     assert failure.retry_after == pytest.approx(30, abs=2)
 
@@ -464,8 +517,11 @@ def test_plain_text_429_on_head_is_abuse(hub: DockerHubEmulator, seeded: Seeded)
 # ------------------------------------------------------------ other failure kinds
 def test_server_error_is_status_failure(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.fail_next(status=500, kind="manifest", method="GET")
-    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
-    assert failure.kind == "status" and failure.status == 500
+    failure = failure_of(
+        upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
+    )
+    assert failure.kind == "status"
+    assert failure.status == 500
     assert "500" in failure.message
     error = failure.to_registry_error()
     assert (error.code, error.status) == ("UPSTREAM_ERROR", 502)
@@ -477,7 +533,8 @@ def test_stalled_head_times_out(hub: DockerHubEmulator, seeded: Seeded) -> None:
     started = time.monotonic()
     failure = failure_of(upstream, lambda c: c.head_manifest(seeded.repository, "latest"))
     elapsed = time.monotonic() - started
-    assert failure.kind == "timeout" and failure.status is None
+    assert failure.kind == "timeout"
+    assert failure.status is None
     assert elapsed < 0.5 + 5
     assert failure.to_registry_error().status == 504
     hub.clear_faults()
@@ -499,13 +556,20 @@ def test_stopped_upstream_is_refused(distribution: Distribution, seeded: Seeded)
     hub.stop()
     upstream = upstream_for(url)
     failure = failure_of(upstream, lambda c: c.head_manifest(seeded.repository, "latest"))
-    assert failure.kind == "refused" and failure.status is None
+    assert failure.kind == "refused"
+    assert failure.status is None
     error = failure.to_registry_error()
     assert (error.code, error.status) == ("UNAVAILABLE", 503)
-    assert metric(
-        "seawall_upstream_requests_total",
-        upstream=upstream.name, kind="manifest", method="HEAD", status="error",
-    ) == 1
+    assert (
+        metric(
+            "seawall_upstream_requests_total",
+            upstream=upstream.name,
+            kind="manifest",
+            method="HEAD",
+            status="error",
+        )
+        == 1
+    )
 
 
 # --------------------------------------------------------------------------- blobs
@@ -525,7 +589,10 @@ def test_blob_whole_and_from_offset(hub: DockerHubEmulator, seeded: Seeded) -> N
 
     before = metric("seawall_upstream_bytes_total", upstream=upstream.name)
     run(with_client(upstream, body))
-    assert metric("seawall_upstream_bytes_total", upstream=upstream.name) - before == 2 * len(layer) - 1000
+    assert (
+        metric("seawall_upstream_bytes_total", upstream=upstream.name) - before
+        == 2 * len(layer) - 1000
+    )
     ranges = [r.range for r in hub.requests if r.kind == "blob" and r.status in (200, 206)]
     assert ranges == [None, "bytes=1000-"]
     assert hub.pulls() == 0
@@ -539,7 +606,8 @@ def test_unknown_blob_is_not_found(hub: DockerHubEmulator, seeded: Seeded) -> No
             raise AssertionError("unreachable")
 
     failure = failure_of(upstream_for(hub.url), body)
-    assert failure.kind == "not_found" and failure.status == 404
+    assert failure.kind == "not_found"
+    assert failure.status == 404
     error = failure.to_registry_error("BLOB_UNKNOWN")
     assert (error.code, error.status) == ("BLOB_UNKNOWN", 404)
 
@@ -629,7 +697,9 @@ def test_basic_auth_redirect_drops_authorization_and_ignored_range(
 
     async def scenario() -> None:
         async with FakeRegistry(blob, image.manifest) as fake:
-            upstream = upstream_for(fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD")
+            upstream = upstream_for(
+                fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD"
+            )
             async with UpstreamClient(upstream) as client:
                 fetched = await client.get_manifest("team/app", "v1")
                 assert fetched is not None
@@ -654,3 +724,26 @@ def test_client_must_be_started() -> None:
     client = UpstreamClient(upstream_for("http://127.0.0.1:9"))
     with pytest.raises(RuntimeError):
         run(client.head_manifest("library/alpine", "latest"))
+
+
+def test_manifest_not_matching_its_digest_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEAWALL_TEST_FAKE_PASSWORD", "pw")
+    image = make_image(label="fake")
+    other = sha256(b"some other manifest")
+
+    async def scenario() -> UpstreamFailure:
+        async with FakeRegistry(b"", image.manifest) as fake:
+            upstream = upstream_for(
+                fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD"
+            )
+            async with UpstreamClient(upstream) as client:
+                with pytest.raises(UpstreamFailure) as info:
+                    await client.get_manifest("team/app", other)
+                return info.value
+
+    before = metric("seawall_digest_mismatch_total", source="upstream")
+    failure = run(scenario())
+    assert failure.kind == "status"
+    assert other in failure.message
+    assert failure.to_registry_error().code == "UPSTREAM_ERROR"
+    assert metric("seawall_digest_mismatch_total", source="upstream") == before + 1

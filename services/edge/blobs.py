@@ -14,6 +14,7 @@ from shared.access import Action
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
+from shared.proxy.fill import LEASE_TTL
 from shared.routing import Target
 from shared.storage import StorageUnavailable
 
@@ -137,7 +138,9 @@ async def _serve_fill(request: web.Request, repo: Target, digest: Digest) -> web
     headers["X-Seawall-Cache"] = "miss"
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
-    chunks = follower.follow(digest, offset, offset + length, size, rerequest, stall_timeout=read + connect)
+    # A dead filler is noticed when its lease lapses, and a new fill then resumes it.
+    stall = read + connect + LEASE_TTL
+    chunks = follower.follow(digest, offset, offset + length, size, rerequest, stall_timeout=stall)
     return await _send(request, status, headers, length, chunks, repo.project.name)
 
 

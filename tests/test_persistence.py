@@ -1,0 +1,262 @@
+"""What is pushed lives in the bucket: a restarted edge with an empty Redis serves it all.
+
+Also the maintenance job that purges abandoned upload sessions, run as the plain async
+function against the test's bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from services.embedded import S3Server
+from shared import layout
+from shared.settings import S3Settings, Settings
+from tests.fixtures.edge import USERS, EdgeServer, build_settings
+from tests.support.images import OCI_INDEX, OCI_MANIFEST, canonical, make_image, make_index, make_layer, sha256
+
+ALICE = ("alice", USERS["alice"])
+BOB = ("bob", USERS["bob"])
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+SBOM = "application/vnd.example.sbom.v1+json"
+
+
+def client(edge: EdgeServer, auth: tuple[str, str] | None = None) -> httpx.Client:
+    return httpx.Client(base_url=edge.url, auth=auth, timeout=60)
+
+
+def put(http: httpx.Client, repo: str, reference: str, body: bytes, media_type: str) -> httpx.Response:
+    response = http.put(f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type})
+    assert response.status_code == 201, response.text
+    return response
+
+
+def push_blob(http: httpx.Client, repo: str, data: bytes) -> None:
+    response = http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data)
+    assert response.status_code == 201, response.text
+
+
+def push_chunked(http: httpx.Client, repo: str, data: bytes) -> None:
+    """POST, two PATCHes and a PUT, as docker pushes layers."""
+    start = http.post(f"/v2/{repo}/blobs/uploads/")
+    assert start.status_code == 202
+    url = start.headers["Location"]
+    half = len(data) // 2
+    for offset, chunk in ((0, data[:half]), (half, data[half:])):
+        patch = http.patch(url, content=chunk, headers={"Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
+        assert patch.status_code == 202, patch.text
+    done = http.put(url, params={"digest": sha256(data)})
+    assert done.status_code == 201, done.text
+
+
+def snapshot(edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, list[str]]) -> dict[str, Any]:
+    """Everything a client can read back: manifests (bytes and headers), blobs, tags,
+    referrers and the catalog, as alice, bob and anonymous see them."""
+    seen: dict[str, Any] = {}
+    with client(edge, ALICE) as alice, client(edge, BOB) as bob, client(edge) as anonymous:
+        for repo, references in repos.items():
+            for reference in references:
+                response = alice.get(f"/v2/{repo}/manifests/{reference}")
+                assert response.status_code == 200, (repo, reference, response.text)
+                seen[f"{repo}@{reference}"] = (
+                    response.content,
+                    response.headers["Content-Type"],
+                    response.headers["Docker-Content-Digest"],
+                )
+            seen[f"{repo} tags"] = alice.get(f"/v2/{repo}/tags/list").json()
+            for digest in references:
+                if digest.startswith("sha256:"):
+                    referrers = alice.get(f"/v2/{repo}/referrers/{digest}")
+                    seen[f"{repo} referrers {digest}"] = (referrers.headers["Content-Type"], referrers.json())
+        for repo, digests in blobs.items():
+            for digest in digests:
+                response = alice.get(f"/v2/{repo}/blobs/{digest}")
+                assert response.status_code == 200, (repo, digest)
+                assert sha256(response.content) == digest
+                seen[f"{repo} blob {digest}"] = response.content
+        seen["catalog alice"] = alice.get("/v2/_catalog").json()
+        seen["catalog bob"] = bob.get("/v2/_catalog").json()
+        seen["catalog anonymous"] = anonymous.get("/v2/_catalog").json()
+        seen["bob pulls private"] = bob.get("/v2/private/secret/manifests/v1").status_code
+        seen["anonymous pulls private"] = anonymous.get("/v2/private/secret/manifests/v1").status_code
+        seen["bob pushes"] = bob.post("/v2/local/app/blobs/uploads/").status_code
+        seen["bob version check"] = bob.get("/v2/").status_code
+    return seen
+
+
+@pytest.fixture
+def settings(redis_url: str, s3_settings: S3Settings, user_hashes: dict[str, str]) -> Settings:
+    return build_settings(redis_url, s3_settings, user_hashes)
+
+
+def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str) -> None:
+    layers = [make_layer({"a.txt": b"a"}), make_layer(size=300_000, seed="persist")]
+    image = make_image(layers, label="persist")
+    arm = make_image([make_layer({"arm.txt": b"arm"})], architecture="arm64", label="persist-arm")
+    index = make_index([(image, "linux", "amd64"), (arm, "linux", "arm64")])
+    sbom_layer = b'{"packages": ["everything"]}'
+    referrer = canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": SBOM,
+            "config": {"mediaType": OCI_EMPTY, "digest": sha256(b"{}"), "size": 2},
+            "layers": [{"mediaType": SBOM, "digest": sha256(sbom_layer), "size": len(sbom_layer)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)},
+            "annotations": {"org.example.kind": "sbom"},
+        }
+    )
+    secret = make_image(label="persist-private")
+
+    with EdgeServer(settings) as first, client(first, ALICE) as alice:
+        for data in [image.config, image.layers[0], arm.config, *arm.layers, b"{}", sbom_layer]:
+            push_blob(alice, "local/app", data)
+        push_chunked(alice, "local/app", image.layers[1])
+        put(alice, "local/app", image.digest, image.manifest, OCI_MANIFEST)
+        put(alice, "local/app", "v1", image.manifest, OCI_MANIFEST)
+        put(alice, "local/app", "arm", arm.manifest, OCI_MANIFEST)
+        put(alice, "local/app", "multi", index, OCI_INDEX)
+        pushed = put(alice, "local/app", sha256(referrer), referrer, OCI_MANIFEST)
+        assert pushed.headers["OCI-Subject"] == image.digest
+        for data in secret.blobs.values():
+            push_blob(alice, "private/secret", data)
+        put(alice, "private/secret", "v1", secret.manifest, OCI_MANIFEST)
+
+        repos = {
+            "local/app": ["v1", "arm", "multi", image.digest, arm.digest, sha256(index), sha256(referrer)],
+            "private/secret": ["v1", secret.digest],
+        }
+        blobs = {
+            "local/app": [sha256(b) for b in [image.config, *image.layers, arm.config, *arm.layers, b"{}", sbom_layer]],
+            "private/secret": list(secret.blobs),
+        }
+        before = snapshot(first, repos, blobs)
+
+    with redis.Redis.from_url(redis_url) as r:
+        r.flushdb()
+        assert r.dbsize() == 0
+
+    # The same settings, so the same address, bucket and (now empty) Redis database.
+    with EdgeServer(settings) as second:
+        after = snapshot(second, repos, blobs)
+        with client(second, ALICE) as alice:
+            referrers = alice.get(f"/v2/local/app/referrers/{image.digest}", params={"artifactType": SBOM}).json()
+            # A new push works after the restart too.
+            extra = make_image(label="after-restart")
+            for data in extra.blobs.values():
+                push_blob(alice, "local/app", data)
+            put(alice, "local/app", "v2", extra.manifest, OCI_MANIFEST)
+
+    assert after == before
+    # Spot checks, so that an empty snapshot could not compare equal.
+    assert before["local/app@v1"] == (image.manifest, OCI_MANIFEST, image.digest)
+    assert before["local/app@multi"] == (index, OCI_INDEX, sha256(index))
+    assert before[f"local/app@{sha256(referrer)}"][0] == referrer
+    assert before[f"local/app blob {sha256(image.layers[1])}"] == image.layers[1]
+    assert before["local/app tags"] == {"name": "local/app", "tags": ["arm", "multi", "v1"]}
+    assert before["catalog alice"] == {"repositories": ["local/app", "private/secret"]}
+    assert before["catalog anonymous"] == {"repositories": ["local/app"]}
+    assert (before["bob pulls private"], before["anonymous pulls private"]) == (200, 401)
+    assert (before["bob pushes"], before["bob version check"]) == (403, 200)
+    listed = before[f"local/app referrers {image.digest}"][1]["manifests"]
+    assert listed == [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": sha256(referrer),
+            "size": len(referrer),
+            "artifactType": SBOM,
+            "annotations": {"org.example.kind": "sbom"},
+        }
+    ]
+    assert referrers["manifests"] == listed
+
+
+# --------------------------------------------------------------------------- upload janitor
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, s3_settings: S3Settings) -> Iterator[None]:
+    """Point the worker runtime (settings from SEAWALL_* variables) at this test's bucket."""
+    from workers import runtime
+
+    monkeypatch.delenv("SEAWALL_CONFIG", raising=False)
+    env = {
+        "SEAWALL_REDIS_URL": redis_url,
+        "SEAWALL_S3__ENDPOINT": s3_settings.endpoint,
+        "SEAWALL_S3__ACCESS_KEY": s3_settings.access_key,
+        "SEAWALL_S3__SECRET_KEY": s3_settings.secret_key.get_secret_value(),
+        "SEAWALL_S3__BUCKET": s3_settings.bucket,
+        "SEAWALL_UPLOAD_EXPIRY": "1h",
+        "SEAWALL_LOG_LEVEL": "warning",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    runtime.settings.cache_clear()
+    runtime.stores.cache_clear()
+    yield
+    if runtime.stores.cache_info().currsize:
+        runtime.stores().objects.close()
+    runtime.stores.cache_clear()
+    runtime.settings.cache_clear()
+
+
+def _age(s3_server: S3Server, bucket: str, upload_id: str, seconds: float) -> None:
+    """Backdate an upload session's start, as if it had been abandoned `seconds` ago."""
+    minio = s3_server.client()
+    key = layout.upload_info(upload_id)
+    response = minio.get_object(bucket, key)
+    try:
+        info = json.loads(response.read())
+    finally:
+        response.close()
+        response.release_conn()
+    info["started"] = time.time() - seconds
+    data = json.dumps(info).encode()
+    minio.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def test_purge_expired_uploads_removes_only_old_sessions(
+    worker_env: None, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+) -> None:
+    from workers.actors.maintenance import purge_expired_uploads
+
+    minio = s3_server.client()
+
+    def upload_keys(upload_id: str) -> list[str]:
+        return [o.object_name or "" for o in minio.list_objects(s3_settings.bucket, f"uploads/{upload_id}/", recursive=True)]
+
+    with client(edge, ALICE) as alice:
+        sessions = {}
+        for name in ("old", "fresh", "almost"):
+            start = alice.post("/v2/local/app/blobs/uploads/")
+            assert start.status_code == 202
+            sessions[name] = start.headers["Docker-Upload-UUID"]
+            assert alice.patch(start.headers["Location"], content=name.encode() * 10).status_code == 202
+        _age(s3_server, s3_settings.bucket, sessions["old"], 2 * 3600)
+        _age(s3_server, s3_settings.bucket, sessions["almost"], 3600 - 120)
+        assert len(upload_keys(sessions["old"])) == 2  # its info and one part
+
+        assert asyncio.run(purge_expired_uploads()) == 1
+        assert upload_keys(sessions["old"]) == []
+        old = alice.get(f"/v2/local/app/blobs/uploads/{sessions['old']}")
+        assert old.status_code == 404
+        assert old.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        for name in ("fresh", "almost"):
+            status = alice.get(f"/v2/local/app/blobs/uploads/{sessions[name]}")
+            assert status.status_code == 204
+            assert status.headers["Range"] == f"0-{len(name) * 10 - 1}"
+
+        # Safe to run again: nothing more is old enough.
+        assert asyncio.run(purge_expired_uploads()) == 0
+        data = b"fresh" * 10
+        done = alice.put(f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)})
+        assert done.status_code == 201
+        assert alice.get(f"/v2/local/app/blobs/{sha256(data)}").content == data
