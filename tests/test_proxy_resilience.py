@@ -15,8 +15,8 @@ from services.embedded import S3Server
 from shared.settings import S3Settings
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.dockerhub import DockerHubEmulator
-from tests.support.images import Image, make_image, make_layer
-from tests.support.seed import push_image
+from tests.support.images import Image, make_image, make_layer, random_bytes
+from tests.support.seed import push_blob, push_image
 from tests.test_proxy_pull import ACCEPT, pull
 
 HEAD_TIMEOUT = 1.0
@@ -128,11 +128,10 @@ def test_fill_killed_midway_resumes_with_a_range_request(
 ) -> None:
     name = repo_name()
     size = 100 * 1024 * 1024
-    big = make_layer(size=size, seed=name)
-    image = make_image([big], label=name)
-    push_image(distribution.url, name, image, "big")
-    layer = image.layers[0]
+    layer = random_bytes(size, name)
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    with httpx.Client(base_url=distribution.url, timeout=120) as upstream:
+        push_blob(upstream, name, digest, layer)
     stack = cache_stack()
     # Slow enough that the fill is still running when its worker dies.
     hub.throttle_blob(digest, 10 * 1024 * 1024)

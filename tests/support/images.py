@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ def make_layer(files: dict[str, bytes] | None = None, *, size: int = 0, seed: st
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         contents = dict(files or {})
         if size:
-            contents[f"payload-{seed}.bin"] = _random_bytes(size, seed)
+            contents[f"payload-{seed}.bin"] = random_bytes(size, seed)
         for name, data in sorted(contents.items()):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -42,13 +43,9 @@ def make_layer(files: dict[str, bytes] | None = None, *, size: int = 0, seed: st
     return gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0)
 
 
-def _random_bytes(size: int, seed: str) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest() * 64
-        counter += 1
-    return bytes(out[:size])
+def random_bytes(size: int, seed: str) -> bytes:
+    """Incompressible, reproducible bytes (gzip cannot shrink them)."""
+    return random.Random(seed).randbytes(size)
 
 
 @dataclass
