@@ -15,6 +15,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from shared.oci.errors import RegistryError
 from shared.settings import Project, Settings
+from shared.tokens import InvalidToken, TokenSigner
 
 REALM = "Seawall"
 # Verified credentials are remembered briefly: argon2 costs tens of milliseconds by
@@ -29,13 +30,13 @@ class Action(StrEnum):
 
 
 def unauthorized(message: str = "authentication required") -> RegistryError:
-    return RegistryError(
-        "UNAUTHORIZED", message, headers={"WWW-Authenticate": f'Basic realm="{REALM}"'}
-    )
+    # The edge's error middleware adds the Bearer challenge, which needs the request's URL.
+    return RegistryError("UNAUTHORIZED", message)
 
 
 class Access:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tokens: TokenSigner | None = None) -> None:
+        self.tokens = tokens
         self._hashes = {u.name: u.password_hash.get_secret_value() for u in settings.users}
         self._hasher = PasswordHasher()
         self._verified: dict[bytes, tuple[str, float]] = {}
@@ -47,12 +48,17 @@ class Access:
         return bool(self._hashes)
 
     def authenticate(self, authorization: str | None) -> str | None:
-        """The user named by a Basic header, None when anonymous; bad credentials raise."""
+        """The user named by a Basic or Bearer header, None when anonymous; bad ones raise."""
         if not authorization:
             return None
         scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and self.tokens is not None:
+            try:
+                return self.tokens.verify(value)
+            except InvalidToken as exc:
+                raise unauthorized(f"invalid token: {exc}") from None
         if scheme.lower() != "basic":
-            raise unauthorized("only HTTP Basic authentication is supported")
+            raise unauthorized("use HTTP Basic credentials or a token from the token endpoint")
         fingerprint = hmac.new(self._cache_key, value.strip().encode(), hashlib.sha256).digest()
         cached = self._verified.get(fingerprint)
         if cached and cached[1] > time.monotonic():

@@ -43,6 +43,10 @@ def referrer(name: str, subject: Digest, digest: Digest) -> str:
     return f"{referrers(name, subject)}{digest.algorithm}-{digest.hex}"
 
 
+# Settings the edges share and create on first start.
+TOKEN_SECRET_KEY = "config/token-secret"
+
+
 # Catalog markers are flat (`/` escaped) so a repository `a` and `a/b` never need one key
 # to be both an object and a prefix, which filer-backed stores such as SeaweedFS refuse.
 CATALOG = "catalog/"

@@ -133,6 +133,8 @@ class Settings(BaseSettings):
     worker_threads: int = 8
     upload_expiry: Duration = timedelta(hours=24)
     metrics_listen: str | None = None
+    # Signs registry tokens; unset, the edges share a random one kept in the bucket.
+    token_secret: SecretStr | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,6 +115,15 @@ class ObjectStore:
                 # Another process created it between our check and our call.
                 if not await self._run(self._client.bucket_exists, self.bucket):
                     raise
+
+    async def shared_secret(self, key: str) -> bytes:
+        """A random secret kept in the bucket, created by whichever process comes first."""
+        try:
+            return await self.get_bytes(key)
+        except ObjectMissing:
+            await self.put_bytes(key, secrets.token_bytes(32))
+            # Read back: if two processes raced, both now use whichever write landed last.
+            return await self.get_bytes(key)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +17,10 @@ import httpx
 import pytest
 from minio import Minio
 
-from services.embedded import S3Server
+from services.embedded import RedisServer, S3Server
 from shared.settings import S3Settings
-from tests.fixtures.edge import USERS, EdgeServer
+from tests.fixtures import servers
+from tests.fixtures.edge import USERS, EdgeServer, build_settings
 from tests.support.images import OCI_MANIFEST, Image, make_image, sha256
 
 PUBLIC = "local/app"
@@ -88,6 +90,22 @@ class Caller:
         self.client.close()
 
 
+@pytest.fixture(scope="module")
+def module_s3(s3_server: S3Server) -> S3Settings:
+    bucket = f"auth-{secrets.token_hex(4)}"
+    s3_server.ensure_bucket(bucket)
+    return s3_server.settings(bucket)
+
+
+@pytest.fixture(scope="module")
+def edge(redis_server: RedisServer, module_s3: S3Settings, user_hashes: dict[str, str]) -> Iterator[EdgeServer]:
+    """One edge and bucket for the module: each SeaweedFS bucket reserves volumes of its
+    own, and every case here only reads, is refused, or re-pushes the same two images."""
+    redis_url = f"redis://127.0.0.1:{redis_server.port}/{next(servers._databases)}"
+    with EdgeServer(build_settings(redis_url, module_s3, user_hashes)) as server:
+        yield server
+
+
 @pytest.fixture
 def callers(edge: EdgeServer) -> Iterator[dict[str, Caller]]:
     made = {
@@ -108,9 +126,9 @@ def alice(callers: dict[str, Caller]) -> Caller:
 
 
 @pytest.fixture
-def stored(s3_server: S3Server, s3_settings: S3Settings) -> Any:
+def stored(s3_server: S3Server, module_s3: S3Settings) -> Any:
     client = s3_server.client()
-    return lambda: keys(client, s3_settings.bucket)
+    return lambda: keys(client, module_s3.bucket)
 
 
 def push_image(caller: Caller, repo: str, image: Image, tag: str) -> None:

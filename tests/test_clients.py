@@ -167,15 +167,6 @@ def test_docker_push_then_pull_gives_back_the_same_image(
     assert repo_digest in after["RepoDigests"]  # type: ignore[operator]
 
 
-DOCKER_ANONYMOUS_PULL_BUG = (
-    "registry bug: GET /v2/ answers an anonymous caller 401 with `WWW-Authenticate: Basic "
-    'realm="Seawall"`; docker then refuses to send any request without credentials '
-    "(distribution's basicHandler: `no basic auth credentials`), so public projects cannot be "
-    "pulled anonymously by docker. Needs Bearer token auth with anonymous tokens."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=DOCKER_ANONYMOUS_PULL_BUG)
 def test_docker_pulls_a_public_project_anonymously(
     edge: EdgeServer, docker: Docker, skopeo: Skopeo, tmp_path: Path
 ) -> None:

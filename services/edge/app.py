@@ -11,6 +11,7 @@ from services.edge import keys
 from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared.access import Access
+from shared.layout import TOKEN_SECRET_KEY
 from shared.blobs import BlobStore
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
@@ -21,6 +22,7 @@ from shared.routing import Target
 from shared.repositories import RepositoryStore
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from shared.tokens import TokenSigner
 from shared.uploads import UploadStore
 
 
@@ -39,6 +41,17 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         store.close()
+
+
+async def _auth(app: web.Application) -> AsyncIterator[None]:
+    """Credentials and the token signer every replica shares."""
+    settings = app[keys.SETTINGS]
+    if settings.token_secret is not None:
+        secret = settings.token_secret.get_secret_value().encode()
+    else:
+        secret = await app[keys.STORE].shared_secret(TOKEN_SECRET_KEY)
+    app[keys.ACCESS] = Access(settings, TokenSigner(secret))
+    yield
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
@@ -80,8 +93,8 @@ def create_app(settings: Settings) -> web.Application:
     # The upload size cap is per request body; blobs are streamed, so no cap applies there.
     app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
     app[keys.SETTINGS] = settings
-    app[keys.ACCESS] = Access(settings)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_proxy)
     setup_routes(app)

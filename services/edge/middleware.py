@@ -14,6 +14,7 @@ from services.edge import keys
 from shared.metrics import ERRORS, REQUEST_SECONDS
 from shared.oci.errors import RegistryError
 from shared.storage import StorageUnavailable
+from shared.tokens import TOKEN_SERVICE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("edge")
@@ -21,13 +22,32 @@ log = structlog.get_logger("edge")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
-def error_response(error: RegistryError) -> web.Response:
+def external_url(request: web.Request) -> str:
+    """How clients reach us: `public_url`, else the scheme and host they used."""
+    configured = request.app[keys.SETTINGS].public_url
+    if configured:
+        return configured.rstrip("/")
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
+    return f"{scheme}://{request.host}"
+
+
+def challenge(request: web.Request) -> str:
+    # Bearer, not Basic: docker refuses to send an anonymous request to a registry that
+    # asked for Basic credentials it does not have, which would break public pulls and
+    # every `registry-mirrors` pull. The token endpoint hands out anonymous tokens.
+    return f'Bearer realm="{external_url(request)}/token",service="{TOKEN_SERVICE}"'
+
+
+def error_response(error: RegistryError, request: web.Request | None = None) -> web.Response:
     ERRORS.labels(error.code).inc()
+    headers = {**API_VERSION, **error.headers}
+    if error.code == "UNAUTHORIZED" and request is not None and "WWW-Authenticate" not in headers:
+        headers["WWW-Authenticate"] = challenge(request)
     return web.Response(
         status=error.status,
         body=json.dumps(error.envelope()).encode(),
         content_type="application/json",
-        headers={**API_VERSION, **error.headers},
+        headers=headers,
     )
 
 
@@ -54,7 +74,7 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except RegistryError as error:
         if error.status >= 500:
             log.warning("request_failed", code=error.code, message=error.message, path=request.path)
-        return error_response(error)
+        return error_response(error, request)
     except StorageUnavailable as exc:
         log.error("storage_unavailable", error=str(exc), path=request.path)
         return error_response(RegistryError("UNAVAILABLE", "object storage is unavailable"))

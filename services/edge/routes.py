@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.edge import blobs, catalog, manifests, ops, referrers, tags, uploads
+from services.edge import auth, blobs, catalog, manifests, ops, referrers, tags, uploads
 
 # Repository names contain slashes, so `name` is greedy and each route ends with the
 # fixed segment that tells the resources apart (distribution's route regexps do the same).
@@ -30,6 +30,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete(f"/v2/{NAME}/blobs/uploads/{UPLOAD}", uploads.cancel_upload)
     r.add_get(f"/v2/{NAME}/blobs/{{digest}}", blobs.get_blob, name="blob")
     r.add_delete(f"/v2/{NAME}/blobs/{{digest}}", blobs.delete_blob)
+    r.add_get("/token", auth.issue_token, name="token")
+    r.add_post("/token", auth.issue_token)
     r.add_get("/metrics", ops.metrics, name="metrics")
     r.add_get("/healthz", ops.healthz, name="healthz")
     r.add_get("/readyz", ops.readyz, name="readyz")
