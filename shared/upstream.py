@@ -42,6 +42,7 @@ from yarl import URL
 from shared.logging import get_logger
 from shared.metrics import BYTES_FETCHED, DIGEST_MISMATCHES, UPSTREAM_429, UPSTREAM_REQUESTS
 from shared.oci.errors import RegistryError
+from shared.ratelimit import Governor, QuotaRefused
 from shared.oci.mediatypes import ACCEPT
 from shared.settings import Upstream
 
@@ -63,7 +64,7 @@ DEFAULT_RETRY_AFTER = 60.0
 BLOB_CHUNK = 1024 * 1024
 
 KINDS = frozenset(
-    {"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found"}
+    {"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found", "governor"}
 )
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -240,6 +241,18 @@ class UpstreamFailure(Exception):  # noqa: N818 - the name the callers know
             return RegistryError(
                 "TOOMANYREQUESTS",
                 f"upstream {name}: {what}; it reopens in {seconds} s (at {at})",
+                detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
+                headers={"Retry-After": str(seconds)},
+            )
+        if self.kind == "governor":
+            wait = self.seconds_until_reopen() or DEFAULT_RETRY_AFTER
+            seconds = max(1, math.ceil(wait))
+            at = datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="seconds")
+            at = at.replace("+00:00", "Z")
+            return RegistryError(
+                "TOOMANYREQUESTS",
+                f"Seawall is holding back requests to upstream {name}: {self.message}; "
+                f"it refills in {seconds} s (at {at})",
                 detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
                 headers={"Retry-After": str(seconds)},
             )
@@ -466,8 +479,10 @@ class UpstreamClient:
         upstream: Upstream,
         *,
         on_rate_limit: Callable[[RateLimit], Awaitable[None]] | None = None,
+        governor: Governor | None = None,
     ) -> None:
         self.upstream = upstream
+        self._governor = governor
         self.name = upstream.name
         self.base_url = upstream.url.rstrip("/")
         self._on_rate_limit = on_rate_limit
@@ -660,6 +675,13 @@ class UpstreamClient:
         to a CDN). Transport errors become UpstreamFailure.
         """
         session = self._require_session()
+        if self._governor is not None:
+            try:
+                # A pull is what the upstream counts: a manifest GET. Redirect hops (a
+                # blob's CDN) are part of the same request and are not admitted again.
+                await self._governor.admit(pull=kind == "manifest" and method == "GET")
+            except QuotaRefused as refused:
+                raise self._failure("governor", str(refused), retry_after=refused.retry_after) from None
         current_method, current_url, current_headers = method, url, dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
             try:
@@ -805,6 +827,8 @@ class UpstreamClient:
 
     async def _report_rate_limit(self, response: aiohttp.ClientResponse) -> RateLimit | None:
         rate_limit = RateLimit.from_headers(response.headers)
+        if rate_limit is not None and self._governor is not None:
+            await self._governor.observe(rate_limit.remaining, rate_limit.limit, rate_limit.window)
         if rate_limit is not None and self._on_rate_limit is not None:
             try:
                 await self._on_rate_limit(rate_limit)
@@ -825,6 +849,9 @@ class UpstreamClient:
         if status == 429:
             kind = "quota" if self._has_error_envelope(response, body) else "abuse"
             UPSTREAM_429.labels(self.name, kind).inc()
+            if self._governor is not None:
+                # Hold the identity closed: never retry a 429 blindly.
+                retry_after = await self._governor.close(abuse=kind == "abuse", retry_after=retry_after)
             self._log.warning(
                 "upstream_rate_limited",
                 what=what,

@@ -54,7 +54,7 @@ def redis() -> Redis:
 
 @cache
 def upstreams() -> UpstreamPool:
-    return UpstreamPool(settings())
+    return UpstreamPool(settings(), redis())
 
 
 @cache

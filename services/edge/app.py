@@ -71,7 +71,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     redis = app[keys.REDIS]
     events = CacheEvents(make_broker(settings.redis_url or ""))
-    upstreams = UpstreamPool(settings)
+    upstreams = UpstreamPool(settings, redis)
     try:
         app[keys.EVENTS] = events
         app[keys.UPSTREAMS] = upstreams

@@ -31,6 +31,7 @@ log = structlog.get_logger("proxy")
 
 HIT, MISS, STALE = "hit", "miss", "stale"
 FETCH_LEASE_SECONDS = 30.0
+UPSTREAM_TROUBLE = frozenset({429, 502, 503, 504})
 WAIT_POLL_SECONDS = 0.05
 
 
@@ -104,17 +105,23 @@ class ManifestCache:
             # content stays, reachable by digest, until it expires).
             raise RegistryError("MANIFEST_UNKNOWN", f"{target.path}:{tag} does not exist upstream")
 
-        if head.digest:
-            digest = Digest.parse(head.digest)
+        digest = Digest.parse(head.digest) if head.digest else None
+        if digest is not None:
             held_now = held if tagged == digest else await self._local(target.name, digest)
             if held_now:
                 if tagged != digest:
                     await self._repositories.set_tag(target.name, tag, digest)
                 await self._mark_fresh(target, tag)
                 return CachedManifest(*held_now, HIT)
+        try:
             result = await self._fetch(target, digest, tag=tag)
-        else:
-            result = await self._fetch(target, None, tag=tag)
+        except RegistryError as error:
+            # The tag moved but the new manifest cannot be had (quota, upstream trouble):
+            # the previous image still pulls.
+            if held and error.status in UPSTREAM_TROUBLE:
+                log.warning("serving_stale_manifest", repository=target.name, tag=tag, reason=error.message)
+                return CachedManifest(*held, STALE)
+            raise
         await self._mark_fresh(target, tag)
         return result
 

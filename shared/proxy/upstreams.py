@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from redis.asyncio import Redis
+
 from shared.oci.errors import RegistryError
+from shared.ratelimit import Governor
 from shared.settings import Settings
 from shared.upstream import RateLimit, UpstreamClient
 
@@ -13,8 +16,9 @@ RateLimitHook = Callable[[str, RateLimit], Awaitable[None]]
 
 
 class UpstreamPool:
-    def __init__(self, settings: Settings, on_rate_limit: RateLimitHook | None = None) -> None:
+    def __init__(self, settings: Settings, redis: Redis, on_rate_limit: RateLimitHook | None = None) -> None:
         self._settings = settings
+        self._redis = redis
         self._on_rate_limit = on_rate_limit
         self._clients: dict[str, UpstreamClient] = {}
         self._lock = asyncio.Lock()
@@ -34,7 +38,7 @@ class UpstreamPool:
                     if hook is not None:
                         await hook(upstream_name, rate_limit)
 
-                client = UpstreamClient(upstream, on_rate_limit=report)
+                client = UpstreamClient(upstream, on_rate_limit=report, governor=Governor(self._redis, upstream))
                 await client.start()
                 self._clients[name] = client
             return self._clients[name]

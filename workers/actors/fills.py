@@ -8,10 +8,12 @@ import structlog
 from shared.metrics import JOBS
 from shared.oci.digest import Digest
 from shared.proxy import fill
+from shared.upstream import UpstreamFailure
 from shared.proxy.events import FILL_ACTOR, FILL_QUEUE, MAINTENANCE_QUEUE, PURGE_STAGING_ACTOR
 from workers.runtime import fill_deps, settings, upstreams
 
 log = structlog.get_logger("worker")
+CLOSED_KINDS = frozenset({"quota", "abuse", "governor"})
 
 
 async def run_fill(project: str, repository: str, digest: str) -> str:
@@ -37,6 +39,13 @@ async def run_fill(project: str, repository: str, digest: str) -> str:
 async def fill_blob(project: str, repository: str, digest: str) -> None:
     try:
         outcome = await run_fill(project, repository, digest)
+    except UpstreamFailure as failure:
+        JOBS.labels(FILL_ACTOR, "error").inc()
+        wait = failure.seconds_until_reopen()
+        if failure.kind in CLOSED_KINDS and wait is not None:
+            # The upstream is closed until a known time: come back then, not in a loop.
+            raise dramatiq.Retry(str(failure), delay=int(wait * 1000) + 1000) from None
+        raise
     except Exception:
         JOBS.labels(FILL_ACTOR, "error").inc()
         raise
