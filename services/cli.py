@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -110,6 +111,47 @@ def check_config(config: Path | None) -> None:
     for line in _summary(settings):
         click.echo(line)
     click.echo("configuration OK")
+
+
+def _redis_url(settings: Settings) -> str:
+    """The configured Redis, else the embedded one of a running `seawall up`."""
+    if settings.redis_url:
+        return settings.redis_url
+    from services.supervisor import embedded_redis_file
+
+    found = embedded_redis_file(settings.data_dir)
+    if not found.is_file():
+        raise click.ClickException("no redis_url configured and no running `seawall up` found")
+    return found.read_text().strip()
+
+
+@main.command()
+@_CONFIG_OPTION
+def quota(config: Path | None) -> None:
+    """Show each upstream's pull quota: remaining, window, reopening time, when it runs out."""
+    from services.quota import quota_table
+
+    settings = _load_or_exit(config)
+    sys.exit(asyncio.run(quota_table(settings, _redis_url(settings))))
+
+
+@main.command()
+@_CONFIG_OPTION
+@click.argument("references", nargs=-1, required=True)
+def warm(config: Path | None, references: tuple[str, ...]) -> None:
+    """Fetch images into a proxy project ahead of use: `seawall warm dockerhub/library/alpine:3.20`.
+
+    Workers fetch them at background priority, so they never eat the pull quota's reserve
+    for client pulls.
+    """
+    from services.quota import enqueue_warm
+
+    settings = _load_or_exit(config)
+    try:
+        for line in enqueue_warm(settings, _redis_url(settings), references):
+            click.echo(line)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

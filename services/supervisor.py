@@ -160,6 +160,10 @@ def child_commands(settings: Settings, config_file: Path | None) -> list[tuple[s
     ]
 
 
+def embedded_redis_file(data_dir: Path) -> Path:
+    return data_dir / "embedded-redis-url"
+
+
 def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -> dict[str, str]:
     """Start Redis and S3 where the settings name none; return the variables that point at them."""
     env: dict[str, str] = {}
@@ -168,6 +172,8 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
         supervisor.adopt_server(redis)
         supervisor.printer.info(f"embedded redis at {redis.url}")
         env["SEAWALL_REDIS_URL"] = redis.url
+        # So `seawall quota` and `seawall warm` find the embedded Redis of a running stack.
+        embedded_redis_file(data_dir).write_text(redis.url)
     if settings.s3 is None:
         s3 = start_s3(data_dir, log_path=supervisor.log_dir / "s3.log")
         supervisor.adopt_server(s3)

@@ -97,11 +97,19 @@ redis.call('EXPIRE', KEYS[1], math.ceil(window * 2))
 return {tostring(allowed), tostring(tokens), tostring(limit), tostring(wait)}
 """
 
-# KEYS[1] bucket. ARGV: now, remaining, limit, window. The upstream's word replaces ours.
+# KEYS[1] bucket. ARGV: now, remaining, limit, window. The upstream's count can only
+# lower ours: a header that predates pulls still in flight must not hand them back.
 _CORRECT = """
-redis.call('HSET', KEYS[1], 'tokens', ARGV[2], 'ts', ARGV[1], 'limit', ARGV[3], 'window', ARGV[4])
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) * 2))
-return 1
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or limit
+local ts = tonumber(b[2]) or now
+tokens = math.min(limit, tokens + math.max(0, now - ts) * limit / window, tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'limit', ARGV[3], 'window', ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(window * 2))
+return tostring(tokens)
 """
 
 # KEYS[1] bucket. ARGV: field, until, zero_tokens, now.
@@ -213,8 +221,10 @@ class Governor:
         conf_limit, conf_window = self._quota
         limit = limit or conf_limit
         window = window or conf_window
-        await self._redis.eval(_CORRECT, 1, self._bucket, str(time.time()), str(remaining), str(limit), str(window))
-        QUOTA_REMAINING.labels(self.upstream).set(remaining)
+        tokens = await self._redis.eval(
+            _CORRECT, 1, self._bucket, str(time.time()), str(remaining), str(limit), str(window)
+        )
+        QUOTA_REMAINING.labels(self.upstream).set(float(tokens))
         QUOTA_LIMIT.labels(self.upstream).set(limit)
 
     async def close(self, *, abuse: bool, retry_after: float | None) -> float:
@@ -224,6 +234,9 @@ class Governor:
         by the limit); an abuse 429 waits a minute.
         """
         now = time.time()
+        # With Retry-After the upstream said when pulls work again; without it the bucket
+        # is emptied and refills at the window's pace.
+        empty_bucket = not abuse and retry_after is None
         if retry_after is None:
             if abuse or self._quota is None:
                 retry_after = ABUSE_CLOSE_SECONDS
@@ -234,8 +247,10 @@ class Governor:
                 window = float(learned[1]) if learned[1] else window
                 retry_after = window / limit
         field = "blocked_until" if abuse else "closed_until"
-        await self._redis.eval(_CLOSE, 1, self._bucket, field, str(now + retry_after), "0" if abuse else "1", str(now))
-        if not abuse:
+        await self._redis.eval(
+            _CLOSE, 1, self._bucket, field, str(now + retry_after), "1" if empty_bucket else "0", str(now)
+        )
+        if empty_bucket:
             QUOTA_REMAINING.labels(self.upstream).set(0)
         return retry_after
 

@@ -21,7 +21,15 @@ from services.embedded import S3Server
 from shared import layout
 from shared.settings import S3Settings, Settings
 from tests.fixtures.edge import USERS, EdgeServer, build_settings
-from tests.support.images import OCI_INDEX, OCI_MANIFEST, canonical, make_image, make_index, make_layer, sha256
+from tests.support.images import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    canonical,
+    make_image,
+    make_index,
+    make_layer,
+    sha256,
+)
 
 ALICE = ("alice", USERS["alice"])
 BOB = ("bob", USERS["bob"])
@@ -33,14 +41,20 @@ def client(edge: EdgeServer, auth: tuple[str, str] | None = None) -> httpx.Clien
     return httpx.Client(base_url=edge.url, auth=auth, timeout=60)
 
 
-def put(http: httpx.Client, repo: str, reference: str, body: bytes, media_type: str) -> httpx.Response:
-    response = http.put(f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type})
+def put(
+    http: httpx.Client, repo: str, reference: str, body: bytes, media_type: str
+) -> httpx.Response:
+    response = http.put(
+        f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type}
+    )
     assert response.status_code == 201, response.text
     return response
 
 
 def push_blob(http: httpx.Client, repo: str, data: bytes) -> None:
-    response = http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data)
+    response = http.post(
+        f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data
+    )
     assert response.status_code == 201, response.text
 
 
@@ -51,13 +65,17 @@ def push_chunked(http: httpx.Client, repo: str, data: bytes) -> None:
     url = start.headers["Location"]
     half = len(data) // 2
     for offset, chunk in ((0, data[:half]), (half, data[half:])):
-        patch = http.patch(url, content=chunk, headers={"Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
+        patch = http.patch(
+            url, content=chunk, headers={"Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
+        )
         assert patch.status_code == 202, patch.text
     done = http.put(url, params={"digest": sha256(data)})
     assert done.status_code == 201, done.text
 
 
-def snapshot(edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, list[str]]) -> dict[str, Any]:
+def snapshot(
+    edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, list[str]]
+) -> dict[str, Any]:
     """Everything a client can read back: manifests (bytes and headers), blobs, tags,
     referrers and the catalog, as alice, bob and anonymous see them."""
     seen: dict[str, Any] = {}
@@ -75,7 +93,10 @@ def snapshot(edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, lis
             for digest in references:
                 if digest.startswith("sha256:"):
                     referrers = alice.get(f"/v2/{repo}/referrers/{digest}")
-                    seen[f"{repo} referrers {digest}"] = (referrers.headers["Content-Type"], referrers.json())
+                    seen[f"{repo} referrers {digest}"] = (
+                        referrers.headers["Content-Type"],
+                        referrers.json(),
+                    )
         for repo, digests in blobs.items():
             for digest in digests:
                 response = alice.get(f"/v2/{repo}/blobs/{digest}")
@@ -86,7 +107,9 @@ def snapshot(edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, lis
         seen["catalog bob"] = bob.get("/v2/_catalog").json()
         seen["catalog anonymous"] = anonymous.get("/v2/_catalog").json()
         seen["bob pulls private"] = bob.get("/v2/private/secret/manifests/v1").status_code
-        seen["anonymous pulls private"] = anonymous.get("/v2/private/secret/manifests/v1").status_code
+        seen["anonymous pulls private"] = anonymous.get(
+            "/v2/private/secret/manifests/v1"
+        ).status_code
         seen["bob pushes"] = bob.post("/v2/local/app/blobs/uploads/").status_code
         seen["bob version check"] = bob.get("/v2/").status_code
     return seen
@@ -110,7 +133,11 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
             "artifactType": SBOM,
             "config": {"mediaType": OCI_EMPTY, "digest": sha256(b"{}"), "size": 2},
             "layers": [{"mediaType": SBOM, "digest": sha256(sbom_layer), "size": len(sbom_layer)}],
-            "subject": {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)},
+            "subject": {
+                "mediaType": OCI_MANIFEST,
+                "digest": image.digest,
+                "size": len(image.manifest),
+            },
             "annotations": {"org.example.kind": "sbom"},
         }
     )
@@ -131,14 +158,26 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
         put(alice, "private/secret", "v1", secret.manifest, OCI_MANIFEST)
 
         repos = {
-            "local/app": ["v1", "arm", "multi", image.digest, arm.digest, sha256(index), sha256(referrer)],
+            "local/app": [
+                "v1",
+                "arm",
+                "multi",
+                image.digest,
+                arm.digest,
+                sha256(index),
+                sha256(referrer),
+            ],
             "private/secret": ["v1", secret.digest],
         }
         blobs = {
-            "local/app": [sha256(b) for b in [image.config, *image.layers, arm.config, *arm.layers, b"{}", sbom_layer]],
+            "local/app": [
+                sha256(b)
+                for b in [image.config, *image.layers, arm.config, *arm.layers, b"{}", sbom_layer]
+            ],
             "private/secret": list(secret.blobs),
         }
         before = snapshot(first, repos, blobs)
+        token = alice.get(f"{first.url}/token").json()["token"]
 
     with redis.Redis.from_url(redis_url) as r:
         r.flushdb()
@@ -147,8 +186,16 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
     # The same settings, so the same address, bucket and (now empty) Redis database.
     with EdgeServer(settings) as second:
         after = snapshot(second, repos, blobs)
+        # The token signing secret lives in the bucket, so a token issued before the
+        # restart is still good after it.
+        with httpx.Client(
+            base_url=second.url, headers={"Authorization": f"Bearer {token}"}
+        ) as bearer:
+            assert bearer.get("/v2/private/secret/manifests/v1").content == secret.manifest
         with client(second, ALICE) as alice:
-            referrers = alice.get(f"/v2/local/app/referrers/{image.digest}", params={"artifactType": SBOM}).json()
+            referrers = alice.get(
+                f"/v2/local/app/referrers/{image.digest}", params={"artifactType": SBOM}
+            ).json()
             # A new push works after the restart too.
             extra = make_image(label="after-restart")
             for data in extra.blobs.values():
@@ -183,7 +230,9 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
 
 
 @pytest.fixture
-def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, s3_settings: S3Settings) -> Iterator[None]:
+def worker_env(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, s3_settings: S3Settings
+) -> Iterator[None]:
     """Point the worker runtime (settings from SEAWALL_* variables) at this test's bucket."""
     from workers import runtime
 
@@ -231,7 +280,10 @@ def test_purge_expired_uploads_removes_only_old_sessions(
     minio = s3_server.client()
 
     def upload_keys(upload_id: str) -> list[str]:
-        return [o.object_name or "" for o in minio.list_objects(s3_settings.bucket, f"uploads/{upload_id}/", recursive=True)]
+        return [
+            o.object_name or ""
+            for o in minio.list_objects(s3_settings.bucket, f"uploads/{upload_id}/", recursive=True)
+        ]
 
     with client(edge, ALICE) as alice:
         sessions = {}
@@ -239,7 +291,10 @@ def test_purge_expired_uploads_removes_only_old_sessions(
             start = alice.post("/v2/local/app/blobs/uploads/")
             assert start.status_code == 202
             sessions[name] = start.headers["Docker-Upload-UUID"]
-            assert alice.patch(start.headers["Location"], content=name.encode() * 10).status_code == 202
+            assert (
+                alice.patch(start.headers["Location"], content=name.encode() * 10).status_code
+                == 202
+            )
         _age(s3_server, s3_settings.bucket, sessions["old"], 2 * 3600)
         _age(s3_server, s3_settings.bucket, sessions["almost"], 3600 - 120)
         assert len(upload_keys(sessions["old"])) == 2  # its info and one part
@@ -257,6 +312,8 @@ def test_purge_expired_uploads_removes_only_old_sessions(
         # Safe to run again: nothing more is old enough.
         assert asyncio.run(purge_expired_uploads()) == 0
         data = b"fresh" * 10
-        done = alice.put(f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)})
+        done = alice.put(
+            f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)}
+        )
         assert done.status_code == 201
         assert alice.get(f"/v2/local/app/blobs/{sha256(data)}").content == data

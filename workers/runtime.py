@@ -14,7 +14,10 @@ from redis.asyncio import Redis
 from shared.blobs import BlobStore
 from shared.logging import configure_logging
 from shared.proxy.events import CacheEvents, make_broker
+from shared.oci.digest import Digest
 from shared.proxy.fill import FillDeps
+from shared.proxy.manifests import ManifestCache
+from shared.routing import Target
 from shared.proxy.upstreams import UpstreamPool
 from shared.repositories import RepositoryStore
 from shared.settings import Settings, load_settings
@@ -58,7 +61,21 @@ def upstreams() -> UpstreamPool:
 
 
 @cache
+def events() -> CacheEvents:
+    return CacheEvents(make_broker(settings().redis_url or ""))
+
+
+@cache
 def fill_deps() -> FillDeps:
     found = stores()
-    events = CacheEvents(make_broker(settings().redis_url or ""))
-    return FillDeps(found.objects, found.blobs, found.repositories, redis(), events)
+    return FillDeps(found.objects, found.blobs, found.repositories, redis(), events())
+
+
+@cache
+def manifest_cache() -> ManifestCache:
+    found = stores()
+
+    async def prefetch(target: Target, digest: Digest) -> None:
+        await events().want(redis(), target, digest, prefetch=True)
+
+    return ManifestCache(found.repositories, found.blobs, redis(), upstreams(), prefetch)

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from services.edge import keys
-from services.edge.context import content_length, target
+from services.edge.context import body_source, content_length, target
 from shared.access import Action
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
@@ -79,9 +79,11 @@ async def _read_manifest_body(request: web.Request, limit: int) -> bytes:
     declared = content_length(request)
     if declared is not None and declared > limit:
         raise RegistryError("MANIFEST_TOO_LARGE", f"manifests are limited to {limit} bytes")
-    body = await request.content.read(limit + 1)
+    # Read through body_source: a client that hangs up mid-body is SIZE_INVALID, not a 500.
+    read = body_source(request)
+    body = await read(limit + 1)
     while len(body) <= limit:
-        more = await request.content.read(limit + 1 - len(body))
+        more = await read(limit + 1 - len(body))
         if not more:
             break
         body += more

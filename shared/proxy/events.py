@@ -21,6 +21,7 @@ FILL_ACTOR = "fill_blob"
 FILL_QUEUE = "fills"
 PREFETCH_QUEUE = "prefetch"
 PURGE_STAGING_ACTOR = "purge_staging"
+WARM_ACTOR = "warm_tag"
 MAINTENANCE_QUEUE = "maintenance"
 
 

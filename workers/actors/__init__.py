@@ -5,6 +5,6 @@ from workers.runtime import settings
 
 broker = setup_broker(settings())
 
-from workers.actors import fills, maintenance  # noqa: E402
+from workers.actors import fills, maintenance, warm  # noqa: E402
 
-__all__ = ["broker", "fills", "maintenance"]
+__all__ = ["broker", "fills", "maintenance", "warm"]
