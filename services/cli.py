@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -65,6 +67,35 @@ def up(config: Path | None) -> None:
 
     settings = _load_or_exit(config)
     sys.exit(run_stack(settings, config_path(config)))
+
+
+@main.command()
+@_CONFIG_OPTION
+def worker(config: Path | None) -> None:
+    """Run the Dramatiq workers (`worker_processes` x `worker_threads`) with their metrics."""
+    settings = _load_or_exit(config)
+    env = os.environ
+    if config is not None:
+        env["SEAWALL_CONFIG"] = str(config.resolve())
+    if settings.worker_metrics_listen:
+        # prometheus_client picks multi-process mode when it is imported, so the directory
+        # must be in the environment before dramatiq starts and imports the actors.
+        metrics_dir = (settings.data_dir / "worker-metrics").resolve()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        host, _, port = settings.worker_metrics_listen.rpartition(":")
+        env |= {
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "dramatiq_prom_db": str(metrics_dir),
+            "dramatiq_prom_host": host,
+            "dramatiq_prom_port": port,
+        }
+    argv = [
+        sys.executable, "-m", "dramatiq", "workers.actors",
+        "--processes", str(settings.worker_processes),
+        "--threads", str(settings.worker_threads),
+    ]  # fmt: skip
+    os.execvpe(sys.executable, argv, env)
 
 
 @main.command("hash-password")

@@ -148,11 +148,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 def child_commands(settings: Settings, config_file: Path | None) -> list[tuple[str, list[str]]]:
     """The argv of each Seawall process, by name."""
     config_args = ["--config", str(config_file)] if config_file else []
-    worker = [
-        sys.executable, "-m", "dramatiq", "workers.actors",
-        "--processes", str(settings.worker_processes),
-        "--threads", str(settings.worker_threads),
-    ]  # fmt: skip
+    worker = [sys.executable, "-m", "services.cli", "worker", *config_args]
     return [
         ("edge", [sys.executable, "-m", "services.edge", *config_args]),
         ("worker", worker),

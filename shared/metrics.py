@@ -24,12 +24,19 @@ UPSTREAM_REQUESTS = Counter(
     "Requests sent to upstream registries",
     ["upstream", "kind", "method", "status"],
 )
-FILLS_IN_FLIGHT = Gauge("seawall_fills_in_flight", "Blob fills running in this process", ["upstream"])
+# Gauges say how worker processes combine under multi-process metrics (`seawall worker`).
+FILLS_IN_FLIGHT = Gauge(
+    "seawall_fills_in_flight", "Blob fills running", ["upstream"], multiprocess_mode="livesum"
+)
 DIGEST_MISMATCHES = Counter(
     "seawall_digest_mismatch_total", "Fetched or pushed content that did not hash to its digest", ["source"]
 )
-QUOTA_REMAINING = Gauge("seawall_quota_remaining", "Pulls left in the upstream's window", ["upstream"])
-QUOTA_LIMIT = Gauge("seawall_quota_limit", "Pull limit of the upstream's window", ["upstream"])
+QUOTA_REMAINING = Gauge(
+    "seawall_quota_remaining", "Pulls left in the upstream's window", ["upstream"], multiprocess_mode="mostrecent"
+)
+QUOTA_LIMIT = Gauge(
+    "seawall_quota_limit", "Pull limit of the upstream's window", ["upstream"], multiprocess_mode="mostrecent"
+)
 UPSTREAM_429 = Counter("seawall_upstream_429_total", "429 answers from upstreams", ["upstream", "kind"])
 QUOTA_DENIED = Counter(
     "seawall_quota_denied_total", "Upstream requests the governor refused", ["upstream", "priority"]

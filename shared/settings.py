@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     worker_processes: int = 2
     worker_threads: int = 8
     upload_expiry: Duration = timedelta(hours=24)
-    metrics_listen: str | None = None
+    # Where each worker host serves its Prometheus metrics (all worker processes summed).
+    worker_metrics_listen: str | None = "127.0.0.1:9191"
     # Signs registry tokens; unset, the edges share a random one kept in the bucket.
     token_secret: SecretStr | None = None
 

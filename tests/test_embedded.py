@@ -257,7 +257,8 @@ def stack_config(tmp_path: Path) -> dict[str, Any]:
         "data_dir": str(tmp_path / "data"),
         "worker_processes": 1,
         "worker_threads": 1,
-        "projects": [{"name": "library", "public": True}],
+        "worker_metrics_listen": f"127.0.0.1:{free_port()}",
+        "projects": [{"name": "local", "public": True}],
     }
 
 

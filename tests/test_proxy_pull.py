@@ -194,3 +194,32 @@ def test_range_request_on_a_cached_blob(cache_stack: StackFactory, seeded) -> No
     assert part.content == data[10:100]
     assert part.headers["Content-Range"] == f"bytes 10-99/{len(data)}"
 
+
+
+def test_worker_metrics_count_fills_and_upstream_bytes(
+    cache_stack: StackFactory, hub: DockerHubEmulator, seeded, tmp_path
+) -> None:
+    from services.embedded import free_port
+
+    name, image = seeded
+    metrics_port = free_port()
+    stack = cache_stack(
+        workers=0,
+        worker_metrics_listen=f"127.0.0.1:{metrics_port}",
+        worker_processes=1,
+        worker_threads=2,
+        data_dir=str(tmp_path / "data"),
+    )
+    stack.start_worker(with_metrics=True)
+    pull(stack.edge.url, f"hub/{name}", "1.0", image)
+
+    def scraped() -> str:
+        try:
+            return httpx.get(f"http://127.0.0.1:{metrics_port}/").text
+        except httpx.HTTPError:
+            return ""
+
+    wait_for(lambda: 'seawall_jobs_total{actor="fill_blob",result="committed"}' in scraped(), 30, "worker metrics")
+    text = scraped()
+    assert 'seawall_upstream_bytes_total{upstream="hub"}' in text
+    assert "dramatiq_messages_total" in text

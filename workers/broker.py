@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AsyncIO
+from dramatiq.middleware.prometheus import Prometheus
 
 from shared.proxy.events import PREFETCH_QUEUE
 from shared.settings import Settings
@@ -19,5 +22,9 @@ def setup_broker(settings: Settings) -> RedisBroker:
     # Prefetch messages go to their own queue (behind client-driven fills); no actor
     # declares it, so declare it here for the workers to consume.
     broker.declare_queue(PREFETCH_QUEUE)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Set by `seawall worker`: every worker process writes its metrics to that
+        # directory and one exposition server serves their sum.
+        broker.add_middleware(Prometheus())
     dramatiq.set_broker(broker)
     return broker
