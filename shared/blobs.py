@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shared import layout
@@ -75,9 +76,26 @@ class VerifyingSource:
             )
 
 
+# Manifests are read whole and, being content-addressed, never change: keep the recent
+# ones in memory (bounded by bytes) so a warm manifest GET needs no storage round trip.
+MANIFEST_CACHE_BYTES = 64 * 1024 * 1024
+_CACHEABLE = 4 * 1024 * 1024
+
+
 class BlobStore:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
+        self._recent: OrderedDict[Digest, bytes] = OrderedDict()
+        self._recent_bytes = 0
+
+    def _keep(self, digest: Digest, data: bytes) -> None:
+        if len(data) > _CACHEABLE or digest in self._recent:
+            return
+        self._recent[digest] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > MANIFEST_CACHE_BYTES:
+            _, evicted = self._recent.popitem(last=False)
+            self._recent_bytes -= len(evicted)
 
     async def size(self, digest: Digest) -> int | None:
         info = await self._store.stat(layout.blob(digest))
@@ -85,10 +103,16 @@ class BlobStore:
 
     async def read(self, digest: Digest) -> bytes:
         """A small blob whole (manifests are at most a few MiB)."""
+        cached = self._recent.get(digest)
+        if cached is not None:
+            self._recent.move_to_end(digest)
+            return cached
         try:
-            return await self._store.get_bytes(layout.blob(digest))
+            data = await self._store.get_bytes(layout.blob(digest))
         except ObjectMissing:
             raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)}) from None
+        self._keep(digest, data)
+        return data
 
     def stream(
         self, digest: Digest, offset: int = 0, length: int | None = None
@@ -121,4 +145,7 @@ class BlobStore:
             await self._store.put_bytes(layout.blob(digest), data)
 
     async def delete(self, digest: Digest) -> None:
+        dropped = self._recent.pop(digest, None)
+        if dropped is not None:
+            self._recent_bytes -= len(dropped)
         await self._store.delete(layout.blob(digest))

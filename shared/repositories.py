@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import layout
 from shared.oci.digest import Digest
@@ -35,9 +39,41 @@ class Revision:
         return cls(digest, record["mediaType"], record["size"], Digest.parse(subject) if subject else None)
 
 
+# Tag and revision lookups are cached in Redis (shared by every replica, written through
+# on every change here); the bucket stays the truth and answers when Redis cannot.
+CACHE_TTL_SECONDS = 3600
+
+
+def _tag_cache_key(name: str, tag: str) -> str:
+    return f"seawall:tag:{name}:{tag}"
+
+
+def _revision_cache_key(name: str, digest: Digest) -> str:
+    return f"seawall:revision:{name}@{digest}"
+
+
 class RepositoryStore:
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, cache: Redis | None = None) -> None:
         self._store = store
+        self._cache = cache
+
+    async def _cached(self, key: str) -> bytes | None:
+        if self._cache is None:
+            return None
+        try:
+            return await self._cache.get(key)
+        except RedisError:
+            return None
+
+    async def _remember(self, key: str, value: bytes) -> None:
+        if self._cache is not None:
+            with contextlib.suppress(RedisError):
+                await self._cache.set(key, value, ex=CACHE_TTL_SECONDS)
+
+    async def _forget(self, *keys: str) -> None:
+        if self._cache is not None and keys:
+            # Failing here would leave a stale entry behind: let the request fail instead.
+            await self._cache.delete(*keys)
 
     # -- repositories ------------------------------------------------------------------
     async def register(self, name: str) -> None:
@@ -77,6 +113,7 @@ class RepositoryStore:
         )
         await self.register(name)
         await self._store.put_bytes(layout.revision(name, digest), revision.to_json())
+        await self._remember(_revision_cache_key(name, digest), revision.to_json())
         if manifest.subject is not None:
             descriptor = Descriptor(
                 media_type=manifest.media_type,
@@ -92,10 +129,14 @@ class RepositoryStore:
         return revision
 
     async def revision(self, name: str, digest: Digest) -> Revision | None:
-        try:
-            raw = await self._store.get_bytes(layout.revision(name, digest))
-        except ObjectMissing:
-            return None
+        key = _revision_cache_key(name, digest)
+        raw = await self._cached(key)
+        if raw is None:
+            try:
+                raw = await self._store.get_bytes(layout.revision(name, digest))
+            except ObjectMissing:
+                return None
+            await self._remember(key, raw)
         return Revision.from_json(digest, raw)
 
     async def delete_revision(self, name: str, revision: Revision) -> None:
@@ -107,23 +148,33 @@ class RepositoryStore:
             doomed.append(layout.referrer(name, revision.subject, revision.digest))
         doomed.append(layout.revision(name, revision.digest))
         await self._store.delete_many(doomed)
+        gone_tags = [t for t, d in zip(tag_names, tagged, strict=True) if d == revision.digest]
+        await self._forget(
+            _revision_cache_key(name, revision.digest), *(_tag_cache_key(name, t) for t in gone_tags)
+        )
 
     # -- tags --------------------------------------------------------------------------
     async def resolve_tag(self, name: str, tag: str) -> Digest | None:
-        try:
-            raw = await self._store.get_bytes(layout.tag(name, tag))
-        except ObjectMissing:
-            return None
+        cache_key = _tag_cache_key(name, tag)
+        raw = await self._cached(cache_key)
+        if raw is None:
+            try:
+                raw = await self._store.get_bytes(layout.tag(name, tag))
+            except ObjectMissing:
+                return None
+            await self._remember(cache_key, raw)
         return Digest.parse(raw.decode())
 
     async def set_tag(self, name: str, tag: str, digest: Digest) -> None:
         await self._store.put_bytes(layout.tag(name, tag), str(digest).encode())
+        await self._remember(_tag_cache_key(name, tag), str(digest).encode())
 
     async def delete_tag(self, name: str, tag: str) -> bool:
         key = layout.tag(name, tag)
         if await self._store.stat(key) is None:
             return False
         await self._store.delete(key)
+        await self._forget(_tag_cache_key(name, tag))
         return True
 
     async def tags(self, name: str) -> list[str]:

@@ -47,7 +47,7 @@ def stores() -> Stores:
         raise RuntimeError("workers need s3 settings (set them, or start them with `seawall up`)")
     objects = ObjectStore(s3)
     blobs = BlobStore(objects)
-    return Stores(objects, blobs, RepositoryStore(objects), UploadStore(objects, blobs))
+    return Stores(objects, blobs, RepositoryStore(objects, redis()), UploadStore(objects, blobs))
 
 
 @cache

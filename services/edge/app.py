@@ -36,7 +36,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         blobs = BlobStore(store)
         app[keys.STORE] = store
         app[keys.BLOBS] = blobs
-        app[keys.REPOSITORIES] = RepositoryStore(store)
+        app[keys.REPOSITORIES] = RepositoryStore(store, app[keys.REDIS])
         app[keys.UPLOADS] = UploadStore(store, blobs)
         yield
     finally:
@@ -93,9 +93,9 @@ def create_app(settings: Settings) -> web.Application:
     # The upload size cap is per request body; blobs are streamed, so no cap applies there.
     app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
     app[keys.SETTINGS] = settings
+    app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_auth)
-    app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_proxy)
     setup_routes(app)
     return app

@@ -1,0 +1,207 @@
+"""Every server of the benchmark, on 127.0.0.1, each a process of its own.
+
+    upstream      CNCF Distribution (hosted): where the images really live
+    hub           the Docker Hub emulator in front of it (tokens, counters): "Docker Hub"
+    seawall       SeaweedFS S3 + Redis + the edge + one Dramatiq worker process (8 threads)
+    dist_proxy    Distribution in `proxy:` mode, its remoteurl the emulator
+    dist_hosted   Distribution (hosted), the peer for pushes
+
+`Stack.start()` brings them up in that order and `stop()` takes them down in reverse, also
+when start-up fails half way; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.embedded import ManagedProcess, free_port, start_redis, start_s3
+from shared.access import hash_password
+from tests.support.distribution import Distribution, start_distribution
+
+BENCH_USER = ("bench", "bench-secret")
+TIMEOUT = 60.0
+
+
+class Emulator(ManagedProcess):
+    """`python -m tests.support.dockerhub` as a process: its own interpreter, its own GIL."""
+
+    def __init__(self, upstream: str, work: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [
+            sys.executable, "-m", "tests.support.dockerhub",
+            "--upstream", upstream, "--port", str(self.port), "--unlimited",
+        ]  # fmt: skip
+        super().__init__("dockerhub-emulator", argv, work / "emulator.log", _env())
+        self.wait_ready(lambda: "listening on" in self.log_path.read_text(errors="replace"), TIMEOUT, "emulator")
+
+    def control(self, method: str, op: str) -> Any:
+        request = urllib.request.Request(f"{self.url}/_emulator/{op}", method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def reset(self) -> None:
+        self.control("POST", "reset")
+
+    def counts(self) -> dict[str, Any]:
+        return dict(self.control("GET", "counts"))
+
+    def requests(self) -> list[dict[str, Any]]:
+        return list(self.control("GET", "requests"))
+
+
+class Edge(ManagedProcess):
+    """`python -m services.edge --config F`: a process of its own, so its RSS can be read."""
+
+    def __init__(self, config: Path, port: int, work: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "services.edge", "--config", str(config)]
+        super().__init__("edge", argv, work / "edge.log", _env())
+        self.wait_ready(self._answers, TIMEOUT, "edge")
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+
+class Workers(ManagedProcess):
+    def __init__(self, config: Path, work: Path, threads: int = 8) -> None:
+        argv = [
+            sys.executable, "-m", "dramatiq", "workers.actors",
+            "--processes", "1", "--threads", str(threads),
+        ]  # fmt: skip
+        env = {**_env(), "SEAWALL_CONFIG": str(config)}
+        super().__init__("workers", argv, work / "workers.log", env)
+        self.wait_ready(lambda: "is ready for action" in self.log_path.read_text(errors="replace"), TIMEOUT, "workers")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEAWALL_", "REGISTRY_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str) -> dict[str, Any]:
+    """`hub` caches with a long tag TTL (P1, P2), `hubttl0` revalidates every tag GET (P6)."""
+    proxy = {"type": "proxy", "public": True, "upstream": "hub"}
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "redis_url": redis_url,
+        "s3": {
+            "endpoint": s3.endpoint,
+            "access_key": s3.access_key,
+            "secret_key": s3.secret_key.get_secret_value(),
+            "bucket": s3.bucket,
+        },
+        "log_level": "info",
+        "edge_processes": 1,
+        "worker_processes": 1,
+        "worker_threads": 8,
+        "users": [{"name": BENCH_USER[0], "password_hash": hash_password(BENCH_USER[1])}],
+        "upstreams": [
+            {
+                "name": "hub",
+                "url": hub_url,
+                "flavor": "dockerhub",
+                # A paid account: no pull quota, and no per-minute cap to throttle the bench.
+                "quota": {"preset": "unlimited"},
+                "requests_per_minute": 1_000_000,
+            }
+        ],
+        "projects": [
+            {"name": "local", "type": "hosted", "public": True, "push": [BENCH_USER[0]], "delete": [BENCH_USER[0]]},
+            {"name": "hub", **proxy, "tag_ttl": "1h"},
+            {"name": "hubttl0", **proxy, "tag_ttl": "0s"},
+        ],
+        "mirror": {"default": "hub", "namespaces": {"docker.io": "hub"}},
+    }
+
+
+class Stack:
+    def __init__(self, work: Path) -> None:
+        self.work = work.resolve()
+        self._exit = contextlib.ExitStack()
+        self.upstream: Distribution
+        self.hub: Emulator
+        self.edge: Edge
+        self.workers: Workers
+        self.dist_proxy: Distribution
+        self.dist_hosted: Distribution
+        self.config_path = self.work / "seawall.yaml"
+
+    def start(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        enter = self._exit.enter_context
+        self.upstream = enter(start_distribution(self.work / "upstream"))
+        self.hub = enter(Emulator(self.upstream.url, self.work))
+        redis = enter(start_redis(self.work / "redis"))
+        s3 = enter(start_s3(self.work / "s3"))
+        s3.ensure_bucket("seawall")
+        port = free_port()
+        config = seawall_config(port, redis.url, s3.settings("seawall"), self.hub.url)
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.edge = enter(Edge(self.config_path, port, self.work))
+        self.workers = enter(Workers(self.config_path, self.work))
+        self.dist_proxy = enter(start_distribution(self.work / "dist-proxy", proxy_url=self.hub.url))
+        self.dist_hosted = enter(start_distribution(self.work / "dist-hosted"))
+        self.redis, self.s3 = redis, s3
+
+    def stop(self) -> None:
+        self._exit.close()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def processes(self) -> dict[str, int]:
+        names = ["upstream", "hub", "redis", "s3", "edge", "workers", "dist_proxy", "dist_hosted"]
+        return {n: getattr(self, n).pid for n in names if hasattr(self, n)}
+
+
+# ---------------------------------------------------------------- memory of a process
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak RSS) of a process, MiB, from /proc (psutil is not installed)."""
+    values: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (`echo 5 > /proc/PID/clear_refs`); False if refused."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False

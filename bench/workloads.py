@@ -1,0 +1,180 @@
+"""The warm workloads (P1, P2, P6, P7), one function each, and the registry of all of them.
+
+Names in the upstream are `library/bench-pN...`; Seawall serves them as `hub/library/...`
+(tag TTL 1h) or `hubttl0/library/...` (tag TTL 0s), Distribution proxy as `library/...`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from bench import prep
+from bench.cold import p3, p4, p5, p8
+from bench.context import Context, describe
+from bench.report import Goal, Row
+from bench.tools import ACCEPT, MemorySampler, loadgen
+
+MiB = 2**20
+
+
+def _upstream(ctx: Context) -> Counter[str]:
+    return Counter(ctx.stack.hub.counts().get("by_kind", {}))
+
+
+def p1(ctx: Context) -> list[Row]:
+    """Warm manifest GET by tag, 64 connections: requests/s."""
+    s = ctx.stack
+    image = prep.bench_image(1, 4096, "p1")
+    prep.push(s.upstream.url, ["library/bench-p1"], image)
+    prep.push(s.dist_hosted.url, ["library/bench-p1"], image)
+    urls = {
+        "seawall": f"{s.edge.url}/v2/hub/library/bench-p1/manifests/1.0",
+        "dist_proxy": f"{s.dist_proxy.url}/v2/library/bench-p1/manifests/1.0",
+        "dist_hosted": f"{s.dist_hosted.url}/v2/library/bench-p1/manifests/1.0",
+    }
+    for base, ref in [(s.edge.url, "hub/library/bench-p1:1.0"), (s.dist_proxy.url, "library/bench-p1:1.0")]:
+        loadgen("pull", base, ref, connections=1, requests=1, verify=True)
+    headers = {"Accept": ACCEPT}
+    values: dict[str, list[float]] = {k: [] for k in urls}
+    upstream: dict[str, Counter[str]] = {k: Counter() for k in urls}
+    errors: Counter[str] = Counter()
+    for r in range(ctx.rounds):
+        for name in ctx.order(r, list(urls)):
+            s.hub.reset()
+            result = ctx.load(urls[name], 64, headers)
+            values[name].append(result["rps"])
+            errors[name] += result["errors"]
+            upstream[name] += _upstream(ctx)
+            ctx.log(f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, p99 {result['latency_ms'].get('p99')} ms")
+    ctx.profiled_load("P1", s.edge.pid, urls["seawall"], 64, headers)
+    note = (
+        f"{ctx.client}, 64 connections, {ctx.duration:g}s a run. Upstream requests during the runs: "
+        f"Seawall {describe(upstream['seawall'])}; Distribution proxy {describe(upstream['dist_proxy'])}. "
+        f"Errors: {describe(errors)}"
+    )
+    return [
+        Row("P1", "warm manifest GET by tag, 64 conns", "requests/s", values["seawall"], "Distribution proxy",
+            values["dist_proxy"], ">= 1.5x", Goal("ratio_min", 1.5), note),
+        Row("P1+", "same, peer serving its own tag (no upstream)", "requests/s", values["seawall"],
+            "Distribution hosted", values["dist_hosted"], "", None,
+            "Context only: Distribution hosted answers a tag from local storage, as Seawall does within its tag TTL."),
+    ]
+
+
+def _warm_blob(ctx: Context, repo: str, size: int, seed: str) -> str:
+    """Push a random blob upstream and pull it once through both caches."""
+    s = ctx.stack
+    digest = prep.push_random_blob(s.upstream.url, repo, size, seed)
+    prep.read_blob(s.edge.url, f"hub/{repo}", digest)
+    prep.wait_committed(s.edge.url, f"hub/{repo}", [digest], timeout=300)
+    prep.read_blob(s.dist_proxy.url, repo, digest)
+    return digest
+
+
+def _blob_runs(ctx: Context, repo: str, digest: str, rounds: int, label: str) -> dict[str, dict[str, list[float]]]:
+    """8 connections GETting one warm blob; MiB/s and the server's peak RSS per run."""
+    s = ctx.stack
+    targets = {
+        "seawall": (f"{s.edge.url}/v2/hub/{repo}/blobs/{digest}", s.edge.pid),
+        "dist_proxy": (f"{s.dist_proxy.url}/v2/{repo}/blobs/{digest}", s.dist_proxy.pid),
+    }
+    out: dict[str, dict[str, list[float]]] = {k: {"mib_s": [], "rss": [], "upstream": []} for k in targets}
+    for r in range(rounds):
+        for name in ctx.order(r, list(targets)):
+            url, pid = targets[name]
+            s.hub.reset()
+            with MemorySampler(pid) as memory:
+                result = ctx.load(url, 8)
+            blob_gets = _upstream(ctx)["GET blob"]
+            out[name]["mib_s"].append(result["mib_s"])
+            out[name]["rss"].append(memory.peak)
+            out[name]["upstream"].append(blob_gets)
+            ctx.log(
+                f"{label} round {r + 1} {name}: {result['mib_s']:.0f} MiB/s, peak RSS {memory.peak:.0f} MiB "
+                f"(from {memory.start_rss:.0f}), errors {result['errors']}, upstream blob GETs {blob_gets}"
+            )
+    return out
+
+
+def p2(ctx: Context) -> list[Row]:
+    """Warm blob GET, 100 MiB blob, 8 connections: MiB/s."""
+    repo = "library/bench-p2"
+    digest = _warm_blob(ctx, repo, ctx.sizes.p2_blob, "p2")
+    runs = _blob_runs(ctx, repo, digest, ctx.rounds, "P2")
+    ctx.profiled_load("P2", ctx.stack.edge.pid, f"{ctx.stack.edge.url}/v2/hub/{repo}/blobs/{digest}", 8)
+    size = ctx.sizes.p2_blob // MiB
+    note = (
+        f"{ctx.client}, 8 connections, {ctx.duration:g}s a run, a {size} MiB blob. Peak RSS during the runs: "
+        f"edge {max(runs['seawall']['rss']):.0f} MiB, Distribution proxy {max(runs['dist_proxy']['rss']):.0f} MiB. "
+        f"Upstream blob GETs during the runs: Seawall {sum(runs['seawall']['upstream']):.0f}, "
+        f"Distribution proxy {sum(runs['dist_proxy']['upstream']):.0f}"
+    )
+    return [
+        Row("P2", f"warm blob GET, {size} MiB, 8 conns", "MiB/s", runs["seawall"]["mib_s"], "Distribution proxy",
+            runs["dist_proxy"]["mib_s"], ">= 1.0x", Goal("ratio_min", 1.0), note)
+    ]
+
+
+def p6(ctx: Context) -> list[Row]:
+    """100 pulls of a cached tag after its TTL (Seawall tag_ttl 0s): upstream manifest GETs."""
+    s = ctx.stack
+    image = prep.bench_image(1, 256 * 1024, "p6")
+    prep.push(s.upstream.url, ["library/bench-p6-sw", "library/bench-p6-dp"], image)
+    targets = {
+        "seawall": (s.edge.url, "hubttl0/library/bench-p6-sw:1.0"),
+        "dist_proxy": (s.dist_proxy.url, "library/bench-p6-dp:1.0"),
+    }
+    gets: dict[str, list[float]] = {k: [] for k in targets}
+    other: dict[str, Counter[str]] = {}
+    failures: Counter[str] = Counter()
+    for name, (base, ref) in targets.items():
+        loadgen("pull", base, ref, connections=1, requests=1, verify=True)
+        if name == "seawall":
+            prep.wait_committed(base, ref.rsplit(":", 1)[0], list(image.blobs))
+        s.hub.reset()
+        result = loadgen("pull", base, ref, connections=10, requests=100)
+        counts = _upstream(ctx)
+        gets[name].append(counts["GET manifest"])
+        other[name] = counts
+        failures[name] = result["errors"]
+        ctx.log(f"P6 {name}: {result['requests']} pulls in {result['elapsed_s']:.1f}s, upstream {describe(counts)}")
+    note = (
+        f"100 pulls (10 at a time) after one warming pull. Everything that reached the emulator: "
+        f"Seawall {describe(other['seawall'])}; Distribution proxy {describe(other['dist_proxy'])}. "
+        f"Failed pulls: {describe(failures)}"
+    )
+    return [
+        Row("P6", "100 pulls of a cached tag after its TTL", "upstream manifest GETs", gets["seawall"],
+            "Distribution proxy", gets["dist_proxy"], "0", Goal("value_eq", 0), note)
+    ]
+
+
+def p7(ctx: Context) -> list[Row]:
+    """Edge peak RSS while 8 connections GET a warm blob: a big one and a 100 MiB one."""
+    big, small = ctx.sizes.p7_blob, ctx.sizes.p2_blob
+    small_digest = _warm_blob(ctx, "library/bench-p7-small", small, "p7-small")
+    big_digest = _warm_blob(ctx, "library/bench-p7-big", big, "p7-big")
+    runs_small = _blob_runs(ctx, "library/bench-p7-small", small_digest, 1, f"P7 {small // MiB} MiB")
+    runs_big = _blob_runs(ctx, "library/bench-p7-big", big_digest, 1, f"P7 {big // MiB} MiB")
+    big_rss, small_rss = runs_big["seawall"]["rss"], runs_small["seawall"]["rss"]
+    note = (
+        f"Peak RSS (VmHWM, reset before each run, and VmRSS sampled every 20 ms) of the edge process while "
+        f"8 connections GET the blob for {ctx.duration:g}s. Throughput then: {big // MiB} MiB blob "
+        f"{runs_big['seawall']['mib_s'][0]:.0f} MiB/s (Distribution proxy {runs_big['dist_proxy']['mib_s'][0]:.0f}), "
+        f"{small // MiB} MiB blob {runs_small['seawall']['mib_s'][0]:.0f} MiB/s"
+    )
+    growth = [b - s for b, s in zip(big_rss, small_rss, strict=True)]
+    return [
+        Row("P7", f"edge peak RSS, {big // MiB} MiB blob, 8 conns", "MiB", big_rss, "Distribution proxy",
+            runs_big["dist_proxy"]["rss"], "<= 200", Goal("value_max", 200), note),
+        Row("P7", f"edge peak RSS, {small // MiB} MiB blob, 8 conns", "MiB", small_rss, "Distribution proxy",
+            runs_small["dist_proxy"]["rss"], "<= 200", Goal("value_max", 200)),
+        Row("P7", "RSS growth from the small to the big blob", "MiB", growth, "", [], "<= 16 (size-independent)",
+            Goal("value_max", 16)),
+    ]
+
+
+WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
+    "P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
+}  # fmt: skip
