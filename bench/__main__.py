@@ -27,17 +27,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the fast workloads (default 3, quick 1)")
-    parser.add_argument("--slow-rounds", type=int, default=None, help="rounds of P3, P4, P5, P8 (default rounds-1)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of the fast workloads (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--slow-rounds", type=int, default=None, help="rounds of P3, P4, P5, P8 (default rounds-1)"
+    )
     parser.add_argument("--only", default="", help="comma-separated workload ids, e.g. P1,P2")
-    parser.add_argument("--quick", action="store_true", help="1 round, 3s runs, smaller images and blobs")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of each load run (default 6)")
-    parser.add_argument("--client", choices=["wrk", "loadgen"], default=None, help="GET load (default: wrk if installed)")
-    parser.add_argument("--profile", action="store_true", help="also run P1/P2 once under py-spy and summarise")
-    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md even for a partial or quick run")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round, 3s runs, smaller images and blobs"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds of each load run (default 6)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=["wrk", "loadgen"],
+        default=None,
+        help="GET load (default: wrk if installed)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also run P1/P2 once under py-spy and summarise"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write BENCHMARKS.md even for a partial or quick run"
+    )
     parser.add_argument("--no-write", action="store_true", help="never write BENCHMARKS.md")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, storage)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs, storage)"
+    )
     return parser.parse_args(argv)
 
 
@@ -50,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     selected = [w.strip().upper() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
     unknown = [w for w in selected if w not in WORKLOADS]
     if unknown:
-        print(f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
+        print(
+            f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(WORKLOADS)}",
+            file=sys.stderr,
+        )
         return 2
     rounds = args.rounds or (1 if args.quick else 3)
     slow_rounds = args.slow_rounds or max(1, rounds - 1)
@@ -63,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
     ctx: Context | None = None
-    print(f"bench: work directory {work}; workloads {','.join(selected)}; {rounds} rounds "
-          f"({slow_rounds} for the slow ones), {duration:g}s runs, load from {client}", file=sys.stderr)
+    print(
+        f"bench: work directory {work}; workloads {','.join(selected)}; {rounds} rounds "
+        f"({slow_rounds} for the slow ones), {duration:g}s runs, load from {client}",
+        file=sys.stderr,
+    )
     try:
         with Stack(work / "stack") as stack:
             ctx = Context(
@@ -80,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows += WORKLOADS[workload](ctx)
                 except Exception as exc:  # one broken workload must not hide the others
                     traceback.print_exc()
-                    rows.append(Row(workload, "(failed)", "-", [], error=f"{type(exc).__name__}: {exc}"))
+                    rows.append(
+                        Row(workload, "(failed)", "-", [], error=f"{type(exc).__name__}: {exc}")
+                    )
                 ctx.log(f"{workload} done in {time.monotonic() - t0:.0f}s")
     except KeyboardInterrupt:
         print("bench: interrupted; servers stopped", file=sys.stderr)
@@ -107,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{rounds} rounds of P1 and P2, {slow_rounds} of P3, P4, P5 and P8, one of P6 and P7; "
             f"{duration:g}s load runs; GET load from {client}."
         )
-        extra = "\n".join(f"### Edge profile during {n} (py-spy)\n\n```\n{t}\n```\n" for n, t in profiles.items())
+        extra = "\n".join(
+            f"### Edge profile during {n} (py-spy)\n\n```\n{t}\n```\n" for n, t in profiles.items()
+        )
         report.write(args.output, report.generated(rows, command.strip(), settings, elapsed, extra))
         print(f"\nbench: wrote {args.output}", file=sys.stderr)
     return 1 if any(r.error for r in rows) else 0

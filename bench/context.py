@@ -30,7 +30,9 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(p2_blob=100 * MiB, layer=8 * MiB, p4_layer=2 * MiB, p5_blob=100 * MiB, p7_blob=256 * MiB)
+        return cls(
+            p2_blob=100 * MiB, layer=8 * MiB, p4_layer=2 * MiB, p5_blob=100 * MiB, p7_blob=256 * MiB
+        )
 
 
 @dataclass
@@ -58,7 +60,13 @@ class Context:
         shift = round_index % len(targets)
         return [*targets[shift:], *targets[:shift]]
 
-    def load(self, url: str, connections: int, headers: dict[str, str] | None = None, duration: float | None = None) -> dict[str, Any]:
+    def load(
+        self,
+        url: str,
+        connections: int,
+        headers: dict[str, str] | None = None,
+        duration: float | None = None,
+    ) -> dict[str, Any]:
         """GETs of one URL on `connections` connections for `duration` seconds."""
         duration = duration or self.duration
         if self.client == "wrk":
@@ -66,7 +74,9 @@ class Context:
         header = [f"{k}: {v}" for k, v in (headers or {}).items()]
         return loadgen("get", url, connections=connections, duration=duration, header=header)
 
-    def profiled_load(self, name: str, pid: int, url: str, connections: int, headers: dict[str, str] | None = None) -> None:
+    def profiled_load(
+        self, name: str, pid: int, url: str, connections: int, headers: dict[str, str] | None = None
+    ) -> None:
         """One extra, unmeasured run under py-spy, its summary kept for the report."""
         if self.profile_dir is None:
             return
@@ -99,3 +109,20 @@ def upstream_requests(before: dict[str, Any], after: dict[str, Any]) -> Counter[
 
 def describe(counts: Counter[str]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def pids(ctx: Context, target: str) -> dict[str, int]:
+    """The processes that serve a target's requests, for CPU accounting."""
+    s = ctx.stack
+    if target == "seawall":
+        return {"edge": s.edge.pid, "s3": s.s3.pid, "redis": s.redis.pid, "workers": s.workers.pid}
+    if target == "dist_proxy":
+        return {"distribution": s.dist_proxy.pid, "emulator": s.hub.pid, "upstream": s.upstream.pid}
+    return {"distribution": s.dist_hosted.pid}
+
+
+def mean_cpu(runs: list[dict[str, float]]) -> str:
+    names = list(runs[0]) if runs else []
+    return (
+        ", ".join(f"{n} {sum(r.get(n, 0.0) for r in runs) / len(runs):.0f}%" for n in names) or "-"
+    )

@@ -111,7 +111,9 @@ async def fetch(
     """GET url, reading the body in chunks and counting bytes; (status, body if keep, type)."""
     for _attempt in range(2):
         async with session.get(url, headers={**headers, **auth.header(url)}) as response:
-            if response.status == 401 and await auth.answer(url, response.headers.get("WWW-Authenticate", "")):
+            if response.status == 401 and await auth.answer(
+                url, response.headers.get("WWW-Authenticate", "")
+            ):
                 await response.read()
                 continue
             stats.statuses[str(response.status)] += 1
@@ -126,13 +128,19 @@ async def fetch(
                     hasher.update(chunk)
                 if keep:
                     parts.append(chunk)
-            if hasher is not None and response.status == 200 and f"sha256:{hasher.hexdigest()}" != digest:
+            if (
+                hasher is not None
+                and response.status == 200
+                and f"sha256:{hasher.hexdigest()}" != digest
+            ):
                 raise ValueError(f"digest mismatch on {url}")
             return response.status, b"".join(parts), response.headers.get("Content-Type", "")
     return 401, b"", ""
 
 
-async def one_get(session: aiohttp.ClientSession, auth: Auth, url: str, headers: dict[str, str], stats: Stats) -> bool:
+async def one_get(
+    session: aiohttp.ClientSession, auth: Auth, url: str, headers: dict[str, str], stats: Stats
+) -> bool:
     status, _, _ = await fetch(session, auth, url, headers, stats)
     if status >= 400:
         stats.error(f"GET {url}: {status}")
@@ -145,7 +153,9 @@ async def one_pull(
 ) -> bool:
     name, _, tag = ref.rpartition(":")
     manifest_url = f"{base}/v2/{name}/manifests/{tag}"
-    status, body, media_type = await fetch(session, auth, manifest_url, {"Accept": ACCEPT}, stats, keep=True)
+    status, body, media_type = await fetch(
+        session, auth, manifest_url, {"Accept": ACCEPT}, stats, keep=True
+    )
     if status != 200:
         stats.error(f"GET {manifest_url}: {status} {body[:200]!r}")
         return False
@@ -164,7 +174,9 @@ async def one_pull(
     async def blob(digest: str) -> bool:
         async with gate:
             url = f"{base}/v2/{name}/blobs/{digest}"
-            status, _, _ = await fetch(session, auth, url, {}, stats, digest=digest if verify else None)
+            status, _, _ = await fetch(
+                session, auth, url, {}, stats, digest=digest if verify else None
+            )
             if status != 200:
                 stats.error(f"GET {url}: {status}")
             return status == 200
@@ -178,7 +190,9 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
     stats = Stats()
     connector = aiohttp.TCPConnector(limit=args.connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=args.timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
         auth = Auth(session)
         targets = args.target
         if args.mode == "pull":
@@ -212,7 +226,7 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 try:
                     ok = await request(i)
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+                except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
                     stats.error(f"{type(exc).__name__}: {exc}")
                     continue
                 if ok:
@@ -284,17 +298,23 @@ async def run_ttfb(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.loadgen", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("mode", choices=["get", "pull", "ttfb"])
     parser.add_argument("target", nargs="+", help="URLs (get, ttfb) or BASE_URL NAME:TAG (pull)")
     parser.add_argument("-c", "--connections", type=int, default=1)
-    parser.add_argument("-d", "--duration", type=float, default=0.0, help="seconds (0: until --requests)")
+    parser.add_argument(
+        "-d", "--duration", type=float, default=0.0, help="seconds (0: until --requests)"
+    )
     parser.add_argument("-n", "--requests", type=int, default=0, help="request (or pull) count")
     parser.add_argument("-H", "--header", action="append", default=[], metavar="NAME: VALUE")
     parser.add_argument("--verify", action="store_true", help="pull: check every blob's sha256")
     parser.add_argument("--timeout", type=float, default=120.0, help="socket read timeout, seconds")
     parser.add_argument("--no-warmup-auth", dest="warmup_auth", action="store_false")
-    parser.add_argument("--no-read-all", dest="read_all", action="store_false", help="ttfb: stop at the first byte")
+    parser.add_argument(
+        "--no-read-all", dest="read_all", action="store_false", help="ttfb: stop at the first byte"
+    )
     args = parser.parse_args(argv)
     if args.mode != "ttfb" and not (args.duration or args.requests):
         parser.error("give --duration or --requests")

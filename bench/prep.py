@@ -57,7 +57,9 @@ def push_random_blob(base_url: str, repo: str, size: int, seed: str) -> str:
 
 def bench_image(layers: int, layer_size: int, seed: str) -> Image:
     """An image of `layers` layers of incompressible bytes, `layer_size` each (before tar+gzip)."""
-    return make_image([make_layer(size=layer_size, seed=f"{seed}-{i}") for i in range(layers)], label=seed)
+    return make_image(
+        [make_layer(size=layer_size, seed=f"{seed}-{i}") for i in range(layers)], label=seed
+    )
 
 
 def push(base_url: str, repos: list[str], image: Image, tag: str = "1.0") -> None:
@@ -87,7 +89,10 @@ def wait_committed(edge_url: str, path: str, digests: list[str], timeout: float 
 def read_blob(base_url: str, path: str, digest: str) -> int:
     """GET a blob whole (to warm a cache); bytes read."""
     total = 0
-    with httpx.Client(base_url=base_url, timeout=300) as client, client.stream("GET", f"/v2/{path}/blobs/{digest}") as response:
+    with (
+        httpx.Client(base_url=base_url, timeout=300) as client,
+        client.stream("GET", f"/v2/{path}/blobs/{digest}") as response,
+    ):
         if response.status_code != 200:
             raise RuntimeError(f"GET {base_url}/v2/{path}/blobs/{digest}: {response.status_code}")
         for chunk in response.iter_raw(MiB):

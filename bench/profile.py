@@ -31,21 +31,26 @@ def record(pid: int, out: Path, duration: float, rate: int = 250) -> subprocess.
 
 
 def _package(path: str) -> str:
-    """Where a frame's code lives: a site-packages distribution, the stdlib module, or ours."""
-    if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    for ours in ("services/", "shared/", "workers/"):
-        if path.startswith(ours) or f"/{ours}" in path:
-            rest = path[path.index(ours) :]
-            return "/".join(rest.split("/")[:2]).removesuffix(".py")
-    if path.startswith("<"):
-        return path
-    return "stdlib:" + Path(path).stem if "/" in path else path.removesuffix(".py")
+    """A frame's module, as py-spy names files relative to sys.path: `aiohttp/web_protocol`,
+    `asyncio/streams`, `services/edge/blobs`; top-level modules keep their own name."""
+    return path.removesuffix(".py")
 
 
-def summarize(path: Path, top: int = 12) -> str:
+def _role(frames: list[re.Match[str]]) -> str:
+    for m in frames:
+        if m["func"] == "_worker" and m["file"].endswith("futures/thread.py"):
+            return "thread pool (S3 SDK calls)"
+    for m in frames:
+        if m["func"] in ("run_app", "run_forever", "run_until_complete"):
+            return "event loop thread"
+    return "other threads"
+
+
+def summarize(path: Path, top: int = 12, rate: int = 250) -> str:
     """Self time by package and function, and inclusive time of our own functions."""
     self_pkg: Counter[str] = Counter()
+    self_top: Counter[str] = Counter()
+    roles: Counter[str] = Counter()
     self_func: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -60,12 +65,14 @@ def summarize(path: Path, top: int = 12) -> str:
         if not parsed:
             continue
         leaf = parsed[-1]
+        roles[_role(parsed)] += n
+        self_top[_package(leaf["file"]).split("/")[0]] += n
         self_pkg[_package(leaf["file"])] += n
         self_func[f"{leaf['func']} ({leaf['file']})"] += n
         seen: set[str] = set()
         for m in parsed:
             pkg = _package(m["file"])
-            if pkg.startswith(("services/", "shared/")):
+            if pkg.startswith(("services/", "shared/", "workers/")):
                 key = f"{m['func']} ({pkg})"
                 if key not in seen:
                     seen.add(key)
@@ -79,8 +86,10 @@ def summarize(path: Path, top: int = 12) -> str:
             lines.append(f"  {100 * n / total:5.1f}%  {name}")
         return lines
 
-    out = [f"{total} samples (non-idle threads)"]
-    out += block("self time by package/module:", self_pkg)
+    out = [f"{total} samples of non-idle threads ({rate} a second per thread)"]
+    out += block("by thread:", roles)
+    out += block("self time by top-level package:", self_top)
+    out += block("self time by module:", self_pkg)
     out += block("self time by function:", self_func)
     out += block("inclusive time, Seawall's own functions:", inclusive)
     return "\n".join(out)

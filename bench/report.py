@@ -87,7 +87,9 @@ def fmt(value: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    header = "| id | workload | figure | Seawall | peer | peer value | ratio S/P | target | result |"
+    header = (
+        "| id | workload | figure | Seawall | peer | peer value | ratio S/P | target | result |"
+    )
     lines = [header, "|---|---|---|---:|---|---:|---:|---|---|"]
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
@@ -122,7 +124,11 @@ def _run(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else "unknown"
+    return (
+        (done.stdout or done.stderr).strip().splitlines()[0]
+        if (done.stdout or done.stderr).strip()
+        else "unknown"
+    )
 
 
 def machine() -> dict[str, str]:

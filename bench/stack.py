@@ -42,10 +42,14 @@ class Emulator(ManagedProcess):
             "--upstream", upstream, "--port", str(self.port), "--unlimited",
         ]  # fmt: skip
         super().__init__("dockerhub-emulator", argv, work / "emulator.log", _env())
-        self.wait_ready(lambda: "listening on" in self.log_path.read_text(errors="replace"), TIMEOUT, "emulator")
+        self.wait_ready(
+            lambda: "listening on" in self.log_path.read_text(errors="replace"), TIMEOUT, "emulator"
+        )
 
     def control(self, method: str, op: str) -> Any:
-        request = urllib.request.Request(f"{self.url}/_emulator/{op}", method=method, data=b"" if method == "POST" else None)
+        request = urllib.request.Request(
+            f"{self.url}/_emulator/{op}", method=method, data=b"" if method == "POST" else None
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
@@ -87,7 +91,11 @@ class Workers(ManagedProcess):
         ]  # fmt: skip
         env = {**_env(), "SEAWALL_CONFIG": str(config)}
         super().__init__("workers", argv, work / "workers.log", env)
-        self.wait_ready(lambda: "is ready for action" in self.log_path.read_text(errors="replace"), TIMEOUT, "workers")
+        self.wait_ready(
+            lambda: "is ready for action" in self.log_path.read_text(errors="replace"),
+            TIMEOUT,
+            "workers",
+        )
 
 
 def _env() -> dict[str, str]:
@@ -125,7 +133,13 @@ def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str) -> dict[str
             }
         ],
         "projects": [
-            {"name": "local", "type": "hosted", "public": True, "push": [BENCH_USER[0]], "delete": [BENCH_USER[0]]},
+            {
+                "name": "local",
+                "type": "hosted",
+                "public": True,
+                "push": [BENCH_USER[0]],
+                "delete": [BENCH_USER[0]],
+            },
             {"name": "hub", **proxy, "tag_ttl": "1h"},
             {"name": "hubttl0", **proxy, "tag_ttl": "0s"},
         ],
@@ -165,7 +179,9 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.edge = enter(Edge(self.config_path, port, self.work))
         self.workers = enter(Workers(self.config_path, self.work))
-        self.dist_proxy = enter(start_distribution(self.work / "dist-proxy", proxy_url=self.hub.url))
+        self.dist_proxy = enter(
+            start_distribution(self.work / "dist-proxy", proxy_url=self.hub.url)
+        )
         self.dist_hosted = enter(start_distribution(self.work / "dist-hosted"))
         self.redis, self.s3 = redis, s3
 
@@ -205,3 +221,20 @@ def reset_peak(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used by a server's process group (the process, its threads and
+    the children it forked: dramatiq's worker processes), from /proc/PID/stat."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[2]) == pid:  # fields[2]: the process group
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")

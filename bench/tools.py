@@ -3,8 +3,10 @@ and a sampler of a process's memory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.stack import _env, memory_mib, reset_peak
+from bench.stack import _env, cpu_seconds, memory_mib, reset_peak
 
 ACCEPT = (
     "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, "
@@ -37,7 +39,9 @@ def loadgen(mode: str, *targets: str, timeout: float = 600, **options: Any) -> d
                 argv += [flag, str(item)]
         elif value is not None and value is not False:
             argv += [flag, str(value)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False
+    )
     if done.returncode != 0:
         raise ToolError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -56,12 +60,24 @@ def _ms(text: str) -> float:
     return float(match[1]) * _UNITS[match[2]] if match else float("nan")
 
 
-def wrk(url: str, *, connections: int, duration: float, headers: dict[str, str], threads: int = 1) -> dict[str, Any]:
+def wrk(
+    url: str, *, connections: int, duration: float, headers: dict[str, str], threads: int = 1
+) -> dict[str, Any]:
     """wrk's figures in loadgen's shape (requests, rps, mib_s, latency_ms, errors)."""
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "30s"]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+    ]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
-    done = subprocess.run([*argv, url], capture_output=True, text=True, timeout=duration + 60, check=False)
+    done = subprocess.run(
+        [*argv, url], capture_output=True, text=True, timeout=duration + 60, check=False
+    )
     out = done.stdout
     if done.returncode != 0 or "Requests/sec" not in out:
         raise ToolError(f"wrk failed: {out[-1500:]} {done.stderr[-500:]}")
@@ -71,7 +87,9 @@ def wrk(url: str, *, connections: int, duration: float, headers: dict[str, str],
     read = float(total[4]) * _SIZE[total[5]]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = (int(non2xx[1]) if non2xx else 0) + (sum(int(x) for x in socket.groups()) if socket else 0)
+    errors = (int(non2xx[1]) if non2xx else 0) + (
+        sum(int(x) for x in socket.groups()) if socket else 0
+    )
     pct = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)\s*$", out, re.M))
     return {
         "requests": int(total[1]),
@@ -93,7 +111,9 @@ class Skopeo:
         self.work = work
         (work / "tmp").mkdir(parents=True, exist_ok=True)
         (work / "registries.d").mkdir(exist_ok=True)
-        (work / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+        (work / "policy.json").write_text(
+            json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
+        )
         (work / "registries.conf").write_text("")
         (work / "auth.json").write_text(json.dumps({"auths": {}}))
         self.env = {
@@ -106,7 +126,9 @@ class Skopeo:
     def available(self) -> bool:
         return self.binary is not None
 
-    def copy(self, src: str, dest: str, *, src_creds: str | None = None, dest_creds: str | None = None) -> float:
+    def copy(
+        self, src: str, dest: str, *, src_creds: str | None = None, dest_creds: str | None = None
+    ) -> float:
         """Seconds a `skopeo copy` took; ToolError if it failed."""
         argv = [
             str(self.binary), "--policy", str(self.work / "policy.json"),
@@ -114,11 +136,24 @@ class Skopeo:
             "copy", "--retry-times", "0", "--preserve-digests", "--quiet",
         ]  # fmt: skip
         if src.startswith("docker://"):
-            argv += ["--src-tls-verify=false", *(["--src-creds", src_creds] if src_creds else ["--src-no-creds"])]
+            argv += [
+                "--src-tls-verify=false",
+                *(["--src-creds", src_creds] if src_creds else ["--src-no-creds"]),
+            ]
         if dest.startswith("docker://"):
-            argv += ["--dest-tls-verify=false", *(["--dest-creds", dest_creds] if dest_creds else ["--dest-no-creds"])]
+            argv += [
+                "--dest-tls-verify=false",
+                *(["--dest-creds", dest_creds] if dest_creds else ["--dest-no-creds"]),
+            ]
         started = time.perf_counter()
-        done = subprocess.run([*argv, src, dest], capture_output=True, text=True, env=self.env, timeout=600, check=False)
+        done = subprocess.run(
+            [*argv, src, dest],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=600,
+            check=False,
+        )
         elapsed = time.perf_counter() - started
         if done.returncode != 0:
             raise ToolError(f"skopeo copy {src} {dest} failed: {done.stderr[-1500:]}")
@@ -168,3 +203,32 @@ class MemorySampler:
     def peak(self) -> float:
         """The peak RSS of the window: VmHWM when it could be reset, else the sampled max."""
         return max(self.max_rss, self.peak_hwm or 0.0)
+
+
+class CpuMeter:
+    """CPU used during a block, in % of one core: by each named server process and by the
+    load generator (children that ended meanwhile: wrk, loadgen)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.percent: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._wall = time.perf_counter()
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._children = usage.ru_utime + usage.ru_stime
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        for name, pid in self.pids.items():
+            with contextlib.suppress(OSError):
+                self.percent[name] = 100 * (cpu_seconds(pid) - self._before[name]) / wall
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.percent["load generator"] = (
+            100 * (usage.ru_utime + usage.ru_stime - self._children) / wall
+        )
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {value:.0f}%" for name, value in self.percent.items())

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from bench import prep
 from bench.cold import p3, p4, p5, p8
-from bench.context import Context, describe
+from bench.context import Context, describe, mean_cpu, pids
 from bench.report import Goal, Row
-from bench.tools import ACCEPT, MemorySampler, loadgen
+from bench.tools import ACCEPT, CpuMeter, MemorySampler, loadgen
 
 MiB = 2**20
 
@@ -33,32 +34,59 @@ def p1(ctx: Context) -> list[Row]:
         "dist_proxy": f"{s.dist_proxy.url}/v2/library/bench-p1/manifests/1.0",
         "dist_hosted": f"{s.dist_hosted.url}/v2/library/bench-p1/manifests/1.0",
     }
-    for base, ref in [(s.edge.url, "hub/library/bench-p1:1.0"), (s.dist_proxy.url, "library/bench-p1:1.0")]:
+    for base, ref in [
+        (s.edge.url, "hub/library/bench-p1:1.0"),
+        (s.dist_proxy.url, "library/bench-p1:1.0"),
+    ]:
         loadgen("pull", base, ref, connections=1, requests=1, verify=True)
     headers = {"Accept": ACCEPT}
     values: dict[str, list[float]] = {k: [] for k in urls}
     upstream: dict[str, Counter[str]] = {k: Counter() for k in urls}
     errors: Counter[str] = Counter()
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
     for r in range(ctx.rounds):
         for name in ctx.order(r, list(urls)):
             s.hub.reset()
-            result = ctx.load(urls[name], 64, headers)
+            with CpuMeter(pids(ctx, name)) as meter:
+                result = ctx.load(urls[name], 64, headers)
+            cpu[name].append(meter.percent)
             values[name].append(result["rps"])
             errors[name] += result["errors"]
             upstream[name] += _upstream(ctx)
-            ctx.log(f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, p99 {result['latency_ms'].get('p99')} ms")
+            ctx.log(
+                f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, p99 {result['latency_ms'].get('p99')} ms; "
+                f"CPU {meter.describe()}"
+            )
     ctx.profiled_load("P1", s.edge.pid, urls["seawall"], 64, headers)
     note = (
         f"{ctx.client}, 64 connections, {ctx.duration:g}s a run. Upstream requests during the runs: "
         f"Seawall {describe(upstream['seawall'])}; Distribution proxy {describe(upstream['dist_proxy'])}. "
-        f"Errors: {describe(errors)}"
+        f"Errors: {describe(+errors)}. CPU, % of one core: Seawall {mean_cpu(cpu['seawall'])}; "
+        f"Distribution proxy {mean_cpu(cpu['dist_proxy'])}; Distribution hosted {mean_cpu(cpu['dist_hosted'])}"
     )
     return [
-        Row("P1", "warm manifest GET by tag, 64 conns", "requests/s", values["seawall"], "Distribution proxy",
-            values["dist_proxy"], ">= 1.5x", Goal("ratio_min", 1.5), note),
-        Row("P1+", "same, peer serving its own tag (no upstream)", "requests/s", values["seawall"],
-            "Distribution hosted", values["dist_hosted"], "", None,
-            "Context only: Distribution hosted answers a tag from local storage, as Seawall does within its tag TTL."),
+        Row(
+            "P1",
+            "warm manifest GET by tag, 64 conns",
+            "requests/s",
+            values["seawall"],
+            "Distribution proxy",
+            values["dist_proxy"],
+            ">= 1.5x",
+            Goal("ratio_min", 1.5),
+            note,
+        ),
+        Row(
+            "P1+",
+            "same, peer serving its own tag (no upstream)",
+            "requests/s",
+            values["seawall"],
+            "Distribution hosted",
+            values["dist_hosted"],
+            "",
+            None,
+            "Context only: Distribution hosted answers a tag from local storage, as Seawall does within its tag TTL.",
+        ),
     ]
 
 
@@ -72,27 +100,33 @@ def _warm_blob(ctx: Context, repo: str, size: int, seed: str) -> str:
     return digest
 
 
-def _blob_runs(ctx: Context, repo: str, digest: str, rounds: int, label: str) -> dict[str, dict[str, list[float]]]:
+def _blob_runs(
+    ctx: Context, repo: str, digest: str, rounds: int, label: str
+) -> dict[str, dict[str, Any]]:
     """8 connections GETting one warm blob; MiB/s and the server's peak RSS per run."""
     s = ctx.stack
     targets = {
         "seawall": (f"{s.edge.url}/v2/hub/{repo}/blobs/{digest}", s.edge.pid),
         "dist_proxy": (f"{s.dist_proxy.url}/v2/{repo}/blobs/{digest}", s.dist_proxy.pid),
     }
-    out: dict[str, dict[str, list[float]]] = {k: {"mib_s": [], "rss": [], "upstream": []} for k in targets}
+    out: dict[str, dict[str, Any]] = {
+        k: {"mib_s": [], "rss": [], "upstream": [], "cpu": []} for k in targets
+    }
     for r in range(rounds):
         for name in ctx.order(r, list(targets)):
             url, pid = targets[name]
             s.hub.reset()
-            with MemorySampler(pid) as memory:
+            with MemorySampler(pid) as memory, CpuMeter(pids(ctx, name)) as meter:
                 result = ctx.load(url, 8)
+            out[name]["cpu"].append(meter.percent)
             blob_gets = _upstream(ctx)["GET blob"]
             out[name]["mib_s"].append(result["mib_s"])
             out[name]["rss"].append(memory.peak)
             out[name]["upstream"].append(blob_gets)
             ctx.log(
                 f"{label} round {r + 1} {name}: {result['mib_s']:.0f} MiB/s, peak RSS {memory.peak:.0f} MiB "
-                f"(from {memory.start_rss:.0f}), errors {result['errors']}, upstream blob GETs {blob_gets}"
+                f"(from {memory.start_rss:.0f}), errors {result['errors']}, upstream blob GETs {blob_gets}; "
+                f"CPU {meter.describe()}"
             )
     return out
 
@@ -102,17 +136,29 @@ def p2(ctx: Context) -> list[Row]:
     repo = "library/bench-p2"
     digest = _warm_blob(ctx, repo, ctx.sizes.p2_blob, "p2")
     runs = _blob_runs(ctx, repo, digest, ctx.rounds, "P2")
-    ctx.profiled_load("P2", ctx.stack.edge.pid, f"{ctx.stack.edge.url}/v2/hub/{repo}/blobs/{digest}", 8)
+    ctx.profiled_load(
+        "P2", ctx.stack.edge.pid, f"{ctx.stack.edge.url}/v2/hub/{repo}/blobs/{digest}", 8
+    )
     size = ctx.sizes.p2_blob // MiB
     note = (
         f"{ctx.client}, 8 connections, {ctx.duration:g}s a run, a {size} MiB blob. Peak RSS during the runs: "
         f"edge {max(runs['seawall']['rss']):.0f} MiB, Distribution proxy {max(runs['dist_proxy']['rss']):.0f} MiB. "
         f"Upstream blob GETs during the runs: Seawall {sum(runs['seawall']['upstream']):.0f}, "
-        f"Distribution proxy {sum(runs['dist_proxy']['upstream']):.0f}"
+        f"Distribution proxy {sum(runs['dist_proxy']['upstream']):.0f}. CPU, % of one core: "
+        f"Seawall {mean_cpu(runs['seawall']['cpu'])}; Distribution proxy {mean_cpu(runs['dist_proxy']['cpu'])}"
     )
     return [
-        Row("P2", f"warm blob GET, {size} MiB, 8 conns", "MiB/s", runs["seawall"]["mib_s"], "Distribution proxy",
-            runs["dist_proxy"]["mib_s"], ">= 1.0x", Goal("ratio_min", 1.0), note)
+        Row(
+            "P2",
+            f"warm blob GET, {size} MiB, 8 conns",
+            "MiB/s",
+            runs["seawall"]["mib_s"],
+            "Distribution proxy",
+            runs["dist_proxy"]["mib_s"],
+            ">= 1.0x",
+            Goal("ratio_min", 1.0),
+            note,
+        )
     ]
 
 
@@ -138,15 +184,26 @@ def p6(ctx: Context) -> list[Row]:
         gets[name].append(counts["GET manifest"])
         other[name] = counts
         failures[name] = result["errors"]
-        ctx.log(f"P6 {name}: {result['requests']} pulls in {result['elapsed_s']:.1f}s, upstream {describe(counts)}")
+        ctx.log(
+            f"P6 {name}: {result['requests']} pulls in {result['elapsed_s']:.1f}s, upstream {describe(counts)}"
+        )
     note = (
         f"100 pulls (10 at a time) after one warming pull. Everything that reached the emulator: "
         f"Seawall {describe(other['seawall'])}; Distribution proxy {describe(other['dist_proxy'])}. "
         f"Failed pulls: {describe(failures)}"
     )
     return [
-        Row("P6", "100 pulls of a cached tag after its TTL", "upstream manifest GETs", gets["seawall"],
-            "Distribution proxy", gets["dist_proxy"], "0", Goal("value_eq", 0), note)
+        Row(
+            "P6",
+            "100 pulls of a cached tag after its TTL",
+            "upstream manifest GETs",
+            gets["seawall"],
+            "Distribution proxy",
+            gets["dist_proxy"],
+            "0",
+            Goal("value_eq", 0),
+            note,
+        )
     ]
 
 
@@ -155,7 +212,9 @@ def p7(ctx: Context) -> list[Row]:
     big, small = ctx.sizes.p7_blob, ctx.sizes.p2_blob
     small_digest = _warm_blob(ctx, "library/bench-p7-small", small, "p7-small")
     big_digest = _warm_blob(ctx, "library/bench-p7-big", big, "p7-big")
-    runs_small = _blob_runs(ctx, "library/bench-p7-small", small_digest, 1, f"P7 {small // MiB} MiB")
+    runs_small = _blob_runs(
+        ctx, "library/bench-p7-small", small_digest, 1, f"P7 {small // MiB} MiB"
+    )
     runs_big = _blob_runs(ctx, "library/bench-p7-big", big_digest, 1, f"P7 {big // MiB} MiB")
     big_rss, small_rss = runs_big["seawall"]["rss"], runs_small["seawall"]["rss"]
     note = (
@@ -166,12 +225,37 @@ def p7(ctx: Context) -> list[Row]:
     )
     growth = [b - s for b, s in zip(big_rss, small_rss, strict=True)]
     return [
-        Row("P7", f"edge peak RSS, {big // MiB} MiB blob, 8 conns", "MiB", big_rss, "Distribution proxy",
-            runs_big["dist_proxy"]["rss"], "<= 200", Goal("value_max", 200), note),
-        Row("P7", f"edge peak RSS, {small // MiB} MiB blob, 8 conns", "MiB", small_rss, "Distribution proxy",
-            runs_small["dist_proxy"]["rss"], "<= 200", Goal("value_max", 200)),
-        Row("P7", "RSS growth from the small to the big blob", "MiB", growth, "", [], "<= 16 (size-independent)",
-            Goal("value_max", 16)),
+        Row(
+            "P7",
+            f"edge peak RSS, {big // MiB} MiB blob, 8 conns",
+            "MiB",
+            big_rss,
+            "Distribution proxy",
+            runs_big["dist_proxy"]["rss"],
+            "<= 200",
+            Goal("value_max", 200),
+            note,
+        ),
+        Row(
+            "P7",
+            f"edge peak RSS, {small // MiB} MiB blob, 8 conns",
+            "MiB",
+            small_rss,
+            "Distribution proxy",
+            runs_small["dist_proxy"]["rss"],
+            "<= 200",
+            Goal("value_max", 200),
+        ),
+        Row(
+            "P7",
+            "RSS growth from the small to the big blob",
+            "MiB",
+            growth,
+            "",
+            [],
+            "<= 16 (size-independent)",
+            Goal("value_max", 16),
+        ),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import hashlib
 import hmac
@@ -39,6 +40,7 @@ class Access:
         self.tokens = tokens
         self._hashes = {u.name: u.password_hash.get_secret_value() for u in settings.users}
         self._hasher = PasswordHasher()
+        self._decoy = self._hasher.hash(os.urandom(16).hex())
         self._verified: dict[bytes, tuple[str, float]] = {}
         # A per-process key so the cache never holds a reusable form of a password.
         self._cache_key = os.urandom(32)
@@ -73,6 +75,10 @@ class Access:
             return None
         stored = self._hashes.get(user)
         if stored is None:
+            # Spend the same argon2 time as for a known user, so response times do not
+            # tell which user names exist.
+            with contextlib.suppress(VerificationError, InvalidHashError):
+                self._hasher.verify(self._decoy, password)
             raise unauthorized("unknown user or wrong password")
         try:
             self._hasher.verify(stored, password)

@@ -23,6 +23,11 @@ def layer_link(name: str, digest: Digest) -> str:
     return f"repositories/{name}/_layers/{digest.algorithm}/{digest.hex}"
 
 
+def project_blob(project: str, digest: Digest) -> str:
+    """Which blobs a project holds: a proxy project or a mount may reuse only these."""
+    return f"projects/{project}/_layers/{digest.algorithm}/{digest.hex}"
+
+
 def revision(name: str, digest: Digest) -> str:
     return f"repositories/{name}/_manifests/revisions/{digest.algorithm}/{digest.hex}"
 

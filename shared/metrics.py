@@ -11,7 +11,7 @@ REQUESTS = Counter(
 )
 REQUEST_SECONDS = Histogram(
     "seawall_request_duration_seconds",
-    "Time to answer a registry API request (to the first body byte for blobs)",
+    "Time to answer a registry API request, body included, by route",
     ["kind", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )

@@ -52,6 +52,11 @@ def _revision_cache_key(name: str, digest: Digest) -> str:
     return f"seawall:revision:{name}@{digest}"
 
 
+def project_of(name: str) -> str:
+    """Stored repository names are `<project>/<path>`."""
+    return name.split("/", 1)[0]
+
+
 class RepositoryStore:
     def __init__(self, store: ObjectStore, cache: Redis | None = None) -> None:
         self._store = store
@@ -92,6 +97,15 @@ class RepositoryStore:
     async def link_blob(self, name: str, digest: Digest, size: int) -> None:
         await self.register(name)
         await self._store.put_bytes(layout.layer_link(name, digest), str(size).encode())
+        await self._store.put_bytes(layout.project_blob(project_of(name), digest), str(size).encode())
+
+    async def project_holds(self, project: str, digest: Digest) -> bool:
+        """Whether any repository of `project` has this blob.
+
+        Blobs are stored once per digest, but sharing one with a repository of another
+        project would hand out content to callers who know only its digest.
+        """
+        return await self._store.stat(layout.project_blob(project, digest)) is not None
 
     async def blob_linked(self, name: str, digest: Digest) -> bool:
         return await self._store.stat(layout.layer_link(name, digest)) is not None

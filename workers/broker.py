@@ -19,8 +19,9 @@ def setup_broker(settings: Settings) -> RedisBroker:
     broker = RedisBroker(url=settings.redis_url, namespace="seawall")
     # Actors are coroutines; this middleware runs them on one event loop per process.
     broker.add_middleware(AsyncIO())
-    # Prefetch messages go to their own queue (behind client-driven fills); no actor
-    # declares it, so declare it here for the workers to consume.
+    # Prefetch and warm messages have their own queue, so a burst of them is visible
+    # apart from client-driven fills (Dramatiq consumes both queues side by side).
+    # No actor declares it for fill messages, so declare it here.
     broker.declare_queue(PREFETCH_QUEUE)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Set by `seawall worker`: every worker process writes its metrics to that

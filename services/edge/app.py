@@ -82,7 +82,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         app[keys.MANIFEST_CACHE] = ManifestCache(
             app[keys.REPOSITORIES], app[keys.BLOBS], redis, upstreams, prefetch
         )
-        app[keys.FOLLOWER] = BlobFollower(app[keys.STORE], app[keys.BLOBS], redis)
+        app[keys.FOLLOWER] = BlobFollower(app[keys.STORE], app[keys.BLOBS], app[keys.REPOSITORIES], redis)
         yield
     finally:
         await upstreams.close()

@@ -49,9 +49,9 @@ async def _held_size(request: web.Request, repo: Target, digest: Digest) -> int 
     app = request.app
     if await app[keys.REPOSITORIES].blob_linked(repo.name, digest):
         return await app[keys.BLOBS].size(digest)
-    if repo.project.type == "proxy":
-        # Blobs are stored once per digest: a layer another cached image brought in is
-        # a hit here too, verified when it was committed. Link it and serve it.
+    if repo.project.type == "proxy" and await app[keys.REPOSITORIES].project_holds(repo.project.name, digest):
+        # A layer another image of this cache brought in (base layers are shared widely)
+        # is a hit here too: it was verified when it was committed.
         size = await app[keys.BLOBS].size(digest)
         if size is not None:
             await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
@@ -133,14 +133,14 @@ async def _serve_fill(request: web.Request, repo: Target, digest: Digest) -> web
         await events.want(redis, repo, digest)
 
     await rerequest()
-    size = await follower.wait_for_size(digest, rerequest, timeout=connect + read)
+    size = await follower.wait_for_size(repo.project.name, digest, rerequest, timeout=connect + read)
     status, offset, length, headers = _blob_headers(request, digest, size)
     headers["X-Seawall-Cache"] = "miss"
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
     # A dead filler is noticed when its lease lapses, and a new fill then resumes it.
     stall = read + connect + LEASE_TTL
-    chunks = follower.follow(digest, offset, offset + length, size, rerequest, stall_timeout=stall)
+    chunks = follower.follow(repo.project.name, digest, offset, offset + length, size, rerequest, stall_timeout=stall)
     return await _send(request, status, headers, length, chunks, repo.project.name)
 
 

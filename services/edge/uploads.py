@@ -13,6 +13,7 @@ from shared.access import Action
 from shared.metrics import BYTES_RECEIVED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
+from shared.repositories import project_of
 from shared.uploads import Upload
 
 _CONTENT_RANGE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/\d+|/\*)?$")
@@ -70,11 +71,14 @@ async def start_upload(request: web.Request) -> web.Response:
 async def _mount(request: web.Request, name: str, digest: Digest, source: str | None) -> bool:
     """Link a blob another repository holds, if the caller may read it there.
 
-    With no `from`, any blob the registry holds is mounted (the spec's automatic
-    mount): blobs are stored once per digest, so this costs one small link object.
+    With no `from`, a blob that any repository of the same project holds is mounted
+    (the spec's automatic mount): blobs are stored once per digest, so this costs one
+    small link object. Other projects' blobs are never mounted without `from`.
     """
     app = request.app
     repositories = app[keys.REPOSITORIES]
+    if source is None and not await repositories.project_holds(project_of(name), digest):
+        return False
     if source is not None:
         try:
             origin = target(request, Action.PULL, name=source)

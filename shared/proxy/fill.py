@@ -24,7 +24,7 @@ from shared.oci.digest import Digest
 from shared.proxy import state
 from shared.proxy.events import CacheEvents
 from shared.proxy.leases import Lease, LeaseLost
-from shared.repositories import RepositoryStore
+from shared.repositories import RepositoryStore, project_of
 from shared.storage import ObjectStore
 from shared.upstream import UpstreamClient, UpstreamFailure
 
@@ -86,11 +86,15 @@ async def fill_blob(
     Returns what happened: "present", "busy" (another holder), "committed".
     Raises UpstreamFailure (retryable) or DigestMismatch (permanent).
     """
-    size = await deps.blobs.size(digest)
-    if size is not None:
-        await deps.repositories.link_blob(name, digest, size)
-        await state.write_state(deps.redis, digest, status=state.COMMITTED, size=size, staged=size)
-        return "present"
+    # Held by this proxy project already: link it. Held only by another project: fetch it
+    # anyway, so the upstream proves it serves this content here (the bytes are verified
+    # against the stored blob, not written again).
+    if await deps.repositories.project_holds(project_of(name), digest):
+        size = await deps.blobs.size(digest)
+        if size is not None:
+            await deps.repositories.link_blob(name, digest, size)
+            await state.write_state(deps.redis, digest, status=state.COMMITTED, size=size, staged=size)
+            return "present"
     lease = Lease(deps.redis, state.lease_key(digest), ttl=LEASE_TTL)
     if not await lease.acquire():
         return "busy"

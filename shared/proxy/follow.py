@@ -18,6 +18,7 @@ from shared import layout
 from shared.blobs import BlobStore
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
+from shared.repositories import RepositoryStore
 from shared.proxy import state
 from shared.storage import ObjectMissing, ObjectStore
 
@@ -34,13 +35,20 @@ def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
 
 
 class BlobFollower:
-    def __init__(self, objects: ObjectStore, blobs: BlobStore, redis: Redis) -> None:
+    def __init__(self, objects: ObjectStore, blobs: BlobStore, repositories: RepositoryStore, redis: Redis) -> None:
         self._objects = objects
         self._blobs = blobs
+        self._repositories = repositories
         self._redis = redis
 
+    async def _committed_size(self, project: str, digest: Digest) -> int | None:
+        """The blob's size once this project holds it (a copy held elsewhere does not count)."""
+        if not await self._repositories.project_holds(project, digest):
+            return None
+        return await self._blobs.size(digest)
+
     async def wait_for_size(
-        self, digest: Digest, rerequest: Callable[[], Awaitable[None]], timeout: float
+        self, project: str, digest: Digest, rerequest: Callable[[], Awaitable[None]], timeout: float
     ) -> int:
         """Wait until the filling worker knows the blob's size (it has the upstream's headers)."""
         deadline = time.monotonic() + timeout
@@ -52,7 +60,7 @@ class BlobFollower:
             if fill.size is not None:
                 return fill.size
             if fill.status in (None, state.COMMITTED):
-                size = await self._blobs.size(digest)
+                size = await self._committed_size(project, digest)
                 if size is not None:
                     return size
             now = time.monotonic()
@@ -65,6 +73,7 @@ class BlobFollower:
 
     async def follow(
         self,
+        project: str,
         digest: Digest,
         start: int,
         end: int,
@@ -79,7 +88,7 @@ class BlobFollower:
         next_rerequest = last_progress + REREQUEST_SECONDS
         while offset < end:
             fill = await state.read_state(self._redis, digest)
-            if fill.status in (None, state.COMMITTED) and await self._blobs.size(digest) is not None:
+            if fill.status in (None, state.COMMITTED) and await self._committed_size(project, digest) is not None:
                 async for chunk in self._blobs.stream(digest, offset, end - offset):
                     yield chunk
                 return

@@ -8,12 +8,14 @@ stale; with nothing cached, the failure becomes a clear OCI error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.blobs import BlobStore
 from shared.metrics import DIGEST_MISMATCHES
@@ -89,7 +91,7 @@ class ManifestCache:
     async def _by_tag(self, target: Target, tag: str) -> CachedManifest:
         tagged = await self._repositories.resolve_tag(target.name, tag)
         held = await self._local(target.name, tagged)
-        if held and await self._redis.exists(_fresh_key(target.name, tag)):
+        if held and await self._is_fresh(target, tag):
             return CachedManifest(*held, HIT)
 
         upstream = await self._upstreams.client(target.project.upstream or "")
@@ -102,7 +104,7 @@ class ManifestCache:
             raise failure.to_registry_error("MANIFEST_UNKNOWN") from None
         if head is None:
             # The upstream says the tag is gone; a mirror reflects that (the cached
-            # content stays, reachable by digest, until it expires).
+            # content stays reachable by digest).
             raise RegistryError("MANIFEST_UNKNOWN", f"{target.path}:{tag} does not exist upstream")
 
         digest = Digest.parse(head.digest) if head.digest else None
@@ -125,10 +127,18 @@ class ManifestCache:
         await self._mark_fresh(target, tag)
         return result
 
+    async def _is_fresh(self, target: Target, tag: str) -> bool:
+        # Redis is disposable: without it every tag is simply due for revalidation.
+        try:
+            return bool(await self._redis.exists(_fresh_key(target.name, tag)))
+        except RedisError:
+            return False
+
     async def _mark_fresh(self, target: Target, tag: str) -> None:
         ttl_ms = int(target.project.tag_ttl.total_seconds() * 1000)
         if ttl_ms > 0:
-            await self._redis.set(_fresh_key(target.name, tag), "1", px=ttl_ms)
+            with contextlib.suppress(RedisError):
+                await self._redis.set(_fresh_key(target.name, tag), "1", px=ttl_ms)
 
     async def _fetch(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest:
         """GET a manifest upstream once cluster-wide; concurrent askers wait for that GET."""
