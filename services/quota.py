@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import dramatiq
 from redis.asyncio import Redis
@@ -35,12 +36,23 @@ def _duration(seconds: float | None) -> str:
 
 async def quota_table(settings: Settings, redis_url: str) -> int:
     redis = Redis.from_url(redis_url)
-    table = Table("upstream", "identity", "remaining", "limit", "window", "reopens at", "spent (1h)", "runs out in")
+    table = Table(
+        "upstream", "identity", "remaining", "limit", "window", "reopens at", "spent (1h)", "runs out in"
+    )
     try:
         for upstream in settings.upstreams:
             status = await Governor(redis, upstream).status()
             if status.limit is None:
-                table.add_row(upstream.name, status.identity, "unlimited", "-", "-", _when(status.closed_until), str(status.spent_last_hour), "-")
+                table.add_row(
+                    upstream.name,
+                    status.identity,
+                    "unlimited",
+                    "-",
+                    "-",
+                    _when(status.closed_until),
+                    str(status.spent_last_hour),
+                    "-",
+                )
                 continue
             table.add_row(
                 upstream.name,
@@ -75,7 +87,7 @@ def enqueue_warm(settings: Settings, redis_url: str, references: Iterable[str]) 
                 raise ValueError(f"{reference!r}: {exc.message}") from None
             if target.project.type != "proxy":
                 raise ValueError(f"{reference!r}: {target.project.name} is not a proxy project")
-            message = dramatiq.Message(
+            message: dramatiq.Message[Any] = dramatiq.Message(
                 queue_name=PREFETCH_QUEUE,
                 actor_name=WARM_ACTOR,
                 args=(target.project.name, target.path, tag),

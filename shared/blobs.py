@@ -114,9 +114,7 @@ class BlobStore:
         self._keep(digest, data)
         return data
 
-    def stream(
-        self, digest: Digest, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
+    def stream(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         return self._store.stream(layout.blob(digest), offset, length)
 
     async def commit(self, digest: Digest, source: Source, expected_size: int | None = None) -> int:

@@ -16,7 +16,9 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 ERRORS = Counter("seawall_errors_total", "OCI errors returned, by code", ["code"])
-BYTES_SERVED = Counter("seawall_bytes_served_total", "Blob and manifest bytes sent to clients", ["project", "kind"])
+BYTES_SERVED = Counter(
+    "seawall_bytes_served_total", "Blob and manifest bytes sent to clients", ["project", "kind"]
+)
 BYTES_RECEIVED = Counter("seawall_bytes_received_total", "Bytes pushed by clients", ["project"])
 BYTES_FETCHED = Counter("seawall_upstream_bytes_total", "Bytes fetched from upstreams", ["upstream"])
 UPSTREAM_REQUESTS = Counter(
@@ -32,7 +34,10 @@ DIGEST_MISMATCHES = Counter(
     "seawall_digest_mismatch_total", "Fetched or pushed content that did not hash to its digest", ["source"]
 )
 QUOTA_REMAINING = Gauge(
-    "seawall_quota_remaining", "Pulls left in the upstream's window", ["upstream"], multiprocess_mode="mostrecent"
+    "seawall_quota_remaining",
+    "Pulls left in the upstream's window",
+    ["upstream"],
+    multiprocess_mode="mostrecent",
 )
 QUOTA_LIMIT = Gauge(
     "seawall_quota_limit", "Pull limit of the upstream's window", ["upstream"], multiprocess_mode="mostrecent"

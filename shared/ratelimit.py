@@ -107,7 +107,8 @@ local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(b[1]) or limit
 local ts = tonumber(b[2]) or now
 tokens = math.min(limit, tokens + math.max(0, now - ts) * limit / window, tonumber(ARGV[2]))
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'limit', ARGV[3], 'window', ARGV[4])
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now),
+  'limit', ARGV[3], 'window', ARGV[4])
 redis.call('EXPIRE', KEYS[1], math.ceil(window * 2))
 return tostring(tokens)
 """
@@ -256,7 +257,9 @@ class Governor:
 
     async def status(self) -> QuotaStatus:
         now = time.time()
-        fields = await self._redis.hmget(self._bucket, "tokens", "ts", "limit", "window", "closed_until", "blocked_until")
+        fields = await self._redis.hmget(
+            self._bucket, "tokens", "ts", "limit", "window", "closed_until", "blocked_until"
+        )
         spent = await self._redis.zcount(self._spent, now - SPEND_HISTORY_SECONDS, now)
         if self._quota is None:
             return QuotaStatus(self.upstream, self.identity, None, None, None, None, spent)
@@ -267,4 +270,6 @@ class Governor:
             elapsed = max(0.0, now - float(fields[1] or now))
             remaining = min(float(limit), float(fields[0]) + elapsed * limit / window)
         closes = [float(f) for f in fields[4:6] if f is not None and float(f) > now]
-        return QuotaStatus(self.upstream, self.identity, limit, window, remaining, max(closes) if closes else None, spent)
+        return QuotaStatus(
+            self.upstream, self.identity, limit, window, remaining, max(closes) if closes else None, spent
+        )

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -66,9 +66,10 @@ class RepositoryStore:
         if self._cache is None:
             return None
         try:
-            return await self._cache.get(key)
+            value = cast(bytes | None, await self._cache.get(key))
         except RedisError:
             return None
+        return value
 
     async def _remember(self, key: str, value: bytes) -> None:
         if self._cache is not None:

@@ -165,7 +165,7 @@ class ObjectStore:
             io.BytesIO(data),
             len(data),
             content_type=content_type,
-            metadata=metadata,  # type: ignore[arg-type]
+            metadata=metadata,
         )
 
     async def put_stream(
@@ -191,7 +191,7 @@ class ObjectStore:
             reader,
             length,
             content_type=content_type,
-            metadata=metadata,  # type: ignore[arg-type]
+            metadata=metadata,
             part_size=PART_SIZE,
             # One part in flight: the SDK's parallel mode queues parts without bound.
             num_parallel_uploads=1,

@@ -99,7 +99,9 @@ class UploadStore:
 
     async def finish(self, upload: Upload, digest: Digest) -> int:
         """Verify the whole upload against `digest` and commit it as a blob."""
-        size = await self._blobs.commit(digest, source_from_chunks(self._iterate_parts(upload)), upload.offset)
+        size = await self._blobs.commit(
+            digest, source_from_chunks(self._iterate_parts(upload)), upload.offset
+        )
         await self.cancel(upload)
         return size
 

@@ -42,8 +42,8 @@ from yarl import URL
 from shared.logging import get_logger
 from shared.metrics import BYTES_FETCHED, DIGEST_MISMATCHES, UPSTREAM_429, UPSTREAM_REQUESTS
 from shared.oci.errors import RegistryError
-from shared.ratelimit import Governor, QuotaRefused
 from shared.oci.mediatypes import ACCEPT
+from shared.ratelimit import Governor, QuotaRefused
 from shared.settings import Upstream
 
 log = get_logger(__name__)
@@ -165,7 +165,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-class UpstreamFailure(Exception):  # noqa: N818 - the name the callers know
+class UpstreamFailure(Exception):
     """Every way an upstream can fail, classified.
 
     `kind` is one of: "timeout" (no answer in time), "refused" (connection refused),
@@ -550,9 +550,7 @@ class UpstreamClient:
             os_error = exc.os_error
             if isinstance(os_error, ConnectionRefusedError) or os_error.errno == errno.ECONNREFUSED:
                 return self._failure("refused", f"{what}: connection refused")
-            return self._failure(
-                "network", f"{what}: cannot connect ({os_error.strerror or os_error})"
-            )
+            return self._failure("network", f"{what}: cannot connect ({os_error.strerror or os_error})")
         if isinstance(exc, ConnectionRefusedError):
             return self._failure("refused", f"{what}: connection refused")
         return self._failure("network", f"{what}: {type(exc).__name__}: {exc}")
@@ -628,9 +626,7 @@ class UpstreamClient:
         finally:
             response.release()
         if status != 200:
-            self._log.warning(
-                "upstream_token_failed", status=status, realm=str(url.with_query(None))
-            )
+            self._log.warning("upstream_token_failed", status=status, realm=str(url.with_query(None)))
             raise self._failure(
                 "auth",
                 f"token endpoint answered {status}{self._excerpt(body)}",
@@ -762,9 +758,7 @@ class UpstreamClient:
             self._basic = True
             request_headers["Authorization"] = credentials
         else:
-            raise self._failure(
-                "auth", "upstream answered 401 without a usable challenge", status=401
-            )
+            raise self._failure("auth", "upstream answered 401 without a usable challenge", status=401)
         response = await self._exchange(method, url, kind=kind, headers=request_headers)
         if response.status == 401:
             # Docker Hub answers this way (error="insufficient_scope") for a repository
@@ -776,9 +770,7 @@ class UpstreamClient:
                 self._tokens.pop(scope, None)
             self._log.warning("upstream_auth_rejected", kind=kind, method=method, error=error)
             reason = f" ({error})" if error else ""
-            raise self._failure(
-                "auth", f"upstream rejected our credentials for {scope}{reason}", status=401
-            )
+            raise self._failure("auth", f"upstream rejected our credentials for {scope}{reason}", status=401)
         return response
 
     async def _discard(self, response: aiohttp.ClientResponse) -> None:
@@ -859,9 +851,7 @@ class UpstreamClient:
                 retry_after=retry_after,
                 remaining=rate_limit.remaining if rate_limit else None,
             )
-            text = (
-                "pull rate limit reached" if kind == "quota" else "too many requests (abuse limit)"
-            )
+            text = "pull rate limit reached" if kind == "quota" else "too many requests (abuse limit)"
             raise self._failure(
                 kind, f"{what}: {text}", status=429, retry_after=retry_after, rate_limit=rate_limit
             )
@@ -964,9 +954,7 @@ class UpstreamClient:
                 )
             body = await self._read_limited(response, max_bytes + 1, what)
             if len(body) > max_bytes:
-                raise self._failure(
-                    "status", f"{what}: manifest exceeds {max_bytes} bytes", status=200
-                )
+                raise self._failure("status", f"{what}: manifest exceeds {max_bytes} bytes", status=200)
             if length is not None and len(body) != length:
                 raise self._failure(
                     "network", f"{what}: body ended after {len(body)} of {length} bytes", status=200
@@ -978,9 +966,7 @@ class UpstreamClient:
         digest = self._verify(what, body, header_digest, reference)
         if not media_type or media_type == "application/octet-stream":
             media_type = _sniff_media_type(body) or media_type or "application/octet-stream"
-        return FetchedManifest(
-            body=body, media_type=media_type, digest=digest, rate_limit=rate_limit
-        )
+        return FetchedManifest(body=body, media_type=media_type, digest=digest, rate_limit=rate_limit)
 
     def _verify(self, what: str, body: bytes, header_digest: str | None, reference: str) -> str:
         computed: dict[str, str] = {}
@@ -1010,9 +996,7 @@ class UpstreamClient:
 
     # ------------------------------------------------------------------------ blobs
     @asynccontextmanager
-    async def open_blob(
-        self, repository: str, digest: str, *, offset: int = 0
-    ) -> AsyncIterator[BlobStream]:
+    async def open_blob(self, repository: str, digest: str, *, offset: int = 0) -> AsyncIterator[BlobStream]:
         """Stream a blob from `offset` (with `Range: bytes=<offset>-` when offset > 0).
 
         Redirects are followed (Authorization dropped across origins). A 404 raises
@@ -1042,9 +1026,7 @@ class UpstreamClient:
             if response.status == 206:
                 content_range = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
                 if content_range is None:
-                    raise self._failure(
-                        "status", f"{what}: 206 without a usable Content-Range", status=206
-                    )
+                    raise self._failure("status", f"{what}: 206 without a usable Content-Range", status=206)
                 start, _end, total = content_range.groups()
                 if int(start) != offset:
                     raise self._failure(
@@ -1055,9 +1037,7 @@ class UpstreamClient:
                 total_size = int(total) if total != "*" else None
                 if total_size is None and length is not None:
                     total_size = offset + length
-                stream = BlobStream(
-                    self, response, offset=offset, total_size=total_size, digest=digest
-                )
+                stream = BlobStream(self, response, offset=offset, total_size=total_size, digest=digest)
             else:
                 stream = BlobStream(self, response, offset=offset, total_size=length, digest=digest)
                 if offset > 0:

@@ -65,17 +65,13 @@ def keys(client: Minio, bucket: str) -> set[str]:
     return {o.object_name for o in client.list_objects(bucket, recursive=True) if o.object_name}
 
 
-def assert_refused(
-    response: httpx.Response, status: int, code: str, secret: bytes | None = None
-) -> None:
+def assert_refused(response: httpx.Response, status: int, code: str, secret: bytes | None = None) -> None:
     """The OCI error, the challenge on a 401, and none of the content asked for."""
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"].startswith("application/json")
     assert "Docker-Content-Digest" not in response.headers
     if status == 401:
-        assert CHALLENGE.match(response.headers["WWW-Authenticate"]), response.headers[
-            "WWW-Authenticate"
-        ]
+        assert CHALLENGE.match(response.headers["WWW-Authenticate"]), response.headers["WWW-Authenticate"]
     if response.request.method == "HEAD":
         assert not response.content
         return
@@ -159,8 +155,7 @@ def bad_credentials(edge: EdgeServer, secret: bytes) -> dict[str, str]:
         "unknown-scheme": "Digest username=alice",
         "garbage-token": "Bearer some.jwt.token",
         "forged-token": "Bearer " + TokenSigner(os.urandom(32)).issue("alice"),
-        "expired-token": "Bearer "
-        + TokenSigner(secret).issue("alice", now=time.time() - 2 * TOKEN_TTL),
+        "expired-token": "Bearer " + TokenSigner(secret).issue("alice", now=time.time() - 2 * TOKEN_TTL),
         "tampered-token": f"Bearer {longer}.{signature}",
     }
 
@@ -175,10 +170,7 @@ def callers(edge: EdgeServer, token_secret: bytes) -> Iterator[dict[str, Caller]
         "anonymous-token": Caller(edge.url, "Bearer " + issue_token(edge)),
         "alice-token": Caller(edge.url, "Bearer " + issue_token(edge, ALICE)),
         "bob-token": Caller(edge.url, "Bearer " + issue_token(edge, BOB)),
-        **{
-            name: Caller(edge.url, header)
-            for name, header in bad_credentials(edge, token_secret).items()
-        },
+        **{name: Caller(edge.url, header) for name, header in bad_credentials(edge, token_secret).items()},
     }
     assert set(BAD_CREDENTIALS) <= set(made)
     yield made
@@ -258,9 +250,7 @@ def push_requests(repo: str) -> list[tuple[str, str, dict[str, Any]]]:
 # --------------------------------------------------------------------------- pulls
 
 
-def test_anonymous_pull_of_a_public_project(
-    callers: dict[str, Caller], images: dict[str, Image]
-) -> None:
+def test_anonymous_pull_of_a_public_project(callers: dict[str, Caller], images: dict[str, Image]) -> None:
     for name in (
         "anonymous",
         "empty",
@@ -276,9 +266,7 @@ def test_anonymous_pull_of_a_public_project(
             assert content in response.content
 
 
-def test_private_project_pull_needs_a_grant(
-    callers: dict[str, Caller], images: dict[str, Image]
-) -> None:
+def test_private_project_pull_needs_a_grant(callers: dict[str, Caller], images: dict[str, Image]) -> None:
     image = images[PRIVATE]
     # bob is granted pull; alice's push implies it.
     for name in ("bob", "alice", "bob-token", "alice-token"):
@@ -288,13 +276,9 @@ def test_private_project_pull_needs_a_grant(
             assert content in response.content
     for name in ("anonymous", "empty", "anonymous-token"):
         for method, path, _ in pull_requests(PRIVATE, image):
-            assert_refused(
-                callers[name].request(method, path), 401, "UNAUTHORIZED", image.layers[0]
-            )
+            assert_refused(callers[name].request(method, path), 401, "UNAUTHORIZED", image.layers[0])
     # A repository that does not exist in the private project is no less private.
-    assert_refused(
-        callers["anonymous"].get(f"/v2/{PRIVATE}-not-there/tags/list"), 401, "UNAUTHORIZED"
-    )
+    assert_refused(callers["anonymous"].get(f"/v2/{PRIVATE}-not-there/tags/list"), 401, "UNAUTHORIZED")
 
 
 @pytest.mark.parametrize("credentials", BAD_CREDENTIALS)
@@ -326,9 +310,7 @@ def test_a_wrong_password_is_refused_after_the_right_one_was_accepted(
 ) -> None:
     """Verified credentials are cached; the cache must not let a wrong password in."""
     assert callers["alice"].get(f"/v2/{PRIVATE}/manifests/v1").status_code == 200
-    assert_refused(
-        callers["wrong-password"].get(f"/v2/{PRIVATE}/manifests/v1"), 401, "UNAUTHORIZED"
-    )
+    assert_refused(callers["wrong-password"].get(f"/v2/{PRIVATE}/manifests/v1"), 401, "UNAUTHORIZED")
     assert callers["alice"].get(f"/v2/{PRIVATE}/manifests/v1").status_code == 200
 
 
@@ -402,14 +384,10 @@ def test_alice_may_delete_bob_may_not(
 # --------------------------------------------------------------------------- /v2/ and _catalog
 
 
-def test_version_check_challenges_anonymous_callers(
-    edge: EdgeServer, callers: dict[str, Caller]
-) -> None:
+def test_version_check_challenges_anonymous_callers(edge: EdgeServer, callers: dict[str, Caller]) -> None:
     response = callers["anonymous"].get("/v2/")
     assert_refused(response, 401, "UNAUTHORIZED")
-    assert (
-        response.headers["WWW-Authenticate"] == f'Bearer realm="{edge.url}/token",service="seawall"'
-    )
+    assert response.headers["WWW-Authenticate"] == f'Bearer realm="{edge.url}/token",service="seawall"'
     assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
     # Whoever presents credentials that verify passes the probe, anonymous ones included:
     # what they may do is decided per project (see the empty-credentials test).
@@ -433,9 +411,7 @@ def test_following_the_challenge_yields_a_working_token(edge: EdgeServer, stored
     token = response.json()["token"]
     data = b"pushed with a token"
     with httpx.Client(base_url=edge.url, headers={"Authorization": f"Bearer {token}"}) as alice:
-        pushed = alice.post(
-            f"/v2/{PUBLIC}/blobs/uploads/", params={"digest": sha256(data)}, content=data
-        )
+        pushed = alice.post(f"/v2/{PUBLIC}/blobs/uploads/", params={"digest": sha256(data)}, content=data)
         assert pushed.status_code == 201, pushed.text
     assert httpx.get(f"{edge.url}/v2/{PUBLIC}/blobs/{sha256(data)}").content == data
 
@@ -460,13 +436,9 @@ def test_token_endpoint_checks_credentials(edge: EdgeServer, token_secret: bytes
     refused = [
         httpx.get(f"{edge.url}/token", headers={"Authorization": basic("alice", "wrong")}),
         httpx.get(f"{edge.url}/token", headers={"Authorization": basic("mallory", USERS["alice"])}),
-        httpx.post(
-            f"{edge.url}/token", data={"grant_type": "password", "username": "bob", "password": "x"}
-        ),
+        httpx.post(f"{edge.url}/token", data={"grant_type": "password", "username": "bob", "password": "x"}),
         # A token cannot be traded for another (which could outlive it).
-        httpx.get(
-            f"{edge.url}/token", headers={"Authorization": "Bearer " + signer.issue("alice")}
-        ),
+        httpx.get(f"{edge.url}/token", headers={"Authorization": "Bearer " + signer.issue("alice")}),
     ]
     for response in refused:
         assert response.status_code == 401, response.text
@@ -492,9 +464,7 @@ def test_catalog_lists_only_pullable_repositories(
     assert "Link" in page.headers
 
 
-def test_empty_basic_credentials_are_anonymous(
-    callers: dict[str, Caller], images: dict[str, Image]
-) -> None:
+def test_empty_basic_credentials_are_anonymous(callers: dict[str, Caller], images: dict[str, Image]) -> None:
     empty = callers["empty"]
     assert empty.get(f"/v2/{PUBLIC}/manifests/v1").content == images[PUBLIC].manifest
     # Anonymous, so a challenge (401) and not a refusal of a known user (403).

@@ -59,11 +59,7 @@ class Bucket:
         self.before: set[str] = set()
 
     def listing(self) -> set[str]:
-        return {
-            o.object_name
-            for o in self.client.list_objects(self.name, recursive=True)
-            if o.object_name
-        }
+        return {o.object_name for o in self.client.list_objects(self.name, recursive=True) if o.object_name}
 
     def snapshot(self) -> None:
         self.before = self.listing()
@@ -350,9 +346,7 @@ def test_upload_session_under_malformed_name_is_name_invalid(
         path = f"/v2/{bad_name(template, repo)}/blobs/uploads/{upload}"
         assert_error(raw_request(edge, "GET", path), 400, "NAME_INVALID")
         assert_error(raw_request(edge, "PATCH", path, b"chunk"), 400, "NAME_INVALID")
-        assert_error(
-            raw_request(edge, "PUT", f"{path}?digest={sha256(b'chunk')}"), 400, "NAME_INVALID"
-        )
+        assert_error(raw_request(edge, "PUT", f"{path}?digest={sha256(b'chunk')}"), 400, "NAME_INVALID")
         assert_error(raw_request(edge, "DELETE", path), 400, "NAME_INVALID")
     bucket.assert_unchanged(http, {upload: repo})
     assert http.get(f"/v2/{repo}/blobs/uploads/{upload}").headers["Range"] == "0-0"
@@ -417,9 +411,7 @@ def test_malformed_digests_are_digest_invalid(
     bucket.snapshot()
     for bad in _bad_digests(sha256(layer)):
         for method in ("GET", "HEAD", "DELETE"):
-            assert_error(
-                raw_request(edge, method, f"/v2/{repo}/blobs/{bad}"), 400, "DIGEST_INVALID"
-            )
+            assert_error(raw_request(edge, method, f"/v2/{repo}/blobs/{bad}"), 400, "DIGEST_INVALID")
         for method in ("GET", "HEAD", "DELETE"):
             manifest_bad = bad.replace(sha256(layer).split(":")[1], image.digest.split(":")[1])
             if ":" in bad:  # without a colon the reference is a tag, which is another case
@@ -442,10 +434,7 @@ def test_malformed_digests_are_digest_invalid(
     # The session survived every refused finish and still completes with the right digest.
     status = http.get(f"/v2/{repo}/blobs/uploads/{upload}")
     assert status.headers["Range"] == f"0-{len(layer) - 1}"
-    assert (
-        http.put(f"/v2/{repo}/blobs/uploads/{upload}", params={"digest": sha256(layer)}).status_code
-        == 201
-    )
+    assert http.put(f"/v2/{repo}/blobs/uploads/{upload}", params={"digest": sha256(layer)}).status_code == 201
     assert http.get(f"/v2/{repo}/blobs/{sha256(layer)}").content == layer
     assert_error(http.get(f"/v2/{other}/blobs/{sha256(layer)}"), 404, "BLOB_UNKNOWN")
     assert other not in catalog(http)
@@ -485,9 +474,7 @@ def test_unsatisfiable_or_malformed_range_is_416(
     http: httpx.Client, blob: bytes, header: str, repo: str
 ) -> None:
     for method in ("GET", "HEAD"):
-        response = http.request(
-            method, f"/v2/{repo}/blobs/{sha256(blob)}", headers={"Range": header}
-        )
+        response = http.request(method, f"/v2/{repo}/blobs/{sha256(blob)}", headers={"Range": header})
         assert_error(response, 416, "RANGE_INVALID")
         assert response.headers["Content-Range"] == f"bytes */{len(blob)}"
 
@@ -731,9 +718,7 @@ def test_manifest_over_4_mib_is_413(
     exact["annotations"]["padding"] = exact["annotations"]["padding"][1:]
     at_limit = canonical(exact)
     assert len(at_limit) == MAX_MANIFEST
-    response = http.put(
-        f"/v2/{repo}/manifests/big", content=at_limit, headers={"Content-Type": OCI_MANIFEST}
-    )
+    response = http.put(f"/v2/{repo}/manifests/big", content=at_limit, headers={"Content-Type": OCI_MANIFEST})
     assert response.status_code == 201, response.text
 
 
@@ -812,14 +797,9 @@ def test_patch_shorter_than_its_content_length_stores_no_part(
     assert http.get(f"/v2/{repo}/blobs/uploads/{upload}").headers["Range"] == "0-0"
     # The session is intact: the real chunk is accepted at offset 0.
     data = b"y" * 1000
-    patch = http.patch(
-        f"/v2/{repo}/blobs/uploads/{upload}", content=data, headers={"Content-Range": "0-999"}
-    )
+    patch = http.patch(f"/v2/{repo}/blobs/uploads/{upload}", content=data, headers={"Content-Range": "0-999"})
     assert patch.status_code == 202
-    assert (
-        http.put(f"/v2/{repo}/blobs/uploads/{upload}", params={"digest": sha256(data)}).status_code
-        == 201
-    )
+    assert http.put(f"/v2/{repo}/blobs/uploads/{upload}", params={"digest": sha256(data)}).status_code == 201
     assert http.get(f"/v2/{repo}/blobs/{sha256(data)}").content == data
 
 
@@ -876,17 +856,13 @@ def test_chunked_patch_whose_content_range_disagrees_with_its_body(
 # --------------------------------------------------------------------------- chunk order
 
 
-def test_out_of_order_and_repeated_chunks_are_416(
-    http: httpx.Client, bucket: Bucket, repo: str
-) -> None:
+def test_out_of_order_and_repeated_chunks_are_416(http: httpx.Client, bucket: Bucket, repo: str) -> None:
     data = bytes(range(30)) * 2
     upload = start_upload(http, repo)
     url = f"/v2/{repo}/blobs/uploads/{upload}"
 
     def patch(start: int, end: int) -> httpx.Response:
-        return http.patch(
-            url, content=data[start : end + 1], headers={"Content-Range": f"{start}-{end}"}
-        )
+        return http.patch(url, content=data[start : end + 1], headers={"Content-Range": f"{start}-{end}"})
 
     first = patch(0, 9)
     assert first.status_code == 202
@@ -902,9 +878,7 @@ def test_out_of_order_and_repeated_chunks_are_416(
     assert patch(10, 19).headers["Range"] == "0-19"
     assert patch(20, 59).headers["Range"] == "0-59"
     # A PUT whose final chunk is out of order is refused the same way.
-    put = http.put(
-        url, params={"digest": sha256(data)}, content=b"zz", headers={"Content-Range": "70-71"}
-    )
+    put = http.put(url, params={"digest": sha256(data)}, content=b"zz", headers={"Content-Range": "70-71"})
     assert_error(put, 416, "BLOB_UPLOAD_INVALID")
     assert http.get(url).headers["Range"] == "0-59"
     done = http.put(url, params={"digest": sha256(data)})
@@ -937,10 +911,7 @@ def test_unknown_or_foreign_upload_id_is_blob_upload_unknown(
     bucket.assert_unchanged(http, {mine: repo})
     # The session survived the foreign DELETE and PUT, with exactly its own bytes.
     assert http.get(f"/v2/{repo}/blobs/uploads/{mine}").headers["Range"] == "0-2"
-    assert (
-        http.put(f"/v2/{repo}/blobs/uploads/{mine}", params={"digest": sha256(b"abc")}).status_code
-        == 201
-    )
+    assert http.put(f"/v2/{repo}/blobs/uploads/{mine}", params={"digest": sha256(b"abc")}).status_code == 201
     # A finished session is gone for good.
     assert_error(http.get(f"/v2/{repo}/blobs/uploads/{mine}"), 404, "BLOB_UPLOAD_UNKNOWN")
 
@@ -990,9 +961,7 @@ def test_unsupported_method_is_405_envelope(
 
 
 @pytest.mark.parametrize("n", ["abc", "-1", "1.5", "0x10", " 3"])
-def test_tags_list_with_malformed_n_is_400(
-    http: httpx.Client, image: Image, n: str, repo: str
-) -> None:
+def test_tags_list_with_malformed_n_is_400(http: httpx.Client, image: Image, n: str, repo: str) -> None:
     assert_error(http.get(f"/v2/{repo}/tags/list", params={"n": n}), 400, "PAGINATION_INVALID")
     assert_error(http.get("/v2/_catalog", params={"n": n}), 400, "PAGINATION_INVALID")
     assert http.get(f"/v2/{repo}/tags/list", params={"n": "1"}).json()["tags"] == ["v1"]

@@ -21,9 +21,7 @@ BOB = ("bob", USERS["bob"])
 MIB = 1024 * 1024
 # What docker, podman and skopeo print when a registry wants credentials they lack (docker
 # says "no basic auth credentials" before sending anything once /v2/ challenged it).
-NEEDS_AUTH = re.compile(
-    r"unauthori[sz]ed|authentication required|no basic auth credentials", re.IGNORECASE
-)
+NEEDS_AUTH = re.compile(r"unauthori[sz]ed|authentication required|no basic auth credentials", re.IGNORECASE)
 
 
 def tiny_image(label: str, *, architecture: str = "amd64") -> Image:
@@ -198,9 +196,7 @@ def test_docker_push_without_login_is_refused(
     assert "manifest unknown" in missing.stderr, missing.stderr
 
 
-def test_skopeo_push_without_credentials_is_refused(
-    edge: EdgeServer, skopeo: Skopeo, tmp_path: Path
-) -> None:
+def test_skopeo_push_without_credentials_is_refused(edge: EdgeServer, skopeo: Skopeo, tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     write_oci_layout(layout, [tiny_image(secrets.token_hex(4))], tag="v1")
     target = f"docker://{edge.address}/local/anon-skopeo:v1"
@@ -232,9 +228,7 @@ def test_podman_pulls_public_anonymously_and_private_with_credentials(
     assert podman.image_digest(private_ref) == private.digest
 
 
-def test_ctr_pulls_through_a_hosts_dir(
-    edge: EdgeServer, ctr: Ctr, skopeo: Skopeo, tmp_path: Path
-) -> None:
+def test_ctr_pulls_through_a_hosts_dir(edge: EdgeServer, ctr: Ctr, skopeo: Skopeo, tmp_path: Path) -> None:
     label = secrets.token_hex(4)
     image = tiny_image(label)
     push_with_skopeo(skopeo, tmp_path, edge, image, f"local/ctr-{label}")

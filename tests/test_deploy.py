@@ -7,6 +7,7 @@ other and against the code they deploy (settings, metrics, error codes, routes).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -53,9 +54,7 @@ def load_yaml(path: Path) -> Any:
     return doc
 
 
-YAML_FILES = sorted(
-    [COMPOSE_FILE, *DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), *K8S.glob("*.yaml")]
-)
+YAML_FILES = sorted([COMPOSE_FILE, *DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), *K8S.glob("*.yaml")])
 
 
 # --------------------------------------------------------------------------- syntax
@@ -132,9 +131,7 @@ def test_dockerfile_builds_a_non_root_edge_image() -> None:
     assert "/healthz" in healthchecks[-1]
 
     installs = [
-        rest
-        for kw, rest in instructions
-        if kw == "RUN" and re.search(r"\bpip (install|wheel)\b", rest)
+        rest for kw, rest in instructions if kw == "RUN" and re.search(r"\bpip (install|wheel)\b", rest)
     ]
     assert installs, "the package is installed with pip"
     for command in installs:
@@ -153,15 +150,11 @@ def test_dockerignore_admits_the_packages_pip_installs() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     include = re.search(r"include\s*=\s*\[([^\]]*)\]", pyproject)
     assert include is not None
-    packages = {
-        name.strip().strip("\"'").rstrip("*") for name in include[1].split(",") if name.strip()
-    }
+    packages = {name.strip().strip("\"'").rstrip("*") for name in include[1].split(",") if name.strip()}
     assert packages <= allowed
     assert "pyproject.toml" in allowed
     for name in allowed:
-        assert name in {"README.md"} or (ROOT / name).exists(), (
-            f".dockerignore admits missing {name}"
-        )
+        assert name in {"README.md"} or (ROOT / name).exists(), f".dockerignore admits missing {name}"
 
 
 # --------------------------------------------------------------------------- compose
@@ -216,12 +209,8 @@ def test_compose_references_files_that_exist(compose: dict[str, Any]) -> None:
         build = service.get("build")
         if build is not None:
             context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
-            dockerfile = (
-                build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
-            )
-            assert (context / dockerfile).is_file(), (
-                f"service {name} builds from a missing Dockerfile"
-            )
+            dockerfile = build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
+            assert (context / dockerfile).is_file(), f"service {name} builds from a missing Dockerfile"
         env_files = service.get("env_file", [])
         for env_file in [env_files] if isinstance(env_files, str) else env_files:
             path = env_file if isinstance(env_file, str) else env_file["path"]
@@ -306,9 +295,7 @@ def test_compose_grafana_provisions_the_datasource_and_dashboard(compose: dict[s
     dashboard_target = PurePosixPath(mounts["./deploy/grafana/seawall-dashboard.json"])
     assert any(PurePosixPath(p["options"]["path"]) == dashboard_target.parent for p in providers)
     for kind in ("datasources", "dashboards"):
-        assert (
-            mounts[f"./deploy/grafana/provisioning/{kind}"] == f"/etc/grafana/provisioning/{kind}"
-        )
+        assert mounts[f"./deploy/grafana/provisioning/{kind}"] == f"/etc/grafana/provisioning/{kind}"
 
     (datasource,) = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
     assert datasource["type"] == "prometheus"
@@ -322,8 +309,6 @@ def test_compose_grafana_provisions_the_datasource_and_dashboard(compose: dict[s
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    import os
-
     for key in list(os.environ):
         if key.startswith("SEAWALL_"):
             monkeypatch.delenv(key)
@@ -482,9 +467,7 @@ def test_k8s_seawall_roles(k8s_objects: dict[tuple[str, str], dict[str, Any]]) -
     (container,) = pod_spec(worker)["containers"]
     assert container["command"][:2] == ["seawall", "worker"]
     annotations = worker["spec"]["template"]["metadata"]["annotations"]
-    assert int(annotations["prometheus.io/port"]) in {
-        p["containerPort"] for p in container["ports"]
-    }
+    assert int(annotations["prometheus.io/port"]) in {p["containerPort"] for p in container["ports"]}
 
     scheduler = k8s_objects[("Deployment", "seawall-scheduler")]
     (container,) = pod_spec(scheduler)["containers"]
@@ -601,9 +584,7 @@ def dashboard_panels() -> list[dict[str, Any]]:
 
 def dashboard_expressions() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    expressions = [
-        t["expr"] for p in dashboard_panels() for t in p.get("targets", []) if "expr" in t
-    ]
+    expressions = [t["expr"] for p in dashboard_panels() for t in p.get("targets", []) if "expr" in t]
     for variable in dashboard["templating"]["list"]:
         query = variable.get("query")
         if variable["type"] == "query":
@@ -628,9 +609,7 @@ def test_expressions_name_metrics_that_exist(where: str, expr: str) -> None:
     registry = metric_registry()
     used = set(METRIC_NAME.findall(expr))
     # Only the target-health alerts go without a Seawall metric.
-    assert used or re.fullmatch(r'up\{job="[^"]+"\} == 0', expr), (
-        f"{where}: no seawall metric in {expr!r}"
-    )
+    assert used or re.fullmatch(r'up\{job="[^"]+"\} == 0', expr), f"{where}: no seawall metric in {expr!r}"
     for name in used:
         assert name in registry, f"{where}: {name} is not exported by shared/metrics.py"
 
@@ -646,9 +625,7 @@ def test_expressions_use_the_metrics_labels(where: str, expr: str) -> None:
             assert label in labels, f"{where}: {name} has no label {label!r}"
             if name.startswith("seawall_requests_total") and label == "result":
                 values = set(value.split("|"))
-                assert values <= REQUEST_RESULTS, (
-                    f"{where}: unknown result {values - REQUEST_RESULTS}"
-                )
+                assert values <= REQUEST_RESULTS, f"{where}: unknown result {values - REQUEST_RESULTS}"
     for name in METRIC_NAME.findall(expr):
         available |= registry[name]
     for grouping in GROUPING.findall(expr):
@@ -693,9 +670,7 @@ def test_alerts_cover_the_runbook() -> None:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["annotations"]["summary"]
         for job in re.findall(r'job="([^"]+)"', rule["expr"]):
-            assert job in jobs, (
-                f"{rule['alert']} selects job {job!r}, which prometheus.yml does not scrape"
-            )
+            assert job in jobs, f"{rule['alert']} selects job {job!r}, which prometheus.yml does not scrape"
 
 
 def test_dashboard_panels_have_targets() -> None:
@@ -717,9 +692,7 @@ def test_dashboard_panels_have_targets() -> None:
             assert target.get("expr", "").strip(), f"panel {panel['title']!r} has an empty query"
             assert target.get("refId")
             uid = (target.get("datasource") or panel["datasource"])["uid"]
-            assert uid.strip("${}") in datasource_vars, (
-                f"panel {panel['title']!r} uses datasource {uid}"
-            )
+            assert uid.strip("${}") in datasource_vars, f"panel {panel['title']!r} uses datasource {uid}"
 
 
 def test_dashboard_shows_what_operators_ask_for() -> None:
@@ -796,9 +769,7 @@ RULE_TESTS = [
         "alert_rule_test": [
             firing("SeawallLowHitRatio", "60m", {"severity": "info", "project": "busy"}),
             firing("SeawallQuotaNearlyExhausted", "5m"),
-            firing(
-                "SeawallQuotaNearlyExhausted", "20m", {"severity": "warning", "upstream": "hub"}
-            ),
+            firing("SeawallQuotaNearlyExhausted", "20m", {"severity": "warning", "upstream": "hub"}),
             firing("SeawallHigh5xxRate", "20m", {"severity": "critical"}),
         ],
     },
@@ -809,9 +780,7 @@ RULE_TESTS = [
 def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
     assert PROMTOOL is not None
     for args in (["check", "config", str(PROMETHEUS_CONFIG)], ["check", "rules", str(ALERTS)]):
-        result = subprocess.run(
-            [PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False
-        )
+        result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
 
     # The expressions are tested here, not the wording: the annotations are left out.

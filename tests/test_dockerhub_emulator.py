@@ -67,13 +67,9 @@ def push_blob(client: httpx.Client, name: str, data: bytes) -> str:
     return digest
 
 
-def push_manifest(
-    client: httpx.Client, name: str, ref: str, doc: dict[str, Any], media_type: str
-) -> str:
+def push_manifest(client: httpx.Client, name: str, ref: str, doc: dict[str, Any], media_type: str) -> str:
     body = json.dumps(doc).encode()
-    r = client.put(
-        f"/v2/{name}/manifests/{ref}", content=body, headers={"Content-Type": media_type}
-    )
+    r = client.put(f"/v2/{name}/manifests/{ref}", content=body, headers={"Content-Type": media_type})
     assert r.status_code == 201, r.text
     return sha256(body)
 
@@ -135,17 +131,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
                 except httpx.TransportError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        "docker-registry did not start:\n" + (root / "registry.log").read_text()
-                    )
+                    pytest.fail("docker-registry did not start:\n" + (root / "registry.log").read_text())
                 time.sleep(0.05)
             layer = os.urandom(300 * 1024)
             manifest = push_image(client, REPO, layer, "amd64", SCHEMA2)
             client.put(
                 f"/v2/{REPO}/manifests/latest",
-                content=client.get(
-                    f"/v2/{REPO}/manifests/{manifest}", headers={"Accept": SCHEMA2}
-                ).content,
+                content=client.get(f"/v2/{REPO}/manifests/{manifest}", headers={"Accept": SCHEMA2}).content,
                 headers={"Content-Type": SCHEMA2},
             ).raise_for_status()
             platforms = [
@@ -196,9 +188,7 @@ def token(client: httpx.Client, *scopes: str, auth: tuple[str, str] | None = Non
     return str(r.json()["token"])
 
 
-def bearer(
-    client: httpx.Client, repo: str = REPO, auth: tuple[str, str] | None = None
-) -> dict[str, str]:
+def bearer(client: httpx.Client, repo: str = REPO, auth: tuple[str, str] | None = None) -> dict[str, str]:
     return {
         "Authorization": "Bearer " + token(client, f"repository:{repo}:pull", auth=auth),
         "Accept": ACCEPT_ALL,
@@ -209,9 +199,7 @@ def bearer(
 def test_token_flow(hub: DockerHubEmulator, client: httpx.Client, registry: Seeded) -> None:
     r = client.get("/v2/")
     assert r.status_code == 401
-    assert r.headers["WWW-Authenticate"] == (
-        f'Bearer realm="{hub.url}/token",service="registry.docker.io"'
-    )
+    assert r.headers["WWW-Authenticate"] == (f'Bearer realm="{hub.url}/token",service="registry.docker.io"')
     r = client.get(ALPINE_MANIFEST)
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == (
@@ -238,10 +226,7 @@ def test_token_flow(hub: DockerHubEmulator, client: httpx.Client, registry: Seed
     # the token only covers library/alpine
     r = client.get("/v2/library/multi/manifests/latest", headers=auth)
     assert r.status_code == 401
-    assert (
-        'scope="repository:library/multi:pull",error="insufficient_scope"'
-        in r.headers["WWW-Authenticate"]
-    )
+    assert 'scope="repository:library/multi:pull",error="insufficient_scope"' in r.headers["WWW-Authenticate"]
     # garbage and revoked tokens are refused
     assert client.get(ALPINE_MANIFEST, headers={"Authorization": "Bearer nope"}).status_code == 401
     hub.revoke_tokens()
@@ -290,17 +275,13 @@ def test_token_expiry_scopes_and_accounts(hub: DockerHubEmulator, client: httpx.
     )
     alice = token(client, "repository:library/pushed:pull,push", auth=("alice", "s3cret"))
     data = b"pushed through the emulator"
-    r = client.post(
-        "/v2/library/pushed/blobs/uploads/", headers={"Authorization": f"Bearer {alice}"}
-    )
+    r = client.post("/v2/library/pushed/blobs/uploads/", headers={"Authorization": f"Bearer {alice}"})
     assert r.status_code == 202
     assert r.headers["Location"].startswith(hub.url + "/v2/library/pushed/blobs/uploads/")
     location = httpx.URL(r.headers["Location"]).copy_merge_params({"digest": sha256(data)})
     r = client.put(location, content=data, headers={"Authorization": f"Bearer {alice}"})
     assert r.status_code == 201, r.text
-    r = client.get(
-        f"/v2/library/pushed/blobs/{sha256(data)}", headers={"Authorization": f"Bearer {alice}"}
-    )
+    r = client.get(f"/v2/library/pushed/blobs/{sha256(data)}", headers={"Authorization": f"Bearer {alice}"})
     assert r.content == data
     assert hub.count("GET", "token") == 6
     assert hub.count("POST", "other") == 2
@@ -374,10 +355,7 @@ def test_quota_exhausted(hub: DockerHubEmulator, client: httpx.Client) -> None:
     assert hub.remaining() == 0
     assert hub.count("GET", "manifest", status=429) == 1
     # another identity still has its own quota
-    assert (
-        client.get(ALPINE_MANIFEST, headers=bearer(client, auth=("alice", "s3cret"))).status_code
-        == 200
-    )
+    assert client.get(ALPINE_MANIFEST, headers=bearer(client, auth=("alice", "s3cret"))).status_code == 200
 
 
 @pytest.mark.parametrize("form", ["seconds", "epoch", "http-date"])
@@ -465,9 +443,7 @@ def test_plain_text_429_and_abuse_limit(hub: DockerHubEmulator, client: httpx.Cl
     assert client.head(ALPINE_MANIFEST, headers=headers).status_code == 200
 
 
-def test_fail_next_always_and_clear(
-    hub: DockerHubEmulator, client: httpx.Client, registry: Seeded
-) -> None:
+def test_fail_next_always_and_clear(hub: DockerHubEmulator, client: httpx.Client, registry: Seeded) -> None:
     headers = bearer(client)
     blob = f"/v2/{REPO}/blobs/{registry.layer_digest}"
     hub.fail_next(2, 500, kind="manifest", method="GET")
@@ -489,9 +465,7 @@ def test_fail_next_always_and_clear(
     with pytest.raises(httpx.RemoteProtocolError):
         client.get(ALPINE_MANIFEST, headers=headers)
     assert client.get(ALPINE_MANIFEST, headers=headers).status_code == 200
-    assert [r.fault for r in hub.requests if r.fault] == ["fail:500"] * 2 + ["fail:502"] * 4 + [
-        "fail:0"
-    ]
+    assert [r.fault for r in hub.requests if r.fault] == ["fail:500"] * 2 + ["fail:502"] * 4 + ["fail:0"]
 
 
 def test_stall(hub: DockerHubEmulator, client: httpx.Client) -> None:
@@ -529,9 +503,7 @@ def test_corrupt_blob(hub: DockerHubEmulator, client: httpx.Client, registry: Se
     assert r.content != registry.layer
     assert sha256(r.content) != registry.layer_digest
     assert r.headers["Docker-Content-Digest"] == registry.layer_digest  # the lie is in the body
-    r = client.get(
-        f"/v2/{REPO}/blobs/{registry.layer_digest}", headers={**headers, "Range": "bytes=0-9"}
-    )
+    r = client.get(f"/v2/{REPO}/blobs/{registry.layer_digest}", headers={**headers, "Range": "bytes=0-9"})
     assert r.status_code == 206
     assert len(r.content) == 10
     assert r.content != registry.layer[:10]
@@ -566,23 +538,16 @@ def test_throttle_blob(hub: DockerHubEmulator, client: httpx.Client, registry: S
     assert 0 < len(first) < len(registry.layer)
     hub.throttle_blob(registry.layer_digest, None)
     hub.throttle_blob(None, None)
-    assert (
-        client.get(f"/v2/{REPO}/blobs/{registry.layer_digest}", headers=headers).content
-        == registry.layer
-    )
+    assert client.get(f"/v2/{REPO}/blobs/{registry.layer_digest}", headers=headers).content == registry.layer
 
 
 # -------------------------------------------------------------------------- counters
-def test_counters_and_requests(
-    hub: DockerHubEmulator, client: httpx.Client, registry: Seeded
-) -> None:
+def test_counters_and_requests(hub: DockerHubEmulator, client: httpx.Client, registry: Seeded) -> None:
     headers = bearer(client)
     client.head(ALPINE_MANIFEST, headers=headers)
     client.get(ALPINE_MANIFEST, headers=headers)
     client.get(f"/v2/{REPO}/manifests/{registry.manifest_digest}", headers=headers)
-    client.get(
-        f"/v2/{REPO}/blobs/{registry.layer_digest}", headers={**headers, "Range": "bytes=0-0"}
-    )
+    client.get(f"/v2/{REPO}/blobs/{registry.layer_digest}", headers={**headers, "Range": "bytes=0-0"})
     client.get("/v2/alpine/manifests/latest", headers=headers)  # no name rewriting: 401 (scope)
     assert hub.counts == {
         ("GET", "token"): 1,
@@ -645,21 +610,16 @@ def test_control_api_subprocess(registry: Seeded) -> None:
         "--account",
         "bob:pw",
     ]
-    with subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as proc:
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
-            assert line.strip() == f"dockerhub emulator listening on http://127.0.0.1:{port}", (
-                line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+            assert line.strip() == f"dockerhub emulator listening on http://127.0.0.1:{port}", line + (
+                proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
             )
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
                 headers = bearer(c)
-                assert (
-                    c.get(ALPINE_MANIFEST, headers=headers).headers["ratelimit-remaining"]
-                    == "2;w=600"
-                )
+                assert c.get(ALPINE_MANIFEST, headers=headers).headers["ratelimit-remaining"] == "2;w=600"
                 counts = c.get("/_emulator/counts").json()
                 assert counts["by_kind"] == {"GET manifest": 1, "GET token": 1}
                 assert counts["by_path"][f"GET {ALPINE_MANIFEST}"] == 1
@@ -667,9 +627,7 @@ def test_control_api_subprocess(registry: Seeded) -> None:
                 assert counts["pulls"] == {"anonymous": 1}
 
                 assert (
-                    c.post(
-                        "/_emulator/faults", json={"n": 1, "status": 503, "kind": "manifest"}
-                    ).status_code
+                    c.post("/_emulator/faults", json={"n": 1, "status": 503, "kind": "manifest"}).status_code
                     == 200
                 )
                 assert c.get(ALPINE_MANIFEST, headers=headers).status_code == 503
@@ -690,10 +648,7 @@ def test_control_api_subprocess(registry: Seeded) -> None:
                 )
                 assert r.json() == {"ok": True, "result": 1}
                 assert (
-                    c.post(
-                        "/_emulator/call/stall", json={"kind": "blob", "seconds": 0.1}
-                    ).status_code
-                    == 200
+                    c.post("/_emulator/call/stall", json={"kind": "blob", "seconds": 0.1}).status_code == 200
                 )
                 assert c.post("/_emulator/call/__init__", json={}).status_code == 404
                 assert c.post("/_emulator/faults/clear").status_code == 200
@@ -713,9 +668,7 @@ def test_control_api_subprocess(registry: Seeded) -> None:
 
 @pytest.mark.clients
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
-def test_skopeo_pulls_through_the_emulator(
-    hub: DockerHubEmulator, registry: Seeded, tmp_path: Path
-) -> None:
+def test_skopeo_pulls_through_the_emulator(hub: DockerHubEmulator, registry: Seeded, tmp_path: Path) -> None:
     """A real client does the whole dance: challenge, token, manifest, config and layer."""
     host = hub.url.removeprefix("http://")
     out = subprocess.run(
@@ -733,9 +686,7 @@ def test_skopeo_pulls_through_the_emulator(
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    assert (
-        tmp_path / "img" / registry.layer_digest.removeprefix("sha256:")
-    ).read_bytes() == registry.layer
+    assert (tmp_path / "img" / registry.layer_digest.removeprefix("sha256:")).read_bytes() == registry.layer
     assert hub.pulls() == 1
     assert hub.count("GET", "blob") == 2  # config + layer
     assert hub.count("GET", "token") >= 1

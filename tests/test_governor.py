@@ -36,7 +36,9 @@ def images(distribution, repo_name: Callable[[], str]) -> Callable[[int], list[s
         names = []
         for _ in range(count):
             name = repo_name()
-            push_image(distribution.url, name, make_image([make_layer({"id": name.encode()})], label=name), "1.0")
+            push_image(
+                distribution.url, name, make_image([make_layer({"id": name.encode()})], label=name), "1.0"
+            )
             names.append(name)
         return names
 
@@ -150,7 +152,14 @@ def test_a_429_closes_the_upstream_until_retry_after(
 ) -> None:
     stack = cache_stack(upstream={"quota": QUOTA})
     names = images(3)
-    hub.fail_next(1, 429, kind="manifest", method="GET" if not plain_text else None, retry_after=2, plain_text=plain_text)
+    hub.fail_next(
+        1,
+        429,
+        kind="manifest",
+        method="GET" if not plain_text else None,
+        retry_after=2,
+        plain_text=plain_text,
+    )
     first = get_manifest(stack.edge.url, names[0])
     assert first.status_code == 429
     assert first.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
@@ -182,7 +191,9 @@ def test_head_revalidation_goes_on_while_the_quota_is_spent(
     assert hub.count("HEAD", "manifest") == heads + 1
 
 
-def test_quota_command_prints_remaining_and_window(cache_stack: StackFactory, hub: DockerHubEmulator, images) -> None:
+def test_quota_command_prints_remaining_and_window(
+    cache_stack: StackFactory, hub: DockerHubEmulator, images
+) -> None:
     hub.set_quota(limit=5, window_seconds=21600)
     stack = cache_stack(upstream={"quota": QUOTA})
     for name in images(2):

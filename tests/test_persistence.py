@@ -41,9 +41,7 @@ def client(edge: EdgeServer, auth: tuple[str, str] | None = None) -> httpx.Clien
     return httpx.Client(base_url=edge.url, auth=auth, timeout=60)
 
 
-def put(
-    http: httpx.Client, repo: str, reference: str, body: bytes, media_type: str
-) -> httpx.Response:
+def put(http: httpx.Client, repo: str, reference: str, body: bytes, media_type: str) -> httpx.Response:
     response = http.put(
         f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type}
     )
@@ -52,9 +50,7 @@ def put(
 
 
 def push_blob(http: httpx.Client, repo: str, data: bytes) -> None:
-    response = http.post(
-        f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data
-    )
+    response = http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data)
     assert response.status_code == 201, response.text
 
 
@@ -73,9 +69,7 @@ def push_chunked(http: httpx.Client, repo: str, data: bytes) -> None:
     assert done.status_code == 201, done.text
 
 
-def snapshot(
-    edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, list[str]]
-) -> dict[str, Any]:
+def snapshot(edge: EdgeServer, repos: dict[str, list[str]], blobs: dict[str, list[str]]) -> dict[str, Any]:
     """Everything a client can read back: manifests (bytes and headers), blobs, tags,
     referrers and the catalog, as alice, bob and anonymous see them."""
     seen: dict[str, Any] = {}
@@ -107,9 +101,7 @@ def snapshot(
         seen["catalog bob"] = bob.get("/v2/_catalog").json()
         seen["catalog anonymous"] = anonymous.get("/v2/_catalog").json()
         seen["bob pulls private"] = bob.get("/v2/private/secret/manifests/v1").status_code
-        seen["anonymous pulls private"] = anonymous.get(
-            "/v2/private/secret/manifests/v1"
-        ).status_code
+        seen["anonymous pulls private"] = anonymous.get("/v2/private/secret/manifests/v1").status_code
         seen["bob pushes"] = bob.post("/v2/local/app/blobs/uploads/").status_code
         seen["bob version check"] = bob.get("/v2/").status_code
     return seen
@@ -171,8 +163,7 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
         }
         blobs = {
             "local/app": [
-                sha256(b)
-                for b in [image.config, *image.layers, arm.config, *arm.layers, b"{}", sbom_layer]
+                sha256(b) for b in [image.config, *image.layers, arm.config, *arm.layers, b"{}", sbom_layer]
             ],
             "private/secret": list(secret.blobs),
         }
@@ -188,9 +179,7 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
         after = snapshot(second, repos, blobs)
         # The token signing secret lives in the bucket, so a token issued before the
         # restart is still good after it.
-        with httpx.Client(
-            base_url=second.url, headers={"Authorization": f"Bearer {token}"}
-        ) as bearer:
+        with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {token}"}) as bearer:
             assert bearer.get("/v2/private/secret/manifests/v1").content == secret.manifest
         with client(second, ALICE) as alice:
             referrers = alice.get(
@@ -230,9 +219,7 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
 
 
 @pytest.fixture
-def worker_env(
-    monkeypatch: pytest.MonkeyPatch, redis_url: str, s3_settings: S3Settings
-) -> Iterator[None]:
+def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, s3_settings: S3Settings) -> Iterator[None]:
     """Point the worker runtime (settings from SEAWALL_* variables) at this test's bucket."""
     from workers import runtime
 
@@ -291,10 +278,7 @@ def test_purge_expired_uploads_removes_only_old_sessions(
             start = alice.post("/v2/local/app/blobs/uploads/")
             assert start.status_code == 202
             sessions[name] = start.headers["Docker-Upload-UUID"]
-            assert (
-                alice.patch(start.headers["Location"], content=name.encode() * 10).status_code
-                == 202
-            )
+            assert alice.patch(start.headers["Location"], content=name.encode() * 10).status_code == 202
         _age(s3_server, s3_settings.bucket, sessions["old"], 2 * 3600)
         _age(s3_server, s3_settings.bucket, sessions["almost"], 3600 - 120)
         assert len(upload_keys(sessions["old"])) == 2  # its info and one part
@@ -312,8 +296,6 @@ def test_purge_expired_uploads_removes_only_old_sessions(
         # Safe to run again: nothing more is old enough.
         assert asyncio.run(purge_expired_uploads()) == 0
         data = b"fresh" * 10
-        done = alice.put(
-            f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)}
-        )
+        done = alice.put(f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)})
         assert done.status_code == 201
         assert alice.get(f"/v2/local/app/blobs/{sha256(data)}").content == data

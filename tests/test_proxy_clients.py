@@ -77,4 +77,3 @@ def test_containerd_hosts_toml_pulls_docker_io_through_the_namespace_query(
     assert ctr.images()[reference] == image.digest
     assert {image.digest, *image.blobs} <= ctr.content_digests()
     assert hub.count("GET", "manifest", status=200) == 1
-

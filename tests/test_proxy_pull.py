@@ -41,12 +41,16 @@ def pull(base_url: str, path: str, tag: str, image: Image, params: dict[str, str
 @pytest.fixture
 def seeded(hub: DockerHubEmulator, distribution, repo_name: Callable[[], str]) -> tuple[str, Image]:
     name = repo_name()
-    image = make_image([make_layer(size=300_000, seed=name), make_layer({"etc/os": name.encode()})], label=name)
+    image = make_image(
+        [make_layer(size=300_000, seed=name), make_layer({"etc/os": name.encode()})], label=name
+    )
     push_image(distribution.url, name, image, "1.0")
     return name, image
 
 
-def test_project_path_pull_fills_from_upstream_then_hits(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+def test_project_path_pull_fills_from_upstream_then_hits(
+    cache_stack: StackFactory, hub: DockerHubEmulator, seeded
+) -> None:
     name, image = seeded
     stack = cache_stack(tag_ttl="1h")
     pull(stack.edge.url, f"hub/{name}", "1.0", image)
@@ -59,7 +63,9 @@ def test_project_path_pull_fills_from_upstream_then_hits(cache_stack: StackFacto
     assert hub.count("GET") == 0 and hub.count("HEAD") == 0
 
 
-def test_root_path_is_served_by_the_default_mirror_project(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+def test_root_path_is_served_by_the_default_mirror_project(
+    cache_stack: StackFactory, hub: DockerHubEmulator, seeded
+) -> None:
     name, image = seeded
     stack = cache_stack()
     pull(stack.edge.url, name, "1.0", image)
@@ -107,7 +113,9 @@ def test_concurrent_cold_pulls_reach_the_upstream_once_per_object(
         assert hub.count("GET", "blob", path=f"/v2/{name}/blobs/{digest}", status=200) == 1, digest
 
 
-def test_cached_tag_after_ttl_is_revalidated_with_head_only(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+def test_cached_tag_after_ttl_is_revalidated_with_head_only(
+    cache_stack: StackFactory, hub: DockerHubEmulator, seeded
+) -> None:
     name, image = seeded
     stack = cache_stack(tag_ttl="0s")
     pull(stack.edge.url, f"hub/{name}", "1.0", image)
@@ -121,7 +129,9 @@ def test_cached_tag_after_ttl_is_revalidated_with_head_only(cache_stack: StackFa
     assert hub.count("HEAD", "manifest", status=200) == 10
 
 
-def test_within_tag_ttl_the_upstream_is_not_asked(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+def test_within_tag_ttl_the_upstream_is_not_asked(
+    cache_stack: StackFactory, hub: DockerHubEmulator, seeded
+) -> None:
     name, image = seeded
     stack = cache_stack(tag_ttl="1h")
     pull(stack.edge.url, f"hub/{name}", "1.0", image)
@@ -167,7 +177,9 @@ def test_pulling_one_platform_of_an_index_fetches_only_that_manifest(
     assert hub.count("GET", "manifest", path=f"/v2/{name}/manifests/{amd.digest}") == 0
 
 
-def test_new_image_manifest_prefetches_its_blobs(cache_stack: StackFactory, hub: DockerHubEmulator, seeded) -> None:
+def test_new_image_manifest_prefetches_its_blobs(
+    cache_stack: StackFactory, hub: DockerHubEmulator, seeded
+) -> None:
     name, image = seeded
     stack = cache_stack()
     with httpx.Client(base_url=stack.edge.url, timeout=30) as client:
@@ -175,7 +187,10 @@ def test_new_image_manifest_prefetches_its_blobs(cache_stack: StackFactory, hub:
         # No client asks for a blob, yet the workers fetch them all.
         wait_for(lambda: hub.count("GET", "blob", status=200) >= len(image.blobs), 30, "prefetched blobs")
         wait_for(
-            lambda: all(client.head(f"/v2/hub/{name}/blobs/{d}").headers.get("X-Seawall-Cache") is None for d in image.blobs),
+            lambda: all(
+                client.head(f"/v2/hub/{name}/blobs/{d}").headers.get("X-Seawall-Cache") is None
+                for d in image.blobs
+            ),
             30,
             "prefetched blobs committed",
         )
@@ -193,7 +208,6 @@ def test_range_request_on_a_cached_blob(cache_stack: StackFactory, seeded) -> No
     assert part.status_code == 206
     assert part.content == data[10:100]
     assert part.headers["Content-Range"] == f"bytes 10-99/{len(data)}"
-
 
 
 def test_worker_metrics_count_fills_and_upstream_bytes(
@@ -219,7 +233,9 @@ def test_worker_metrics_count_fills_and_upstream_bytes(
         except httpx.HTTPError:
             return ""
 
-    wait_for(lambda: 'seawall_jobs_total{actor="fill_blob",result="committed"}' in scraped(), 30, "worker metrics")
+    wait_for(
+        lambda: 'seawall_jobs_total{actor="fill_blob",result="committed"}' in scraped(), 30, "worker metrics"
+    )
     text = scraped()
     assert 'seawall_upstream_bytes_total{upstream="hub"}' in text
     assert "dramatiq_messages_total" in text

@@ -165,7 +165,9 @@ def test_fill_killed_midway_resumes_with_a_range_request(
     assert ranged, "the resumed fill must ask for the remainder only"
     start = int(ranged[-1].range.removeprefix("bytes=").split("-")[0])
     assert 0 < start < size
-    wait_for(lambda: _committed_size(s3_server, s3_settings.bucket, digest) == len(layer), 60, "blob committed")
+    wait_for(
+        lambda: _committed_size(s3_server, s3_settings.bucket, digest) == len(layer), 60, "blob committed"
+    )
 
 
 def test_upstream_bytes_that_do_not_match_the_digest_are_never_committed(

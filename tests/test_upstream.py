@@ -110,9 +110,7 @@ async def with_client(
         return await body(client)
 
 
-def failure_of(
-    upstream: Upstream, body: Callable[[UpstreamClient], Awaitable[Any]]
-) -> UpstreamFailure:
+def failure_of(upstream: Upstream, body: Callable[[UpstreamClient], Awaitable[Any]]) -> UpstreamFailure:
     async def scenario() -> UpstreamFailure:
         async with UpstreamClient(upstream) as client:
             with pytest.raises(UpstreamFailure) as info:
@@ -203,9 +201,7 @@ def test_to_registry_error_mapping() -> None:
     for kind, expected in table.items():
         mapped = UpstreamFailure(kind, "m", upstream="u").to_registry_error()
         assert (mapped.code, mapped.status) == expected, kind
-    blob = UpstreamFailure("not_found", "m", upstream="u", status=404).to_registry_error(
-        "BLOB_UNKNOWN"
-    )
+    blob = UpstreamFailure("not_found", "m", upstream="u", status=404).to_registry_error("BLOB_UNKNOWN")
     assert (blob.code, blob.status) == ("BLOB_UNKNOWN", 404)
     copy = pickle.loads(pickle.dumps(quota))
     assert (copy.kind, copy.upstream, copy.status, copy.reopens_at) == (
@@ -241,18 +237,14 @@ def test_concurrent_requests_share_one_token(hub: DockerHubEmulator, seeded: See
     upstream = upstream_for(hub.url)
 
     async def body(client: UpstreamClient) -> list[ManifestHead | None]:
-        return await asyncio.gather(
-            *(client.head_manifest(seeded.repository, "latest") for _ in range(10))
-        )
+        return await asyncio.gather(*(client.head_manifest(seeded.repository, "latest") for _ in range(10)))
 
     heads = run(with_client(upstream, body))
     assert all(h is not None and h.digest == seeded.image.digest for h in heads)
     assert tokens_issued(hub) == 1
 
 
-def test_expired_token_is_renewed_before_the_request(
-    hub: DockerHubEmulator, seeded: Seeded
-) -> None:
+def test_expired_token_is_renewed_before_the_request(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.set_token_ttl(2)
     upstream = upstream_for(hub.url)
 
@@ -288,9 +280,7 @@ def test_second_401_is_an_auth_failure(hub: DockerHubEmulator, seeded: Seeded) -
         f'scope="repository:{seeded.repository}:pull",error="insufficient_scope"'
     )
     hub.fail_always(401, kind="manifest", headers={"WWW-Authenticate": challenge})
-    failure = failure_of(
-        upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
-    )
+    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
     assert failure.kind == "auth"
     assert failure.status == 401
     assert "insufficient_scope" in failure.message
@@ -323,9 +313,7 @@ def test_basic_credentials_reach_the_token_endpoint(
         assert hub.pulls("anonymous") == 0
         assert hub.remaining("alice") == 199
         assert hub.remaining("anonymous") == 100
-        assert fetched.rate_limit == RateLimit(
-            limit=200, remaining=199, window=21600.0, source="alice"
-        )
+        assert fetched.rate_limit == RateLimit(limit=200, remaining=199, window=21600.0, source="alice")
         assert seen == [fetched.rate_limit]
         token_request = next(r for r in hub.requests if r.kind == "token")
         assert token_request.identity == "alice"
@@ -368,9 +356,7 @@ def test_head_returns_digest_and_spends_no_quota(hub: DockerHubEmulator, seeded:
     assert hub.remaining() == 100
 
 
-def test_get_returns_exact_bytes_and_spends_one_pull(
-    hub: DockerHubEmulator, seeded: Seeded
-) -> None:
+def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, seeded: Seeded) -> None:
     seen: list[RateLimit] = []
 
     async def record(rate_limit: RateLimit) -> None:
@@ -378,9 +364,7 @@ def test_get_returns_exact_bytes_and_spends_one_pull(
 
     upstream = upstream_for(hub.url)
     fetched = run(
-        with_client(
-            upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record
-        )
+        with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record)
     )
     assert fetched is not None
     assert fetched.body == seeded.image.manifest
@@ -388,9 +372,7 @@ def test_get_returns_exact_bytes_and_spends_one_pull(
     assert fetched.media_type == OCI_MANIFEST
     assert hub.pulls() == 1
     assert hub.remaining() == 99
-    assert fetched.rate_limit == RateLimit(
-        limit=100, remaining=99, window=21600.0, source="127.0.0.1"
-    )
+    assert fetched.rate_limit == RateLimit(limit=100, remaining=99, window=21600.0, source="127.0.0.1")
     assert seen == [fetched.rate_limit]
     manifest_gets = [r for r in hub.requests if r.kind == "manifest" and r.method == "GET"]
     assert all(r.accept == ACCEPT for r in manifest_gets)
@@ -418,9 +400,7 @@ def test_get_returns_exact_bytes_and_spends_one_pull(
 
 def test_get_by_digest(hub: DockerHubEmulator, seeded: Seeded) -> None:
     fetched = run(
-        with_client(
-            upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, seeded.image.digest)
-        )
+        with_client(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, seeded.image.digest))
     )
     assert fetched is not None
     assert fetched.body == seeded.image.manifest
@@ -482,12 +462,8 @@ def test_quota_exhausted_with_epoch_retry_after(hub: DockerHubEmulator, seeded: 
 
 
 def test_quota_429_with_http_date(hub: DockerHubEmulator, seeded: Seeded) -> None:
-    hub.fail_next(
-        status=429, kind="manifest", method="GET", retry_after=90, retry_after_format="http-date"
-    )
-    failure = failure_of(
-        upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
-    )
+    hub.fail_next(status=429, kind="manifest", method="GET", retry_after=90, retry_after_format="http-date")
+    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
     assert failure.kind == "quota"
     assert failure.retry_after is not None
     assert 85 <= failure.retry_after <= 91
@@ -507,9 +483,7 @@ def test_plain_text_429_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None
 
 def test_plain_text_429_on_head_is_abuse(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.fail_next(status=429, kind="manifest", method="HEAD", plain_text=True, retry_after=30)
-    failure = failure_of(
-        upstream_for(hub.url), lambda c: c.head_manifest(seeded.repository, "latest")
-    )
+    failure = failure_of(upstream_for(hub.url), lambda c: c.head_manifest(seeded.repository, "latest"))
     assert failure.kind == "abuse"
     assert failure.retry_after == pytest.approx(30, abs=2)
 
@@ -517,9 +491,7 @@ def test_plain_text_429_on_head_is_abuse(hub: DockerHubEmulator, seeded: Seeded)
 # ------------------------------------------------------------ other failure kinds
 def test_server_error_is_status_failure(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.fail_next(status=500, kind="manifest", method="GET")
-    failure = failure_of(
-        upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest")
-    )
+    failure = failure_of(upstream_for(hub.url), lambda c: c.get_manifest(seeded.repository, "latest"))
     assert failure.kind == "status"
     assert failure.status == 500
     assert "500" in failure.message
@@ -589,10 +561,7 @@ def test_blob_whole_and_from_offset(hub: DockerHubEmulator, seeded: Seeded) -> N
 
     before = metric("seawall_upstream_bytes_total", upstream=upstream.name)
     run(with_client(upstream, body))
-    assert (
-        metric("seawall_upstream_bytes_total", upstream=upstream.name) - before
-        == 2 * len(layer) - 1000
-    )
+    assert metric("seawall_upstream_bytes_total", upstream=upstream.name) - before == 2 * len(layer) - 1000
     ranges = [r.range for r in hub.requests if r.kind == "blob" and r.status in (200, 206)]
     assert ranges == [None, "bytes=1000-"]
     assert hub.pulls() == 0
@@ -697,9 +666,7 @@ def test_basic_auth_redirect_drops_authorization_and_ignored_range(
 
     async def scenario() -> None:
         async with FakeRegistry(blob, image.manifest) as fake:
-            upstream = upstream_for(
-                fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD"
-            )
+            upstream = upstream_for(fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD")
             async with UpstreamClient(upstream) as client:
                 fetched = await client.get_manifest("team/app", "v1")
                 assert fetched is not None
@@ -733,9 +700,7 @@ def test_manifest_not_matching_its_digest_is_refused(monkeypatch: pytest.MonkeyP
 
     async def scenario() -> UpstreamFailure:
         async with FakeRegistry(b"", image.manifest) as fake:
-            upstream = upstream_for(
-                fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD"
-            )
+            upstream = upstream_for(fake.url, username="bob", password_env="SEAWALL_TEST_FAKE_PASSWORD")
             async with UpstreamClient(upstream) as client:
                 with pytest.raises(UpstreamFailure) as info:
                     await client.get_manifest("team/app", other)

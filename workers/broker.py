@@ -16,7 +16,7 @@ from shared.settings import Settings
 def setup_broker(settings: Settings) -> RedisBroker:
     if settings.redis_url is None:
         raise RuntimeError("workers need redis_url (set it, or start them with `seawall up`)")
-    broker = RedisBroker(url=settings.redis_url, namespace="seawall")
+    broker = RedisBroker(url=settings.redis_url, namespace="seawall")  # type: ignore[no-untyped-call]
     # Actors are coroutines; this middleware runs them on one event loop per process.
     broker.add_middleware(AsyncIO())
     # Prefetch and warm messages have their own queue, so a burst of them is visible

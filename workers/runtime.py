@@ -13,13 +13,13 @@ from redis.asyncio import Redis
 
 from shared.blobs import BlobStore
 from shared.logging import configure_logging
-from shared.proxy.events import CacheEvents, make_broker
 from shared.oci.digest import Digest
+from shared.proxy.events import CacheEvents, make_broker
 from shared.proxy.fill import FillDeps
 from shared.proxy.manifests import ManifestCache
-from shared.routing import Target
 from shared.proxy.upstreams import UpstreamPool
 from shared.repositories import RepositoryStore
+from shared.routing import Target
 from shared.settings import Settings, load_settings
 from shared.storage import ObjectStore
 from shared.uploads import UploadStore

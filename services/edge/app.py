@@ -11,15 +11,15 @@ from services.edge import keys
 from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared.access import Access
-from shared.layout import TOKEN_SECRET_KEY
 from shared.blobs import BlobStore
+from shared.layout import TOKEN_SECRET_KEY
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
 from shared.proxy.upstreams import UpstreamPool
-from shared.routing import Target
 from shared.repositories import RepositoryStore
+from shared.routing import Target
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.tokens import TokenSigner

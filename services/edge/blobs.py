@@ -29,14 +29,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     match = _RANGE.match(header.strip())
     if not match or (not match[1] and not match[2]):
-        raise RegistryError("RANGE_INVALID", f"unsupported Range {header[:100]!r}", headers=_unsatisfiable(size))
+        raise RegistryError(
+            "RANGE_INVALID", f"unsupported Range {header[:100]!r}", headers=_unsatisfiable(size)
+        )
     if not match[1]:  # suffix range: the last N bytes
         start, end = max(size - int(match[2]), 0), size - 1
     else:
         start = int(match[1])
         end = min(int(match[2]), size - 1) if match[2] else size - 1
     if start > end or start >= size:
-        raise RegistryError("RANGE_INVALID", f"range {header[:100]!r} is outside the blob", headers=_unsatisfiable(size))
+        raise RegistryError(
+            "RANGE_INVALID", f"range {header[:100]!r} is outside the blob", headers=_unsatisfiable(size)
+        )
     return start, end
 
 
@@ -78,8 +82,12 @@ def _blob_headers(request: web.Request, digest: Digest, size: int) -> tuple[int,
 
 
 async def _send(
-    request: web.Request, status: int, headers: dict[str, str], length: int,
-    chunks: AsyncIterator[bytes], project: str,
+    request: web.Request,
+    status: int,
+    headers: dict[str, str],
+    length: int,
+    chunks: AsyncIterator[bytes],
+    project: str,
 ) -> web.StreamResponse:
     """Stream a body; a failure after the headers went out can only cut the connection,
     which the client sees as a truncated (and therefore rejected) blob."""
@@ -133,14 +141,16 @@ async def _serve_fill(request: web.Request, repo: Target, digest: Digest) -> web
         await events.want(redis, repo, digest)
 
     await rerequest()
-    size = await follower.wait_for_size(repo.project.name, digest, rerequest, timeout=connect + read)
+    size = await follower.wait_for_size(repo.project.name, digest, rerequest, within=connect + read)
     status, offset, length, headers = _blob_headers(request, digest, size)
     headers["X-Seawall-Cache"] = "miss"
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
     # A dead filler is noticed when its lease lapses, and a new fill then resumes it.
     stall = read + connect + LEASE_TTL
-    chunks = follower.follow(repo.project.name, digest, offset, offset + length, size, rerequest, stall_timeout=stall)
+    chunks = follower.follow(
+        repo.project.name, digest, offset, offset + length, size, rerequest, stall_timeout=stall
+    )
     return await _send(request, status, headers, length, chunks, repo.project.name)
 
 

@@ -12,8 +12,6 @@ from shared.oci.errors import RegistryError
 from shared.routing import Target, resolve
 
 
-
-
 def target(request: web.Request, action: Action, name: str | None = None) -> Target:
     """Resolve the repository named by the request and check the caller may `action` it."""
     app = request.app

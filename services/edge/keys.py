@@ -6,11 +6,11 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from shared.access import Access
+from shared.blobs import BlobStore
 from shared.proxy.events import CacheEvents
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
 from shared.proxy.upstreams import UpstreamPool
-from shared.blobs import BlobStore
 from shared.repositories import RepositoryStore
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -29,4 +29,4 @@ MANIFEST_CACHE = web.AppKey("manifest_cache", ManifestCache)
 FOLLOWER = web.AppKey("follower", BlobFollower)
 
 # Per-request state: the authenticated user (None when anonymous).
-USER = web.RequestKey("user", str)
+USER = web.RequestKey[str | None]("user")

@@ -19,7 +19,9 @@ from shared.repositories import RepositoryStore, Revision
 from shared.routing import Target
 
 
-def manifest_response(request: web.Request, revision: Revision, body: bytes, extra: dict[str, str] | None = None) -> web.Response:
+def manifest_response(
+    request: web.Request, revision: Revision, body: bytes, extra: dict[str, str] | None = None
+) -> web.Response:
     headers = {
         "Docker-Content-Digest": str(revision.digest),
         "Content-Type": revision.media_type,

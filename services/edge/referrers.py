@@ -24,6 +24,4 @@ async def list_referrers(request: web.Request) -> web.Response:
         descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
         headers["OCI-Filters-Applied"] = "artifactType"
     index = {"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": descriptors}
-    return web.Response(
-        body=json.dumps(index).encode(), content_type=mediatypes.OCI_INDEX, headers=headers
-    )
+    return web.Response(body=json.dumps(index).encode(), content_type=mediatypes.OCI_INDEX, headers=headers)

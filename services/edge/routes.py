@@ -24,7 +24,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete(f"/v2/{NAME}/manifests/{{reference}}", manifests.delete_manifest, name="manifest_delete")
     r.add_post(f"/v2/{NAME}/blobs/uploads/", uploads.start_upload, name="upload")
     r.add_post(f"/v2/{NAME}/blobs/uploads", uploads.start_upload, name="upload_no_slash")
-    r.add_get(f"/v2/{NAME}/blobs/uploads/{UPLOAD}", uploads.upload_status, allow_head=False, name="upload_status")
+    r.add_get(
+        f"/v2/{NAME}/blobs/uploads/{UPLOAD}", uploads.upload_status, allow_head=False, name="upload_status"
+    )
     r.add_patch(f"/v2/{NAME}/blobs/uploads/{UPLOAD}", uploads.upload_chunk, name="upload_chunk")
     r.add_put(f"/v2/{NAME}/blobs/uploads/{UPLOAD}", uploads.finish_upload, name="upload_finish")
     r.add_delete(f"/v2/{NAME}/blobs/uploads/{UPLOAD}", uploads.cancel_upload, name="upload_cancel")

@@ -112,7 +112,9 @@ def _chunk_range(request: web.Request, length: int | None) -> tuple[int | None, 
     start, end = int(match[1]), int(match[2])
     if end < start or (length is not None and end - start + 1 != length):
         raise RegistryError(
-            "BLOB_UPLOAD_INVALID", f"Content-Range {header[:100]!r} does not match the body length", status=416
+            "BLOB_UPLOAD_INVALID",
+            f"Content-Range {header[:100]!r} does not match the body length",
+            status=416,
         )
     return start, end - start + 1
 

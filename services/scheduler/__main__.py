@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from datetime import UTC, datetime
 
@@ -21,7 +22,9 @@ TICK_SECONDS = 5.0
 
 def enqueue(trigger: Trigger) -> None:
     broker = dramatiq.get_broker()
-    broker.enqueue(dramatiq.Message(queue_name="maintenance", actor_name=trigger.actor, args=(), kwargs={}, options={}))
+    broker.enqueue(
+        dramatiq.Message(queue_name="maintenance", actor_name=trigger.actor, args=(), kwargs={}, options={})
+    )
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 
 
@@ -38,10 +41,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     if trigger.due_between(last, now):
                         enqueue(trigger)
             last = now
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
-            except TimeoutError:
-                pass
     finally:
         await lease.release()
         await redis.aclose()

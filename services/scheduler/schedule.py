@@ -16,7 +16,8 @@ class Trigger:
 
     def due_between(self, since: datetime, now: datetime) -> bool:
         """True when a firing time falls in (since, now]."""
-        return croniter(self.cron, since).get_next(datetime) <= now
+        following: datetime = croniter(self.cron, since).get_next(datetime)
+        return following <= now
 
 
 MAINTENANCE = [Trigger("purge-expired-uploads", "17 * * * *", "purge_expired_uploads_job")]

@@ -132,9 +132,7 @@ def parse_manifest(raw: bytes, content_type: str | None) -> Manifest:
         if not isinstance(children, list):
             raise RegistryError("MANIFEST_INVALID", "an index needs a manifests array")
         return Manifest(
-            manifests=tuple(
-                Descriptor.parse(c, f"manifests[{i}]") for i, c in enumerate(children)
-            ),
+            manifests=tuple(Descriptor.parse(c, f"manifests[{i}]") for i, c in enumerate(children)),
             **common,
         )
     layers = document.get("layers")

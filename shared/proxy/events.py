@@ -27,7 +27,7 @@ MAINTENANCE_QUEUE = "maintenance"
 
 def make_broker(redis_url: str) -> RedisBroker:
     """A broker for publishing only (the workers build theirs with middleware)."""
-    return RedisBroker(url=redis_url, namespace="seawall")
+    return RedisBroker(url=redis_url, namespace="seawall")  # type: ignore[no-untyped-call]
 
 
 class CacheEvents:
@@ -35,7 +35,9 @@ class CacheEvents:
         self._broker = broker
 
     async def _send(self, queue: str, actor: str, args: tuple[Any, ...], delay_ms: int | None = None) -> None:
-        message = dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={}, options={})
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=queue, actor_name=actor, args=args, kwargs={}, options={}
+        )
         # The broker's client is synchronous; keep the event loop free while it talks to Redis.
         await asyncio.to_thread(self._broker.enqueue, message, delay=delay_ms)
 

@@ -123,7 +123,9 @@ async def _fill_under_lease(
     started = time.monotonic()
     offset, hasher = await _resume_point(deps, digest)
     resumed_from = offset
-    await state.write_state(deps.redis, digest, status=state.FILLING, staged=offset, error_code=None, error=None)
+    await state.write_state(
+        deps.redis, digest, status=state.FILLING, staged=offset, error_code=None, error=None
+    )
     async with upstream.open_blob(repository, str(digest), offset=offset) as stream:
         total = stream.total_size
         await state.write_state(deps.redis, digest, size=total)
@@ -159,7 +161,10 @@ async def _fill_under_lease(
         DIGEST_MISMATCHES.labels("upstream").inc()
         log.error("fill_digest_mismatch", digest=str(digest), actual=actual, upstream=upstream.name)
         await state.write_state(
-            deps.redis, digest, status=state.FAILED, error_code="UPSTREAM_ERROR",
+            deps.redis,
+            digest,
+            status=state.FAILED,
+            error_code="UPSTREAM_ERROR",
             error=f"upstream content for {digest} hashes to {actual}",
         )
         await deps.objects.delete_many(

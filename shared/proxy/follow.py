@@ -18,8 +18,8 @@ from shared import layout
 from shared.blobs import BlobStore
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.repositories import RepositoryStore
 from shared.proxy import state
+from shared.repositories import RepositoryStore
 from shared.storage import ObjectMissing, ObjectStore
 
 POLL_SECONDS = 0.02
@@ -31,11 +31,15 @@ def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
     headers = {}
     if fill.retry_after:
         headers["Retry-After"] = str(max(1, round(fill.retry_after)))
-    return RegistryError(code, fill.error or f"filling {digest} failed", headers=headers, detail={"digest": str(digest)})
+    return RegistryError(
+        code, fill.error or f"filling {digest} failed", headers=headers, detail={"digest": str(digest)}
+    )
 
 
 class BlobFollower:
-    def __init__(self, objects: ObjectStore, blobs: BlobStore, repositories: RepositoryStore, redis: Redis) -> None:
+    def __init__(
+        self, objects: ObjectStore, blobs: BlobStore, repositories: RepositoryStore, redis: Redis
+    ) -> None:
         self._objects = objects
         self._blobs = blobs
         self._repositories = repositories
@@ -48,10 +52,10 @@ class BlobFollower:
         return await self._blobs.size(digest)
 
     async def wait_for_size(
-        self, project: str, digest: Digest, rerequest: Callable[[], Awaitable[None]], timeout: float
+        self, project: str, digest: Digest, rerequest: Callable[[], Awaitable[None]], within: float
     ) -> int:
         """Wait until the filling worker knows the blob's size (it has the upstream's headers)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         next_rerequest = time.monotonic() + REREQUEST_SECONDS
         while True:
             fill = await state.read_state(self._redis, digest)
@@ -65,7 +69,7 @@ class BlobFollower:
                     return size
             now = time.monotonic()
             if now > deadline:
-                raise RegistryError("UPSTREAM_TIMEOUT", f"no fill of {digest} started in {timeout:.0f}s")
+                raise RegistryError("UPSTREAM_TIMEOUT", f"no fill of {digest} started in {within:.0f}s")
             if now > next_rerequest:
                 await rerequest()
                 next_rerequest = now + REREQUEST_SECONDS
@@ -88,7 +92,10 @@ class BlobFollower:
         next_rerequest = last_progress + REREQUEST_SECONDS
         while offset < end:
             fill = await state.read_state(self._redis, digest)
-            if fill.status in (None, state.COMMITTED) and await self._committed_size(project, digest) is not None:
+            if (
+                fill.status in (None, state.COMMITTED)
+                and await self._committed_size(project, digest) is not None
+            ):
                 async for chunk in self._blobs.stream(digest, offset, end - offset):
                     yield chunk
                 return
@@ -110,7 +117,9 @@ class BlobFollower:
                 segments = []  # the listing was stale or the segments purged: look again
             now = time.monotonic()
             if now - last_progress > stall_timeout:
-                raise RegistryError("UPSTREAM_TIMEOUT", f"the fill of {digest} made no progress for {stall_timeout:.0f}s")
+                raise RegistryError(
+                    "UPSTREAM_TIMEOUT", f"the fill of {digest} made no progress for {stall_timeout:.0f}s"
+                )
             if now > next_rerequest:
                 # The holder may have died: its lease lapses and a new fill resumes it.
                 await rerequest()
@@ -128,7 +137,9 @@ class BlobFollower:
                 return  # a gap: the listing is behind; read it again next round
             lo, hi = offset - seg_start, min(seg_end, until) - seg_start
             try:
-                async for chunk in self._objects.stream(layout.staging_segment(digest, seg_start), lo, hi - lo):
+                async for chunk in self._objects.stream(
+                    layout.staging_segment(digest, seg_start), lo, hi - lo
+                ):
                     offset += len(chunk)
                     yield chunk
             except ObjectMissing:

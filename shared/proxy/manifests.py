@@ -158,7 +158,9 @@ class ManifestCache:
                 return done
             return await self._get_and_store(target, digest, tag)
 
-    async def _fetched_meanwhile(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest | None:
+    async def _fetched_meanwhile(
+        self, target: Target, digest: Digest | None, tag: str | None
+    ) -> CachedManifest | None:
         if digest is None and tag is not None:
             if not await self._redis.exists(_fresh_key(target.name, tag)):
                 return None
@@ -183,18 +185,24 @@ class ManifestCache:
         actual = Digest.of(fetched.body, digest.algorithm if digest else "sha256")
         if digest is not None and actual != digest:
             DIGEST_MISMATCHES.labels("upstream").inc()
-            log.error("manifest_digest_mismatch", repository=target.name, expected=str(digest), actual=str(actual))
+            log.error(
+                "manifest_digest_mismatch", repository=target.name, expected=str(digest), actual=str(actual)
+            )
             raise RegistryError("UPSTREAM_ERROR", f"upstream manifest for {digest} hashes to {actual}")
         try:
             manifest = parse_manifest(fetched.body, fetched.media_type)
         except RegistryError as invalid:
-            raise RegistryError("UPSTREAM_ERROR", f"upstream sent an invalid manifest: {invalid.message}") from None
+            raise RegistryError(
+                "UPSTREAM_ERROR", f"upstream sent an invalid manifest: {invalid.message}"
+            ) from None
 
         await self._blobs.commit_bytes(actual, fetched.body)
         revision = await self._repositories.add_revision(target.name, actual, manifest)
         if tag is not None:
             await self._repositories.set_tag(target.name, tag, actual)
-        log.info("manifest_cached", repository=target.name, digest=str(actual), media_type=manifest.media_type)
+        log.info(
+            "manifest_cached", repository=target.name, digest=str(actual), media_type=manifest.media_type
+        )
         # An index's platform manifests are fetched only when a client asks for one: each
         # costs a pull. An image's config and layers are free to fetch, so prefetch them.
         if not manifest.is_index:

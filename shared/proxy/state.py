@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -41,7 +42,8 @@ class FillState:
 
 
 async def read_state(redis: Redis, digest: Digest) -> FillState:
-    raw = {k.decode(): v.decode() for k, v in (await redis.hgetall(state_key(digest))).items()}
+    stored = cast(dict[bytes, bytes], await redis.hgetall(state_key(digest)))
+    raw = {k.decode(): v.decode() for k, v in stored.items()}
     if not raw:
         return FillState()
     return FillState(
@@ -56,7 +58,7 @@ async def read_state(redis: Redis, digest: Digest) -> FillState:
 
 
 async def write_state(redis: Redis, digest: Digest, **fields: str | int | float | None) -> None:
-    mapping = {k: ("" if v is None else str(v)) for k, v in fields.items()}
+    mapping: dict[Any, Any] = {k: ("" if v is None else str(v)) for k, v in fields.items()}
     mapping["updated"] = str(time.time())
     key = state_key(digest)
     async with redis.pipeline(transaction=True) as pipe:

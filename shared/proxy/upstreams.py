@@ -38,7 +38,9 @@ class UpstreamPool:
                     if hook is not None:
                         await hook(upstream_name, rate_limit)
 
-                client = UpstreamClient(upstream, on_rate_limit=report, governor=Governor(self._redis, upstream))
+                client = UpstreamClient(
+                    upstream, on_rate_limit=report, governor=Governor(self._redis, upstream)
+                )
                 await client.start()
                 self._clients[name] = client
             return self._clients[name]

@@ -76,9 +76,7 @@ ERROR_CODES = {
 CHUNK = 64 * 1024
 _INVERT = bytes(255 - i for i in range(256))
 
-_NAME = (
-    r"(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
-)
+_NAME = r"(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
 _ROUTES = [
     ("manifest", re.compile(rf"^/v2/{_NAME}/manifests/(?P<ref>[^/]+)$")),
     ("other", re.compile(rf"^/v2/{_NAME}/blobs/uploads(?:/.*)?$")),
@@ -311,9 +309,7 @@ class DockerHubEmulator(HubState):
         need = "pull" if method in ("GET", "HEAD") else "delete" if method == "DELETE" else "push"
         asked = "pull,push" if need == "push" else need
         scope = f"repository:{name}:{asked}" if name else None
-        detail = (
-            [{"Type": "repository", "Class": "", "Name": name, "Action": need}] if name else None
-        )
+        detail = [{"Type": "repository", "Class": "", "Name": name, "Action": need}] if name else None
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() != "bearer ":
             return self._challenge(scope, None, detail)
@@ -362,9 +358,7 @@ class DockerHubEmulator(HubState):
         )
 
     # ------------------------------------------------------------------ faults
-    def _fault_response(
-        self, request: web.Request, rec: RequestRecord, fault: Fault
-    ) -> web.StreamResponse:
+    def _fault_response(self, request: web.Request, rec: RequestRecord, fault: Fault) -> web.StreamResponse:
         rec.fault = f"fail:{fault.status}"
         if fault.status == 0:  # drop the connection without an answer
             rec.status = 0
@@ -391,13 +385,9 @@ class DockerHubEmulator(HubState):
                 headers=headers,
                 content_type="application/octet-stream",
             )
-        return web.Response(
-            status=fault.status, text=str(body), headers=headers, content_type="text/plain"
-        )
+        return web.Response(status=fault.status, text=str(body), headers=headers, content_type="text/plain")
 
-    def _quota_headers(
-        self, identity: str, remaining: int | None, ip: str | None
-    ) -> dict[str, str]:
+    def _quota_headers(self, identity: str, remaining: int | None, ip: str | None) -> dict[str, str]:
         policy = self.policy(identity)
         if not policy.send_headers or remaining is None:
             return {}
@@ -437,9 +427,7 @@ class DockerHubEmulator(HubState):
         assert self._session is not None
         out_headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         skip = {
-            h
-            for h in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-            if h not in request.headers
+            h for h in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type") if h not in request.headers
         }
         url = URL(self.upstream + request.raw_path, encoded=True)
         resp: web.StreamResponse | None = None
@@ -510,10 +498,7 @@ class DockerHubEmulator(HubState):
                 data = chunk[i : i + piece]
                 if effects.corrupt:
                     data = data.translate(_INVERT)
-                if (
-                    effects.cut_after is not None
-                    and rec.bytes_sent + len(data) >= effects.cut_after
-                ):
+                if effects.cut_after is not None and rec.bytes_sent + len(data) >= effects.cut_after:
                     data = data[: effects.cut_after - rec.bytes_sent]
                     await resp.write(data)
                     rec.bytes_sent += len(data)

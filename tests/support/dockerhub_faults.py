@@ -201,9 +201,7 @@ class HubState:
                 n = self._by_path[(method, path)]
                 if kind is None:
                     return n
-                return sum(
-                    1 for r in self._records if (r.method, r.path, r.kind) == (method, path, kind)
-                )
+                return sum(1 for r in self._records if (r.method, r.path, r.kind) == (method, path, kind))
             if kind is None:
                 return sum(n for (m, _), n in self._by_kind.items() if m == method)
             return self._by_kind[(method, kind)]
@@ -376,9 +374,7 @@ class HubState:
             return BlobEffects(
                 corrupt=specific.corrupt,
                 bytes_per_second=specific.bytes_per_second or general.bytes_per_second,
-                cut_after=specific.cut_after
-                if specific.cut_after is not None
-                else general.cut_after,
+                cut_after=specific.cut_after if specific.cut_after is not None else general.cut_after,
             )
 
     def abuse_exceeded(self) -> bool:

@@ -23,11 +23,15 @@ def push_blob(client: httpx.Client, repo: str, digest: str, data: bytes) -> None
 
 
 def push_manifest(client: httpx.Client, repo: str, reference: str, body: bytes, media_type: str) -> None:
-    response = client.put(f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type})
+    response = client.put(
+        f"/v2/{repo}/manifests/{reference}", content=body, headers={"Content-Type": media_type}
+    )
     assert response.status_code == 201, response.text
 
 
-def push_image(base_url: str, repo: str, image: Image, tag: str | None = "latest", auth: tuple[str, str] | None = None) -> None:
+def push_image(
+    base_url: str, repo: str, image: Image, tag: str | None = "latest", auth: tuple[str, str] | None = None
+) -> None:
     with httpx.Client(base_url=base_url, auth=auth, timeout=60) as client:
         for digest, data in image.blobs.items():
             push_blob(client, repo, digest, data)
@@ -35,7 +39,11 @@ def push_image(base_url: str, repo: str, image: Image, tag: str | None = "latest
 
 
 def push_index(
-    base_url: str, repo: str, images: list[Image], index: bytes, tag: str = "latest",
+    base_url: str,
+    repo: str,
+    images: list[Image],
+    index: bytes,
+    tag: str = "latest",
     auth: tuple[str, str] | None = None,
 ) -> None:
     for image in images:

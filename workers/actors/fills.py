@@ -8,8 +8,8 @@ import structlog
 from shared.metrics import JOBS
 from shared.oci.digest import Digest
 from shared.proxy import fill
-from shared.upstream import UpstreamFailure
 from shared.proxy.events import FILL_ACTOR, FILL_QUEUE, MAINTENANCE_QUEUE, PURGE_STAGING_ACTOR
+from shared.upstream import UpstreamFailure
 from workers.runtime import fill_deps, settings, upstreams
 
 log = structlog.get_logger("worker")
@@ -22,7 +22,9 @@ async def run_fill(project: str, repository: str, digest: str) -> str:
         log.warning("fill_for_unknown_project", project=project)
         return "unknown-project"
     client = await upstreams().client(found.upstream)
-    return await fill.fill_blob(fill_deps(), client, f"{project}/{repository}", repository, Digest.parse(digest))
+    return await fill.fill_blob(
+        fill_deps(), client, f"{project}/{repository}", repository, Digest.parse(digest)
+    )
 
 
 # Upstream failures are retried with backoff (the fill resumes where it stopped); a
@@ -52,6 +54,8 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
     JOBS.labels(FILL_ACTOR, outcome).inc()
 
 
-@dramatiq.actor(actor_name=PURGE_STAGING_ACTOR, queue_name=MAINTENANCE_QUEUE, max_retries=3, min_backoff=10_000)
+@dramatiq.actor(
+    actor_name=PURGE_STAGING_ACTOR, queue_name=MAINTENANCE_QUEUE, max_retries=3, min_backoff=10_000
+)
 async def purge_staging(digest: str) -> None:
     await fill.purge_staging(fill_deps(), Digest.parse(digest))

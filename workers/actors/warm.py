@@ -37,7 +37,9 @@ async def warm_tag(project: str, repository: str, tag: str) -> str:
     return cached.result
 
 
-@dramatiq.actor(actor_name=WARM_ACTOR, queue_name=PREFETCH_QUEUE, max_retries=3, min_backoff=30_000, time_limit=3_600_000)
+@dramatiq.actor(
+    actor_name=WARM_ACTOR, queue_name=PREFETCH_QUEUE, max_retries=3, min_backoff=30_000, time_limit=3_600_000
+)
 async def warm(project: str, repository: str, tag: str) -> None:
     try:
         outcome = await warm_tag(project, repository, tag)
@@ -48,4 +50,3 @@ async def warm(project: str, repository: str, tag: str) -> None:
             raise dramatiq.Retry(error.message, delay=int(retry_after) * 1000) from None
         raise
     JOBS.labels(WARM_ACTOR, outcome).inc()
-
