@@ -46,4 +46,20 @@ UPSTREAM_429 = Counter("seawall_upstream_429_total", "429 answers from upstreams
 QUOTA_DENIED = Counter(
     "seawall_quota_denied_total", "Upstream requests the governor refused", ["upstream", "priority"]
 )
+def declare_series(projects: list[str], upstreams: list[str]) -> None:
+    """Create the known label combinations at zero, so `rate()` sees their first event."""
+    for project in projects:
+        for kind in ("manifest", "blob"):
+            for result in ("hit", "miss", "stale", "error"):
+                REQUESTS.labels(project, kind, result)
+            BYTES_SERVED.labels(project, kind)
+    for upstream in upstreams:
+        BYTES_FETCHED.labels(upstream)
+        for kind in ("quota", "abuse"):
+            UPSTREAM_429.labels(upstream, kind)
+        for priority in ("client", "background"):
+            QUOTA_DENIED.labels(upstream, priority)
+    DIGEST_MISMATCHES.labels("upstream")
+
+
 JOBS = Counter("seawall_jobs_total", "Worker jobs by actor and outcome", ["actor", "result"])

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from shared.blobs import BlobStore
 from shared.logging import configure_logging
+from shared.metrics import declare_series
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
 from shared.proxy.fill import FillDeps
@@ -29,6 +30,7 @@ from shared.uploads import UploadStore
 def settings() -> Settings:
     loaded = load_settings()
     configure_logging(loaded.log_format, loaded.log_level)
+    declare_series([p.name for p in loaded.projects], [u.name for u in loaded.upstreams])
     return loaded
 
 

@@ -12,6 +12,7 @@ from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared.access import Access
 from shared.blobs import BlobStore
+from shared.metrics import declare_series
 from shared.layout import TOKEN_SECRET_KEY
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> web.Application:
     # The upload size cap is per request body; blobs are streamed, so no cap applies there.
     app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
     app[keys.SETTINGS] = settings
+    declare_series([p.name for p in settings.projects], [u.name for u in settings.upstreams])
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_auth)

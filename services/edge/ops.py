@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.edge import keys
+from shared.metrics import QUOTA_LIMIT, QUOTA_REMAINING
+from shared.ratelimit import Governor
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # Quota gauges are read from the shared bucket at scrape time: a process only learns
+    # of spending when it spends, so its own values would go stale as the bucket refills.
+    app = request.app
+    for upstream in app[keys.SETTINGS].upstreams:
+        status = await Governor(app[keys.REDIS], upstream).status()
+        if status.limit is not None and status.remaining is not None:
+            QUOTA_LIMIT.labels(upstream.name).set(status.limit)
+            QUOTA_REMAINING.labels(upstream.name).set(0 if status.closed_until else math.floor(status.remaining))
     response = web.Response(body=generate_latest())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
