@@ -46,6 +46,8 @@ UPSTREAM_429 = Counter("seawall_upstream_429_total", "429 answers from upstreams
 QUOTA_DENIED = Counter(
     "seawall_quota_denied_total", "Upstream requests the governor refused", ["upstream", "priority"]
 )
+
+
 def declare_series(projects: list[str], upstreams: list[str]) -> None:
     """Create the known label combinations at zero, so `rate()` sees their first event."""
     for project in projects:

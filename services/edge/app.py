@@ -12,8 +12,8 @@ from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared.access import Access
 from shared.blobs import BlobStore
-from shared.metrics import declare_series
 from shared.layout import TOKEN_SECRET_KEY
+from shared.metrics import declare_series
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
 from shared.proxy.follow import BlobFollower

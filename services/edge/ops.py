@@ -20,7 +20,9 @@ async def metrics(request: web.Request) -> web.Response:
         status = await Governor(app[keys.REDIS], upstream).status()
         if status.limit is not None and status.remaining is not None:
             QUOTA_LIMIT.labels(upstream.name).set(status.limit)
-            QUOTA_REMAINING.labels(upstream.name).set(0 if status.closed_until else math.floor(status.remaining))
+            QUOTA_REMAINING.labels(upstream.name).set(
+                0 if status.closed_until else math.floor(status.remaining)
+            )
     response = web.Response(body=generate_latest())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
