@@ -131,6 +131,11 @@ class BlobStore:
         await self._store.put_stream(layout.blob(digest), verifying, expected_size or -1)
         return verifying.size
 
+    async def adopt(self, digest: Digest, key: str, size: int) -> None:
+        """Commit an object already verified to hash to `digest`, by a server-side copy."""
+        if await self.size(digest) is None:
+            await self._store.copy(key, layout.blob(digest))
+
     async def commit_bytes(self, digest: Digest, data: bytes) -> None:
         actual = Digest.of(data, digest.algorithm)
         if actual != digest:

@@ -73,6 +73,10 @@ def upload_info(upload_id: str) -> str:
     return f"uploads/{upload_id}/info"
 
 
+def upload_first_part_sha256(upload_id: str) -> str:
+    return f"uploads/{upload_id}/first-part.sha256"
+
+
 def upload_parts(upload_id: str) -> str:
     return f"uploads/{upload_id}/parts/"
 

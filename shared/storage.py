@@ -9,6 +9,7 @@ store could not do is `StorageUnavailable`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
+from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
@@ -28,8 +30,9 @@ from shared.settings import S3Settings
 T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
-# S3's smallest multipart part; parts are read into memory one at a time.
+# Multipart part size (S3's minimum is 5 MiB); at most PARALLEL_PARTS are in memory.
 PART_SIZE = 8 * 1024 * 1024
+PARALLEL_PARTS = 3
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchUpload", "ResourceNotFound"}
 
 
@@ -48,29 +51,15 @@ class ObjectInfo:
     metadata: dict[str, str]
 
 
-class _SyncReader(io.RawIOBase):
-    """A blocking file-like view of an async byte source, for the SDK's upload thread.
-
-    `read()` hops back onto the event loop to pull the next chunk; the chunk size the SDK
-    asks for bounds memory, so a blob is never held whole.
-    """
-
-    def __init__(self, source: Callable[[int], Awaitable[bytes]], loop: asyncio.AbstractEventLoop):
-        super().__init__()
-        self._source = source
-        self._loop = loop
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        size = READ_CHUNK if size is None or size < 0 else size
-        future = asyncio.run_coroutine_threadsafe(_read_some(self._source, size), self._loop)
-        return future.result()
-
-
-async def _read_some(source: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
-    return await source(size)
+async def _read_exactly(source: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
+    """Up to `size` bytes from the source; fewer only at its end."""
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = await source(size - len(buffer))
+        if not chunk:
+            break
+        buffer += chunk
+    return bytes(buffer)
 
 
 class ObjectStore:
@@ -179,23 +168,43 @@ class ObjectStore:
     ) -> None:
         """Upload from an async source; the object appears only when the upload completes.
 
-        If `source` raises (a digest mismatch found at the last byte, a client gone), the
-        SDK aborts the multipart upload and nothing becomes visible under `key`.
+        Parts are read on the event loop and up to `PARALLEL_PARTS` of them upload at once
+        (object stores write faster in parallel; the SDK's own parallel mode would queue
+        parts without bound). If `source` raises (a digest mismatch found at the last
+        byte, a client gone), the multipart upload is aborted and nothing becomes visible
+        under `key`. `length` is advisory: the source's end is the object's end.
         """
-        loop = asyncio.get_running_loop()
-        reader = _SyncReader(source, loop)
-        await self._run(
-            self._client.put_object,
-            self.bucket,
-            key,
-            reader,
-            length,
-            content_type=content_type,
-            metadata=metadata,
-            part_size=PART_SIZE,
-            # One part in flight: the SDK's parallel mode queues parts without bound.
-            num_parallel_uploads=1,
-        )
+        first = await _read_exactly(source, PART_SIZE)
+        headers = {"Content-Type": content_type}
+        headers |= {f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()}
+        if len(first) < PART_SIZE:
+            await self.put_bytes(key, first, content_type=content_type, metadata=metadata)
+            return
+        client = self._client
+        upload_id = await self._run(client._create_multipart_upload, self.bucket, key, headers)
+        uploads: dict[int, asyncio.Future[str]] = {}
+        try:
+            number, data = 1, first
+            while data:
+                uploads[number] = asyncio.ensure_future(
+                    self._run(client._upload_part, self.bucket, key, data, None, upload_id, number)
+                )
+                pending = [f for f in uploads.values() if not f.done()]
+                if len(pending) >= PARALLEL_PARTS:
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for done in (f for f in uploads.values() if f.done()):
+                    done.result()  # surface a failed part now, not after reading everything
+                number, data = number + 1, await _read_exactly(source, PART_SIZE)
+            etags = await asyncio.gather(*uploads.values())
+            parts = [Part(n, etag) for n, etag in zip(uploads, etags, strict=True)]
+            await self._run(client._complete_multipart_upload, self.bucket, key, upload_id, parts, None)
+        except BaseException:
+            for future in uploads.values():
+                future.cancel()
+            await asyncio.gather(*uploads.values(), return_exceptions=True)
+            with contextlib.suppress(StorageUnavailable, ObjectMissing):
+                await self._run(client._abort_multipart_upload, self.bucket, key, upload_id)
+            raise
 
     async def stream(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = READ_CHUNK

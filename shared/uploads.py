@@ -7,6 +7,7 @@ through the digest check into the blob store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -18,6 +19,9 @@ from shared.blobs import BlobStore, Source, source_from_chunks
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.storage import ObjectMissing, ObjectStore
+
+# S3 copies a single object of up to 5 GiB; larger uploads are streamed into place.
+COPY_LIMIT = 5 * 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +76,16 @@ class UploadStore:
         if length == 0:
             return upload
         received = 0
+        # The first part is hashed on its way in: an upload sent as one chunk (what docker
+        # and skopeo do) is then committed by a server-side copy, without reading it back.
+        hasher = hashlib.sha256() if upload.offset == 0 else None
 
         async def counting(n: int) -> bytes:
             nonlocal received
             chunk = await source(n)
             received += len(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
             if not chunk and length is not None and received != length:
                 # Raised inside the upload so the part is never completed.
                 raise RegistryError("SIZE_INVALID", f"received {received} bytes, expected {length}")
@@ -89,6 +98,10 @@ class UploadStore:
         if received == 0:
             await self._store.delete(key)
             return upload
+        if hasher is not None:
+            await self._store.put_bytes(
+                layout.upload_first_part_sha256(upload.id), hasher.hexdigest().encode()
+            )
         end = upload.offset + received
         return Upload(upload.id, upload.name, upload.started, (*upload.parts, (upload.offset, end)))
 
@@ -99,11 +112,25 @@ class UploadStore:
 
     async def finish(self, upload: Upload, digest: Digest) -> int:
         """Verify the whole upload against `digest` and commit it as a blob."""
-        size = await self._blobs.commit(
-            digest, source_from_chunks(self._iterate_parts(upload)), upload.offset
-        )
+        if await self._first_part_is(upload, digest):
+            await self._blobs.adopt(digest, layout.upload_part(upload.id, 0), upload.offset)
+            size = upload.offset
+        else:
+            size = await self._blobs.commit(
+                digest, source_from_chunks(self._iterate_parts(upload)), upload.offset
+            )
         await self.cancel(upload)
         return size
+
+    async def _first_part_is(self, upload: Upload, digest: Digest) -> bool:
+        """Whether the upload is one part that hashed to `digest` when it was written."""
+        if len(upload.parts) != 1 or digest.algorithm != "sha256" or upload.offset > COPY_LIMIT:
+            return False
+        try:
+            recorded = await self._store.get_bytes(layout.upload_first_part_sha256(upload.id))
+        except ObjectMissing:
+            return False
+        return recorded.decode() == digest.hex
 
     async def cancel(self, upload: Upload) -> None:
         keys = await self._store.list_keys(layout.upload(upload.id))

@@ -10,6 +10,7 @@ the bytes hash to it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -132,25 +133,39 @@ async def _fill_under_lease(
         segment = bytearray()
         target = FIRST_SEGMENT if offset == 0 else MAX_SEGMENT
         last_flush = time.monotonic()
+        # One segment uploads while the next downloads; the staged mark advances only
+        # once a segment is stored, and in order.
+        writing: asyncio.Task[None] | None = None
+
+        async def store(start: int, data: bytes) -> None:
+            await deps.objects.put_bytes(layout.staging_segment(digest, start), data)
+            await state.write_state(deps.redis, digest, staged=start + len(data))
 
         async def flush() -> None:
-            nonlocal offset, target, last_flush
+            nonlocal offset, target, last_flush, writing
             if lease.lost:
                 raise LeaseLost(f"lost the fill lease for {digest}")
-            await deps.objects.put_bytes(layout.staging_segment(digest, offset), bytes(segment))
+            if writing is not None:
+                await writing
+            writing = asyncio.create_task(store(offset, bytes(segment)))
             offset += len(segment)
             segment.clear()
             target = min(target * 2, MAX_SEGMENT)
             last_flush = time.monotonic()
-            await state.write_state(deps.redis, digest, staged=offset)
 
-        async for chunk in stream.iter_chunks(256 * 1024):
-            hasher.update(chunk)  # type: ignore[attr-defined]
-            segment += chunk
-            if len(segment) >= target or time.monotonic() - last_flush > FLUSH_INTERVAL:
+        try:
+            async for chunk in stream.iter_chunks(256 * 1024):
+                hasher.update(chunk)  # type: ignore[attr-defined]
+                segment += chunk
+                if len(segment) >= target or time.monotonic() - last_flush > FLUSH_INTERVAL:
+                    await flush()
+            if segment:
                 await flush()
-        if segment:
-            await flush()
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
 
     if total is not None and offset != total:
         raise UpstreamFailure(
