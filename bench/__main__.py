@@ -34,12 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--slow-rounds", type=int, default=None, help="rounds of P3, P4, P5, P8 (default rounds-1)"
     )
     parser.add_argument("--only", default="", help="comma-separated workload ids, e.g. P1,P2")
-    parser.add_argument(
-        "--quick", action="store_true", help="1 round, 3s runs, smaller images and blobs"
-    )
-    parser.add_argument(
-        "--duration", type=float, default=None, help="seconds of each load run (default 6)"
-    )
+    parser.add_argument("--quick", action="store_true", help="1 round, 3s runs, smaller images and blobs")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of each load run (default 6)")
     parser.add_argument(
         "--client",
         choices=["wrk", "loadgen"],
@@ -54,9 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-write", action="store_true", help="never write BENCHMARKS.md")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the work directory (logs, storage)"
-    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, storage)")
     return parser.parse_args(argv)
 
 
@@ -105,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows += WORKLOADS[workload](ctx)
                 except Exception as exc:  # one broken workload must not hide the others
                     traceback.print_exc()
-                    rows.append(
-                        Row(workload, "(failed)", "-", [], error=f"{type(exc).__name__}: {exc}")
-                    )
+                    rows.append(Row(workload, "(failed)", "-", [], error=f"{type(exc).__name__}: {exc}"))
                 ctx.log(f"{workload} done in {time.monotonic() - t0:.0f}s")
     except KeyboardInterrupt:
         print("bench: interrupted; servers stopped", file=sys.stderr)

@@ -27,7 +27,7 @@ def _skopeo_pull(ctx: Context, address: str, ref: str) -> float:
 
 
 def p3(ctx: Context) -> list[Row]:
-    """Cold skopeo pull of a 5-layer ~200 MiB image: seconds, vs the upstream direct and vs Distribution proxy."""
+    """Cold skopeo pull of a 5-layer ~200 MiB image: seconds, vs the upstream and vs Distribution proxy."""
     s, z = ctx.stack, ctx.sizes
     times: dict[str, list[float]] = {"direct": [], "seawall": [], "dist_proxy": []}
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in times}
@@ -131,9 +131,7 @@ def p4(ctx: Context) -> list[Row]:
                 f"{result['elapsed_s']:.1f}s; upstream manifest GETs {n_manifest}, most GETs of a blob {most}"
             )
             if r == 0:
-                notes.append(
-                    f"{name}: {result['errors']} failed pulls, upstream {describe(statuses)}"
-                )
+                notes.append(f"{name}: {result['errors']} failed pulls, upstream {describe(statuses)}")
     note = (
         f"50 pulls at once (loadgen pull mode, 50 connections, blobs checked against their digests) of a "
         f"3-layer image ({3 * z.p4_layer // MiB} MiB); GETs answered 200/206 by the emulator. Round 1: "
@@ -184,13 +182,15 @@ def p5(ctx: Context) -> list[Row]:
             ttfb[name].append(result["ttfb_s"])
             total[name].append(result["total_s"])
             ctx.log(
-                f"P5 round {r + 1} {name}: first byte {result['ttfb_s'] * 1000:.1f} ms, whole {result['total_s']:.2f}s"
+                f"P5 round {r + 1} {name}: first byte {result['ttfb_s'] * 1000:.1f} ms, "
+                f"whole {result['total_s']:.2f}s"
             )
             if name == "seawall":
                 prep.wait_committed(s.edge.url, f"hub/{repo}", [digest], timeout=300)
     whole = ", ".join(f"{k} {sorted(v)[len(v) // 2]:.2f}s" for k, v in total.items())
     note = (
-        f"One streaming GET of a {z.p5_blob // MiB} MiB blob nobody holds, on a new connection; the emulator's "
+        f"One streaming GET of a {z.p5_blob // MiB} MiB blob nobody holds, on a new connection; "
+        "the emulator's "
         f"token is fetched before the clock starts. Time to read the whole blob (median): {whole}"
     )
     return [
@@ -245,7 +245,8 @@ def p8(ctx: Context) -> list[Row]:
         finally:
             shutil.rmtree(layout, ignore_errors=True)
     note = (
-        f"skopeo copy oci:... docker://..., {z.image_layers} layers, {size / MiB:.0f} MiB in all; Seawall with "
+        f"skopeo copy oci:... docker://..., {z.image_layers} layers, {size / MiB:.0f} MiB in all; "
+        "Seawall with "
         "credentials (one token fetch), Distribution without auth. CPU during the pushes, % of one core: "
         f"Seawall {mean_cpu(cpu['seawall'])}; Distribution hosted {mean_cpu(cpu['dist_hosted'])}"
     )

@@ -30,9 +30,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(
-            p2_blob=100 * MiB, layer=8 * MiB, p4_layer=2 * MiB, p5_blob=100 * MiB, p7_blob=256 * MiB
-        )
+        return cls(p2_blob=100 * MiB, layer=8 * MiB, p4_layer=2 * MiB, p5_blob=100 * MiB, p7_blob=256 * MiB)
 
 
 @dataclass
@@ -100,13 +98,6 @@ class Context:
             self.log(f"profile of {name}:\n{self.profiles[name]}")
 
 
-def upstream_requests(before: dict[str, Any], after: dict[str, Any]) -> Counter[str]:
-    """Requests that reached the emulator between two `counts` snapshots, by 'METHOD kind'."""
-    total: Counter[str] = Counter(after.get("by_kind", {}))
-    total.subtract(before.get("by_kind", {}))
-    return +total
-
-
 def describe(counts: Counter[str]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
 
@@ -118,11 +109,11 @@ def pids(ctx: Context, target: str) -> dict[str, int]:
         return {"edge": s.edge.pid, "s3": s.s3.pid, "redis": s.redis.pid, "workers": s.workers.pid}
     if target == "dist_proxy":
         return {"distribution": s.dist_proxy.pid, "emulator": s.hub.pid, "upstream": s.upstream.pid}
+    if target == "s3_direct":
+        return {"s3": s.s3.pid}
     return {"distribution": s.dist_hosted.pid}
 
 
 def mean_cpu(runs: list[dict[str, float]]) -> str:
     names = list(runs[0]) if runs else []
-    return (
-        ", ".join(f"{n} {sum(r.get(n, 0.0) for r in runs) / len(runs):.0f}%" for n in names) or "-"
-    )
+    return ", ".join(f"{n} {sum(r.get(n, 0.0) for r in runs) / len(runs):.0f}%" for n in names) or "-"

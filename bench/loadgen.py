@@ -128,11 +128,7 @@ async def fetch(
                     hasher.update(chunk)
                 if keep:
                     parts.append(chunk)
-            if (
-                hasher is not None
-                and response.status == 200
-                and f"sha256:{hasher.hexdigest()}" != digest
-            ):
+            if hasher is not None and response.status == 200 and f"sha256:{hasher.hexdigest()}" != digest:
                 raise ValueError(f"digest mismatch on {url}")
             return response.status, b"".join(parts), response.headers.get("Content-Type", "")
     return 401, b"", ""
@@ -153,9 +149,7 @@ async def one_pull(
 ) -> bool:
     name, _, tag = ref.rpartition(":")
     manifest_url = f"{base}/v2/{name}/manifests/{tag}"
-    status, body, media_type = await fetch(
-        session, auth, manifest_url, {"Accept": ACCEPT}, stats, keep=True
-    )
+    status, body, media_type = await fetch(session, auth, manifest_url, {"Accept": ACCEPT}, stats, keep=True)
     if status != 200:
         stats.error(f"GET {manifest_url}: {status} {body[:200]!r}")
         return False
@@ -174,9 +168,7 @@ async def one_pull(
     async def blob(digest: str) -> bool:
         async with gate:
             url = f"{base}/v2/{name}/blobs/{digest}"
-            status, _, _ = await fetch(
-                session, auth, url, {}, stats, digest=digest if verify else None
-            )
+            status, _, _ = await fetch(session, auth, url, {}, stats, digest=digest if verify else None)
             if status != 200:
                 stats.error(f"GET {url}: {status}")
             return status == 200
@@ -190,15 +182,13 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
     stats = Stats()
     connector = aiohttp.TCPConnector(limit=args.connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=args.timeout)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False
-    ) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         auth = Auth(session)
         targets = args.target
         if args.mode == "pull":
             base, ref = targets[0].rstrip("/"), targets[1]
 
-            async def request(_: int) -> bool:
+            async def request(i: int) -> bool:
                 return await one_pull(session, auth, base, ref, stats, args.verify)
         else:
             # Answer any token challenge now, outside the timed part.
@@ -298,15 +288,11 @@ async def run_ttfb(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.loadgen", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["get", "pull", "ttfb"])
     parser.add_argument("target", nargs="+", help="URLs (get, ttfb) or BASE_URL NAME:TAG (pull)")
     parser.add_argument("-c", "--connections", type=int, default=1)
-    parser.add_argument(
-        "-d", "--duration", type=float, default=0.0, help="seconds (0: until --requests)"
-    )
+    parser.add_argument("-d", "--duration", type=float, default=0.0, help="seconds (0: until --requests)")
     parser.add_argument("-n", "--requests", type=int, default=0, help="request (or pull) count")
     parser.add_argument("-H", "--header", action="append", default=[], metavar="NAME: VALUE")
     parser.add_argument("--verify", action="store_true", help="pull: check every blob's sha256")

@@ -57,9 +57,7 @@ def push_random_blob(base_url: str, repo: str, size: int, seed: str) -> str:
 
 def bench_image(layers: int, layer_size: int, seed: str) -> Image:
     """An image of `layers` layers of incompressible bytes, `layer_size` each (before tar+gzip)."""
-    return make_image(
-        [make_layer(size=layer_size, seed=f"{seed}-{i}") for i in range(layers)], label=seed
-    )
+    return make_image([make_layer(size=layer_size, seed=f"{seed}-{i}") for i in range(layers)], label=seed)
 
 
 def push(base_url: str, repos: list[str], image: Image, tag: str = "1.0") -> None:

@@ -37,19 +37,18 @@ def _package(path: str) -> str:
 
 
 def _role(frames: list[re.Match[str]]) -> str:
+    # uvloop runs callbacks from C, so event-loop stacks often start at a coroutine frame.
     for m in frames:
         if m["func"] == "_worker" and m["file"].endswith("futures/thread.py"):
             return "thread pool (S3 SDK calls)"
-    for m in frames:
-        if m["func"] in ("run_app", "run_forever", "run_until_complete"):
-            return "event loop thread"
-    return "other threads"
+    return "event loop (main) thread"
 
 
 def summarize(path: Path, top: int = 12, rate: int = 250) -> str:
     """Self time by package and function, and inclusive time of our own functions."""
     self_pkg: Counter[str] = Counter()
     self_top: Counter[str] = Counter()
+    inclusive_top: Counter[str] = Counter()
     roles: Counter[str] = Counter()
     self_func: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -69,6 +68,8 @@ def summarize(path: Path, top: int = 12, rate: int = 250) -> str:
         self_top[_package(leaf["file"]).split("/")[0]] += n
         self_pkg[_package(leaf["file"])] += n
         self_func[f"{leaf['func']} ({leaf['file']})"] += n
+        for top_level in {_package(m["file"]).split("/")[0] for m in parsed}:
+            inclusive_top[top_level] += n
         seen: set[str] = set()
         for m in parsed:
             pkg = _package(m["file"])
@@ -89,6 +90,7 @@ def summarize(path: Path, top: int = 12, rate: int = 250) -> str:
     out = [f"{total} samples of non-idle threads ({rate} a second per thread)"]
     out += block("by thread:", roles)
     out += block("self time by top-level package:", self_top)
+    out += block("inclusive time by top-level package (stacks with a frame in it):", inclusive_top)
     out += block("self time by module:", self_pkg)
     out += block("self time by function:", self_func)
     out += block("inclusive time, Seawall's own functions:", inclusive)

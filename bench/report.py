@@ -87,9 +87,7 @@ def fmt(value: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    header = (
-        "| id | workload | figure | Seawall | peer | peer value | ratio S/P | target | result |"
-    )
+    header = "| id | workload | figure | Seawall | peer | peer value | ratio S/P | target | result |"
     lines = [header, "|---|---|---|---:|---|---:|---:|---|---|"]
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
@@ -144,7 +142,10 @@ def machine() -> dict[str, str]:
     import aiohttp
 
     return {
-        "uname -a": " ".join(os.uname()),
+        "Seawall revision": _run(
+            ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"]
+        ),
+        "uname -a": _run(["uname", "-a"]),
         "CPU": cpu,
         "cores": str(os.cpu_count()),
         "memory": memory,

@@ -179,9 +179,7 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.edge = enter(Edge(self.config_path, port, self.work))
         self.workers = enter(Workers(self.config_path, self.work))
-        self.dist_proxy = enter(
-            start_distribution(self.work / "dist-proxy", proxy_url=self.hub.url)
-        )
+        self.dist_proxy = enter(start_distribution(self.work / "dist-proxy", proxy_url=self.hub.url))
         self.dist_hosted = enter(start_distribution(self.work / "dist-hosted"))
         self.redis, self.s3 = redis, s3
 

@@ -39,9 +39,7 @@ def loadgen(mode: str, *targets: str, timeout: float = 600, **options: Any) -> d
                 argv += [flag, str(item)]
         elif value is not None and value is not False:
             argv += [flag, str(value)]
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False
-    )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False)
     if done.returncode != 0:
         raise ToolError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -75,9 +73,7 @@ def wrk(
     ]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
-    done = subprocess.run(
-        [*argv, url], capture_output=True, text=True, timeout=duration + 60, check=False
-    )
+    done = subprocess.run([*argv, url], capture_output=True, text=True, timeout=duration + 60, check=False)
     out = done.stdout
     if done.returncode != 0 or "Requests/sec" not in out:
         raise ToolError(f"wrk failed: {out[-1500:]} {done.stderr[-500:]}")
@@ -87,9 +83,7 @@ def wrk(
     read = float(total[4]) * _SIZE[total[5]]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = (int(non2xx[1]) if non2xx else 0) + (
-        sum(int(x) for x in socket.groups()) if socket else 0
-    )
+    errors = (int(non2xx[1]) if non2xx else 0) + (sum(int(x) for x in socket.groups()) if socket else 0)
     pct = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)\s*$", out, re.M))
     return {
         "requests": int(total[1]),
@@ -111,9 +105,7 @@ class Skopeo:
         self.work = work
         (work / "tmp").mkdir(parents=True, exist_ok=True)
         (work / "registries.d").mkdir(exist_ok=True)
-        (work / "policy.json").write_text(
-            json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
-        )
+        (work / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         (work / "registries.conf").write_text("")
         (work / "auth.json").write_text(json.dumps({"auths": {}}))
         self.env = {
@@ -226,9 +218,7 @@ class CpuMeter:
             with contextlib.suppress(OSError):
                 self.percent[name] = 100 * (cpu_seconds(pid) - self._before[name]) / wall
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.percent["load generator"] = (
-            100 * (usage.ru_utime + usage.ru_stime - self._children) / wall
-        )
+        self.percent["load generator"] = 100 * (usage.ru_utime + usage.ru_stime - self._children) / wall
 
     def describe(self) -> str:
         return ", ".join(f"{name} {value:.0f}%" for name, value in self.percent.items())

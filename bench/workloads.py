@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from bench import prep
 from bench.cold import p3, p4, p5, p8
 from bench.context import Context, describe, mean_cpu, pids
@@ -44,25 +46,32 @@ def p1(ctx: Context) -> list[Row]:
     upstream: dict[str, Counter[str]] = {k: Counter() for k in urls}
     errors: Counter[str] = Counter()
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
+    per_request: list[float] = []
     for r in range(ctx.rounds):
         for name in ctx.order(r, list(urls)):
             s.hub.reset()
+            commands = _redis_commands(ctx)
             with CpuMeter(pids(ctx, name)) as meter:
                 result = ctx.load(urls[name], 64, headers)
             cpu[name].append(meter.percent)
+            if name == "seawall" and result["requests"]:
+                per_request.append((_redis_commands(ctx) - commands) / result["requests"])
             values[name].append(result["rps"])
             errors[name] += result["errors"]
             upstream[name] += _upstream(ctx)
             ctx.log(
-                f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, p99 {result['latency_ms'].get('p99')} ms; "
+                f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, "
+                f"p99 {result['latency_ms'].get('p99')} ms; "
                 f"CPU {meter.describe()}"
             )
     ctx.profiled_load("P1", s.edge.pid, urls["seawall"], 64, headers)
     note = (
         f"{ctx.client}, 64 connections, {ctx.duration:g}s a run. Upstream requests during the runs: "
         f"Seawall {describe(upstream['seawall'])}; Distribution proxy {describe(upstream['dist_proxy'])}. "
-        f"Errors: {describe(+errors)}. CPU, % of one core: Seawall {mean_cpu(cpu['seawall'])}; "
-        f"Distribution proxy {mean_cpu(cpu['dist_proxy'])}; Distribution hosted {mean_cpu(cpu['dist_hosted'])}"
+        f"Errors: {describe(+errors)}. Redis commands per Seawall request: "
+        f"{max(per_request, default=0):.1f}. CPU, % of one core: Seawall {mean_cpu(cpu['seawall'])}; "
+        f"Distribution proxy {mean_cpu(cpu['dist_proxy'])}; "
+        f"Distribution hosted {mean_cpu(cpu['dist_hosted'])}"
     )
     return [
         Row(
@@ -85,9 +94,15 @@ def p1(ctx: Context) -> list[Row]:
             values["dist_hosted"],
             "",
             None,
-            "Context only: Distribution hosted answers a tag from local storage, as Seawall does within its tag TTL.",
+            "Context only: Distribution hosted answers a tag from local storage, "
+            "as Seawall does within its tag TTL.",
         ),
     ]
+
+
+def _redis_commands(ctx: Context) -> int:
+    with redis.Redis.from_url(ctx.stack.redis.url) as client:
+        return int(client.info("stats")["total_commands_processed"])
 
 
 def _warm_blob(ctx: Context, repo: str, size: int, seed: str) -> str:
@@ -101,17 +116,21 @@ def _warm_blob(ctx: Context, repo: str, size: int, seed: str) -> str:
 
 
 def _blob_runs(
-    ctx: Context, repo: str, digest: str, rounds: int, label: str
+    ctx: Context,
+    repo: str,
+    digest: str,
+    rounds: int,
+    label: str,
+    extra: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """8 connections GETting one warm blob; MiB/s and the server's peak RSS per run."""
     s = ctx.stack
     targets = {
         "seawall": (f"{s.edge.url}/v2/hub/{repo}/blobs/{digest}", s.edge.pid),
         "dist_proxy": (f"{s.dist_proxy.url}/v2/{repo}/blobs/{digest}", s.dist_proxy.pid),
+        **(extra or {}),
     }
-    out: dict[str, dict[str, Any]] = {
-        k: {"mib_s": [], "rss": [], "upstream": [], "cpu": []} for k in targets
-    }
+    out: dict[str, dict[str, Any]] = {k: {"mib_s": [], "rss": [], "upstream": [], "cpu": []} for k in targets}
     for r in range(rounds):
         for name in ctx.order(r, list(targets)):
             url, pid = targets[name]
@@ -135,17 +154,21 @@ def p2(ctx: Context) -> list[Row]:
     """Warm blob GET, 100 MiB blob, 8 connections: MiB/s."""
     repo = "library/bench-p2"
     digest = _warm_blob(ctx, repo, ctx.sizes.p2_blob, "p2")
-    runs = _blob_runs(ctx, repo, digest, ctx.rounds, "P2")
-    ctx.profiled_load(
-        "P2", ctx.stack.edge.pid, f"{ctx.stack.edge.url}/v2/hub/{repo}/blobs/{digest}", 8
-    )
+    # The ceiling of serving from the bucket: the same object straight from SeaweedFS.
+    s3 = ctx.stack.s3
+    key = f"blobs/sha256/{digest[7:9]}/{digest[7:]}"
+    presigned = s3.client().presigned_get_object("seawall", key)
+    runs = _blob_runs(ctx, repo, digest, ctx.rounds, "P2", {"s3_direct": (presigned, s3.pid)})
+    ctx.profiled_load("P2", ctx.stack.edge.pid, f"{ctx.stack.edge.url}/v2/hub/{repo}/blobs/{digest}", 8)
     size = ctx.sizes.p2_blob // MiB
     note = (
         f"{ctx.client}, 8 connections, {ctx.duration:g}s a run, a {size} MiB blob. Peak RSS during the runs: "
-        f"edge {max(runs['seawall']['rss']):.0f} MiB, Distribution proxy {max(runs['dist_proxy']['rss']):.0f} MiB. "
+        f"edge {max(runs['seawall']['rss']):.0f} MiB, "
+        f"Distribution proxy {max(runs['dist_proxy']['rss']):.0f} MiB. "
         f"Upstream blob GETs during the runs: Seawall {sum(runs['seawall']['upstream']):.0f}, "
         f"Distribution proxy {sum(runs['dist_proxy']['upstream']):.0f}. CPU, % of one core: "
-        f"Seawall {mean_cpu(runs['seawall']['cpu'])}; Distribution proxy {mean_cpu(runs['dist_proxy']['cpu'])}"
+        f"Seawall {mean_cpu(runs['seawall']['cpu'])}; "
+        f"Distribution proxy {mean_cpu(runs['dist_proxy']['cpu'])}"
     )
     return [
         Row(
@@ -158,7 +181,20 @@ def p2(ctx: Context) -> list[Row]:
             ">= 1.0x",
             Goal("ratio_min", 1.0),
             note,
-        )
+        ),
+        Row(
+            "P2s",
+            "same blob, from storage alone",
+            "MiB/s",
+            runs["seawall"]["mib_s"],
+            "SeaweedFS S3 direct",
+            runs["s3_direct"]["mib_s"],
+            "",
+            None,
+            "Context only: presigned GETs of the blob's object straight from SeaweedFS, 8 connections, "
+            f"alternating with the runs above (SeaweedFS CPU {mean_cpu(runs['s3_direct']['cpu'])}): "
+            "the ceiling of the edge's read-from-S3 path on this machine.",
+        ),
     ]
 
 
@@ -185,7 +221,8 @@ def p6(ctx: Context) -> list[Row]:
         other[name] = counts
         failures[name] = result["errors"]
         ctx.log(
-            f"P6 {name}: {result['requests']} pulls in {result['elapsed_s']:.1f}s, upstream {describe(counts)}"
+            f"P6 {name}: {result['requests']} pulls in {result['elapsed_s']:.1f}s, "
+            f"upstream {describe(counts)}"
         )
     note = (
         f"100 pulls (10 at a time) after one warming pull. Everything that reached the emulator: "
@@ -212,15 +249,14 @@ def p7(ctx: Context) -> list[Row]:
     big, small = ctx.sizes.p7_blob, ctx.sizes.p2_blob
     small_digest = _warm_blob(ctx, "library/bench-p7-small", small, "p7-small")
     big_digest = _warm_blob(ctx, "library/bench-p7-big", big, "p7-big")
-    runs_small = _blob_runs(
-        ctx, "library/bench-p7-small", small_digest, 1, f"P7 {small // MiB} MiB"
-    )
+    runs_small = _blob_runs(ctx, "library/bench-p7-small", small_digest, 1, f"P7 {small // MiB} MiB")
     runs_big = _blob_runs(ctx, "library/bench-p7-big", big_digest, 1, f"P7 {big // MiB} MiB")
     big_rss, small_rss = runs_big["seawall"]["rss"], runs_small["seawall"]["rss"]
     note = (
         f"Peak RSS (VmHWM, reset before each run, and VmRSS sampled every 20 ms) of the edge process while "
         f"8 connections GET the blob for {ctx.duration:g}s. Throughput then: {big // MiB} MiB blob "
-        f"{runs_big['seawall']['mib_s'][0]:.0f} MiB/s (Distribution proxy {runs_big['dist_proxy']['mib_s'][0]:.0f}), "
+        f"{runs_big['seawall']['mib_s'][0]:.0f} MiB/s "
+        f"(Distribution proxy {runs_big['dist_proxy']['mib_s'][0]:.0f}), "
         f"{small // MiB} MiB blob {runs_small['seawall']['mib_s'][0]:.0f} MiB/s"
     )
     growth = [b - s for b, s in zip(big_rss, small_rss, strict=True)]
