@@ -31,7 +31,7 @@ from shared.upstream import UpstreamClient, UpstreamFailure
 
 log = structlog.get_logger("fill")
 
-FIRST_SEGMENT = 64 * 1024
+FIRST_SEGMENT = 16 * 1024
 MAX_SEGMENT = 8 * 1024 * 1024
 FLUSH_INTERVAL = 0.1
 LEASE_TTL = 10.0

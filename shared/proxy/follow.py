@@ -22,7 +22,7 @@ from shared.proxy import state
 from shared.repositories import RepositoryStore
 from shared.storage import ObjectMissing, ObjectStore
 
-POLL_SECONDS = 0.02
+POLL_SECONDS = 0.01
 REREQUEST_SECONDS = 1.0
 
 
