@@ -1,53 +1,33 @@
-"""The upstream registry client: the only module (with shared.storage) that talks to the outside.
-
-One `UpstreamClient` per configured upstream owns one aiohttp session. It speaks the
-distribution API for what a pull-through cache needs (manifest HEAD/GET, blob GET with
-Range), does the registry auth dance (Bearer tokens from the challenge's realm, or Basic),
-reads Docker Hub's pull-quota headers and classifies every failure into one exception,
-`UpstreamFailure`, which maps onto an OCI error. `aiohttp.ClientError` never escapes.
-
-Docker Hub specifics handled here:
-
-* a manifest GET is a pull and spends quota; HEAD and blob GETs are free. Responses carry
-  `ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600` and
-  `docker-ratelimit-source`; each one is reported to `on_rate_limit`.
-* over the quota: 429 with a JSON TOOMANYREQUESTS envelope (kind "quota"); the abuse limiter
-  answers a plain-text 429 (kind "abuse"). A 429 is never retried here.
-* blobs are redirected to a CDN: redirects are followed by hand so that Authorization is
-  dropped whenever the origin changes.
-"""
+"""The client of one upstream registry: manifests, blobs, auth, quota headers."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import errno
 import hashlib
 import json
 import math
-import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from shared.logging import get_logger
-from shared.metrics import BYTES_FETCHED, DIGEST_MISMATCHES, UPSTREAM_429, UPSTREAM_REQUESTS
-from shared.oci.errors import RegistryError
+from shared.metrics import DIGEST_MISMATCHES, UPSTREAM_429, UPSTREAM_REQUESTS
 from shared.oci.mediatypes import ACCEPT
 from shared.ratelimit import Governor, QuotaRefused
 from shared.settings import Upstream
+from shared.upstream.blobstream import CONTENT_RANGE, BlobStream
+from shared.upstream.failures import UpstreamFailure
+from shared.upstream.headers import RateLimit, parse_challenges, parse_retry_after, parse_rfc3339
 
 log = get_logger(__name__)
-
 USER_AGENT = "seawall/0.1"
 CONNECTION_LIMIT = 64
 MAX_REDIRECTS = 5
@@ -59,63 +39,9 @@ MAX_ERROR_BODY = 64 * 1024
 DEFAULT_TOKEN_TTL = 60.0
 # A token is dropped this long before it expires (at most; a tenth of short lifetimes).
 TOKEN_MARGIN = 10.0
-# Retry-After sent to clients on a 429 when the upstream did not say when it reopens.
-DEFAULT_RETRY_AFTER = 60.0
-BLOB_CHUNK = 1024 * 1024
-
-KINDS = frozenset(
-    {"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found", "governor"}
-)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
-# --------------------------------------------------------------------------- rate limit
-def _parse_quota_value(value: str | None) -> tuple[int | None, float | None]:
-    """`100;w=21600` (possibly several comma-separated policies) -> (100, 21600.0)."""
-    if not value:
-        return None, None
-    number: int | None = None
-    window: float | None = None
-    # Older Docker Hub answers read `100, 100;w=21600`: the number first, then the policy.
-    for policy in value.split(","):
-        parts = [p.strip() for p in policy.split(";")]
-        if number is None:
-            with contextlib.suppress(ValueError):
-                number = int(parts[0])
-        for param in parts[1:]:
-            key, _, raw = param.partition("=")
-            if key.strip().lower() == "w" and window is None:
-                with contextlib.suppress(ValueError):
-                    window = float(raw.strip().strip('"'))
-        if number is not None and window is not None:
-            break
-    return number, window
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """Docker Hub's pull quota as the last response reported it."""
-
-    limit: int | None
-    remaining: int | None
-    window: float | None  # seconds
-    source: str | None  # docker-ratelimit-source: the IP or account charged
-
-    @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> RateLimit | None:
-        """None when the response has no ratelimit-* headers (the request was not counted)."""
-        lowered = {k.lower(): v for k, v in headers.items()}
-        raw_limit = lowered.get("ratelimit-limit")
-        raw_remaining = lowered.get("ratelimit-remaining")
-        if raw_limit is None and raw_remaining is None:
-            return None
-        limit, window = _parse_quota_value(raw_limit)
-        remaining, remaining_window = _parse_quota_value(raw_remaining)
-        source = lowered.get("docker-ratelimit-source")
-        return cls(limit, remaining, window if window is not None else remaining_window, source)
-
-
-# ------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class ManifestHead:
     digest: str | None
@@ -133,337 +59,6 @@ class FetchedManifest:
 
 
 # -------------------------------------------------------------------------- failure
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds from `now` (unix time) that a Retry-After value names, or None if unparseable.
-
-    Accepts delta-seconds, a unix epoch (an integer above 10^9, as Docker Hub has been seen
-    to send) and an HTTP-date. Times in the past give 0.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        number = None
-    if number is not None:
-        if not math.isfinite(number):
-            return None
-        if number > 1e9:
-            return max(0.0, number - now)
-        return max(0.0, number)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
-
-
-class UpstreamFailure(Exception):
-    """Every way an upstream can fail, classified.
-
-    `kind` is one of: "timeout" (no answer in time), "refused" (connection refused),
-    "network" (any other transport failure, a cut body, a TLS error), "status" (an
-    unexpected HTTP status or a malformed answer), "auth" (the token endpoint failed or the
-    upstream kept answering 401), "quota" (a 429 with a JSON errors envelope: the pull
-    quota), "abuse" (a plain-text 429), "not_found" (a blob the upstream does not have).
-    `status` is the HTTP status or None for transport failures; `retry_after` is seconds
-    from when the failure was raised (Retry-After), or None when the upstream did not say.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        upstream: str,
-        status: int | None = None,
-        retry_after: float | None = None,
-        rate_limit: RateLimit | None = None,
-    ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown upstream failure kind {kind!r}")
-        self.kind = kind
-        self.message = message
-        self.upstream = upstream
-        self.status = status
-        self.retry_after = retry_after
-        self.rate_limit = rate_limit
-        self.reopens_at = time.time() + retry_after if retry_after is not None else None
-        super().__init__(f"upstream {upstream}: {message}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only arguments: rebuild explicitly so the exception survives pickling.
-        return (
-            _rebuild_failure,
-            (
-                self.kind,
-                self.message,
-                self.upstream,
-                self.status,
-                self.retry_after,
-                self.rate_limit,
-                self.reopens_at,
-            ),
-        )
-
-    def seconds_until_reopen(self, now: float | None = None) -> float | None:
-        if self.reopens_at is None:
-            return None
-        return max(0.0, self.reopens_at - (time.time() if now is None else now))
-
-    def to_registry_error(
-        self, not_found_code: str = "MANIFEST_UNKNOWN", *, retry_after: float | None = None
-    ) -> RegistryError:
-        """The OCI error a client should see.
-
-        quota/abuse -> 429 TOOMANYREQUESTS with `Retry-After` (integer seconds, at least 1:
-        `retry_after` if given, else what the upstream said, else DEFAULT_RETRY_AFTER);
-        timeout -> 504 UPSTREAM_TIMEOUT; refused/network -> 503 UNAVAILABLE;
-        not_found -> `not_found_code` (MANIFEST_UNKNOWN or BLOB_UNKNOWN);
-        status/auth -> 502 UPSTREAM_ERROR.
-        """
-        name = self.upstream
-        if self.kind in ("quota", "abuse"):
-            wait = retry_after if retry_after is not None else self.seconds_until_reopen()
-            if wait is None:
-                wait = DEFAULT_RETRY_AFTER
-            seconds = max(1, math.ceil(wait))
-            reopens = datetime.fromtimestamp(time.time() + seconds, UTC)
-            at = reopens.isoformat(timespec="seconds").replace("+00:00", "Z")
-            what = "pull rate limit reached" if self.kind == "quota" else "too many requests"
-            return RegistryError(
-                "TOOMANYREQUESTS",
-                f"upstream {name}: {what}; it reopens in {seconds} s (at {at})",
-                detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
-                headers={"Retry-After": str(seconds)},
-            )
-        if self.kind == "governor":
-            wait = self.seconds_until_reopen() or DEFAULT_RETRY_AFTER
-            seconds = max(1, math.ceil(wait))
-            at = datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="seconds")
-            at = at.replace("+00:00", "Z")
-            return RegistryError(
-                "TOOMANYREQUESTS",
-                f"Seawall is holding back requests to upstream {name}: {self.message}; "
-                f"it refills in {seconds} s (at {at})",
-                detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
-                headers={"Retry-After": str(seconds)},
-            )
-        if self.kind == "timeout":
-            return RegistryError(
-                "UPSTREAM_TIMEOUT", f"upstream {name} did not answer in time: {self.message}"
-            )
-        if self.kind in ("refused", "network"):
-            return RegistryError("UNAVAILABLE", f"upstream {name} is unreachable: {self.message}")
-        if self.kind == "not_found":
-            return RegistryError(not_found_code, f"not found on upstream {name}: {self.message}")
-        return RegistryError("UPSTREAM_ERROR", f"upstream {name} failed: {self.message}")
-
-
-def _rebuild_failure(
-    kind: str,
-    message: str,
-    upstream: str,
-    status: int | None,
-    retry_after: float | None,
-    rate_limit: RateLimit | None,
-    reopens_at: float | None,
-) -> UpstreamFailure:
-    failure = UpstreamFailure(
-        kind,
-        message,
-        upstream=upstream,
-        status=status,
-        retry_after=retry_after,
-        rate_limit=rate_limit,
-    )
-    failure.reopens_at = reopens_at
-    return failure
-
-
-# ----------------------------------------------------------------- WWW-Authenticate
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_SCHEME_RE = re.compile(rf"\s*,*\s*({_TOKEN})")
-_PARAM_RE = re.compile(rf"[\s,]*({_TOKEN})\s*=\s*")
-_BARE_VALUE_RE = re.compile(r"[^\s,]*")
-_TOKEN68_RE = re.compile(r"\s+[A-Za-z0-9._~+/-]+=*\s*(?:,|$)")
-
-
-def parse_challenges(values: str | list[str]) -> list[tuple[str, dict[str, str]]]:
-    """Parse WWW-Authenticate header value(s) into [(scheme in lower case, {param: value})].
-
-    Handles several challenges in one header, quoted values containing commas and escaped
-    quotes, and unquoted token values. Parameter names are lower-cased.
-    """
-    headers = [values] if isinstance(values, str) else list(values)
-    challenges: list[tuple[str, dict[str, str]]] = []
-    for header in headers:
-        pos = 0
-        length = len(header)
-        while pos < length:
-            match = _SCHEME_RE.match(header, pos)
-            if not match:
-                break
-            scheme = match[1].lower()
-            pos = match.end()
-            params: dict[str, str] = {}
-            token68 = _TOKEN68_RE.match(header, pos)
-            if token68:  # e.g. `Negotiate abc==`: no parameters
-                pos = token68.end()
-                challenges.append((scheme, params))
-                continue
-            while pos < length:
-                param = _PARAM_RE.match(header, pos)
-                if not param:
-                    break
-                # "Basic realm=..." after a comma is a new challenge, not a parameter
-                # named "Basic": _PARAM_RE needs the name to be followed by "=".
-                key = param[1].lower()
-                pos = param.end()
-                if pos < length and header[pos] == '"':
-                    pos += 1
-                    chars: list[str] = []
-                    while pos < length and header[pos] != '"':
-                        if header[pos] == "\\" and pos + 1 < length:
-                            pos += 1
-                        chars.append(header[pos])
-                        pos += 1
-                    pos += 1  # the closing quote
-                    params[key] = "".join(chars)
-                else:
-                    bare = _BARE_VALUE_RE.match(header, pos)
-                    assert bare is not None
-                    params[key] = bare[0]
-                    pos = bare.end()
-            # Skip a token68 or anything unparseable up to the next comma.
-            if pos < length and not re.match(r"[\s,]", header[pos]):
-                nxt = header.find(",", pos)
-                pos = length if nxt < 0 else nxt
-            challenges.append((scheme, params))
-    return challenges
-
-
-# ------------------------------------------------------------------------ blob stream
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
-
-
-class BlobStream:
-    """The body of a blob GET, from `offset` on.
-
-    `offset` always equals the offset asked for: when the upstream ignores Range and
-    answers 200 with the whole blob, the first `offset` bytes are read and discarded before
-    the stream is handed out. `total_size` is the full blob's size (Content-Range's total,
-    or the 200's Content-Length), None if the upstream did not say. A body that ends before
-    `total_size` raises UpstreamFailure(kind="network").
-    """
-
-    def __init__(
-        self,
-        client: UpstreamClient,
-        response: aiohttp.ClientResponse,
-        *,
-        offset: int,
-        total_size: int | None,
-        digest: str,
-    ) -> None:
-        self._client = client
-        self._response = response
-        self.offset = offset
-        self.total_size = total_size
-        self.digest = digest
-        self.media_type: str | None = response.content_type if response.content_type else None
-        self.status = response.status
-        self.bytes_read = 0  # body bytes handed to the caller (after `offset`)
-        self._eof = False
-
-    @property
-    def complete(self) -> bool:
-        return self._eof
-
-    @property
-    def expected(self) -> int | None:
-        """Bytes still to come in this body in total (from `offset`), if known."""
-        return None if self.total_size is None else self.total_size - self.offset
-
-    async def _raw_read(self, n: int) -> bytes:
-        try:
-            data = await self._response.content.read(n)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise self._client._transport_failure(exc, f"reading blob {self.digest}") from exc
-        if data:
-            BYTES_FETCHED.labels(self._client.name).inc(len(data))
-        return data
-
-    async def _skip(self, count: int) -> None:
-        left = count
-        while left > 0:
-            data = await self._raw_read(min(left, BLOB_CHUNK))
-            if not data:
-                raise self._client._failure(
-                    "network",
-                    f"blob {self.digest} ended before offset {count}",
-                    status=self.status,
-                )
-            left -= len(data)
-
-    async def read(self, n: int = -1) -> bytes:
-        """Up to `n` bytes (all that is left if n < 0); b"" at the end of the body."""
-        if self._eof:
-            return b""
-        if n < 0:
-            parts = []
-            while chunk := await self.read(BLOB_CHUNK):
-                parts.append(chunk)
-            return b"".join(parts)
-        if n == 0:
-            return b""
-        data = await self._raw_read(n)
-        if data:
-            self.bytes_read += len(data)
-            expected = self.expected
-            if expected is not None and self.bytes_read > expected:
-                raise self._client._failure(
-                    "network",
-                    f"blob {self.digest} body is longer than its size {self.total_size}",
-                    status=self.status,
-                )
-            return data
-        self._eof = True
-        expected = self.expected
-        if expected is not None and self.bytes_read != expected:
-            raise self._client._failure(
-                "network",
-                f"blob {self.digest} body ended after {self.offset + self.bytes_read} "
-                f"of {self.total_size} bytes",
-                status=self.status,
-            )
-        return b""
-
-    async def iter_chunks(self, size: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
-        """Chunks of exactly `size` bytes, the last one shorter."""
-        if size <= 0:
-            raise ValueError("chunk size must be positive")
-        buffer = bytearray()
-        while True:
-            data = await self.read(size - len(buffer))
-            if not data:
-                break
-            buffer += data
-            if len(buffer) >= size:
-                yield bytes(buffer)
-                buffer.clear()
-        if buffer:
-            yield bytes(buffer)
-
-
-# ---------------------------------------------------------------------------- client
 @dataclass
 class _Token:
     value: str
@@ -648,7 +243,7 @@ class UpstreamClient:
         if not math.isfinite(ttl) or ttl <= 0:
             ttl = DEFAULT_TOKEN_TTL
         now = time.time()
-        issued = _parse_rfc3339(document.get("issued_at"))
+        issued = parse_rfc3339(document.get("issued_at"))
         # Count from issued_at when it is plausible (not in the future, not older than the
         # lifetime: clocks differ); otherwise from now.
         if issued is not None and now - ttl < issued <= now:
@@ -1024,7 +619,7 @@ class UpstreamClient:
                 await self._raise_for_status(response, what)
             length = response.content_length
             if response.status == 206:
-                content_range = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                content_range = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
                 if content_range is None:
                     raise self._failure("status", f"{what}: 206 without a usable Content-Range", status=206)
                 start, _end, total = content_range.groups()
@@ -1057,23 +652,6 @@ class UpstreamClient:
                 response.release()
             else:
                 response.close()
-
-
-def _parse_rfc3339(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    # Python wants at most 6 fractional digits; Go writes up to 9.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def _sniff_media_type(body: bytes) -> str | None:

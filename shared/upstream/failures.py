@@ -1,0 +1,143 @@
+"""UpstreamFailure: every way an upstream can fail, and the OCI error a client sees."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.oci.errors import RegistryError
+from shared.upstream.headers import RateLimit
+
+# Retry-After sent to clients on a 429 when the upstream did not say when it reopens.
+DEFAULT_RETRY_AFTER = 60.0
+KINDS = frozenset(
+    {"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found", "governor"}
+)
+
+
+class UpstreamFailure(Exception):
+    """Every way an upstream can fail, classified.
+
+    `kind` is one of: "timeout" (no answer in time), "refused" (connection refused),
+    "network" (any other transport failure, a cut body, a TLS error), "status" (an
+    unexpected HTTP status or a malformed answer), "auth" (the token endpoint failed or the
+    upstream kept answering 401), "quota" (a 429 with a JSON errors envelope: the pull
+    quota), "abuse" (a plain-text 429), "not_found" (a blob the upstream does not have).
+    `status` is the HTTP status or None for transport failures; `retry_after` is seconds
+    from when the failure was raised (Retry-After), or None when the upstream did not say.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        upstream: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown upstream failure kind {kind!r}")
+        self.kind = kind
+        self.message = message
+        self.upstream = upstream
+        self.status = status
+        self.retry_after = retry_after
+        self.rate_limit = rate_limit
+        self.reopens_at = time.time() + retry_after if retry_after is not None else None
+        super().__init__(f"upstream {upstream}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: rebuild explicitly so the exception survives pickling.
+        return (
+            _rebuild_failure,
+            (
+                self.kind,
+                self.message,
+                self.upstream,
+                self.status,
+                self.retry_after,
+                self.rate_limit,
+                self.reopens_at,
+            ),
+        )
+
+    def seconds_until_reopen(self, now: float | None = None) -> float | None:
+        if self.reopens_at is None:
+            return None
+        return max(0.0, self.reopens_at - (time.time() if now is None else now))
+
+    def to_registry_error(
+        self, not_found_code: str = "MANIFEST_UNKNOWN", *, retry_after: float | None = None
+    ) -> RegistryError:
+        """The OCI error a client should see.
+
+        quota/abuse -> 429 TOOMANYREQUESTS with `Retry-After` (integer seconds, at least 1:
+        `retry_after` if given, else what the upstream said, else DEFAULT_RETRY_AFTER);
+        timeout -> 504 UPSTREAM_TIMEOUT; refused/network -> 503 UNAVAILABLE;
+        not_found -> `not_found_code` (MANIFEST_UNKNOWN or BLOB_UNKNOWN);
+        status/auth -> 502 UPSTREAM_ERROR.
+        """
+        name = self.upstream
+        if self.kind in ("quota", "abuse"):
+            wait = retry_after if retry_after is not None else self.seconds_until_reopen()
+            if wait is None:
+                wait = DEFAULT_RETRY_AFTER
+            seconds = max(1, math.ceil(wait))
+            reopens = datetime.fromtimestamp(time.time() + seconds, UTC)
+            at = reopens.isoformat(timespec="seconds").replace("+00:00", "Z")
+            what = "pull rate limit reached" if self.kind == "quota" else "too many requests"
+            return RegistryError(
+                "TOOMANYREQUESTS",
+                f"upstream {name}: {what}; it reopens in {seconds} s (at {at})",
+                detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
+                headers={"Retry-After": str(seconds)},
+            )
+        if self.kind == "governor":
+            wait = self.seconds_until_reopen() or DEFAULT_RETRY_AFTER
+            seconds = max(1, math.ceil(wait))
+            at = datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="seconds")
+            at = at.replace("+00:00", "Z")
+            return RegistryError(
+                "TOOMANYREQUESTS",
+                f"Seawall is holding back requests to upstream {name}: {self.message}; "
+                f"it refills in {seconds} s (at {at})",
+                detail={"upstream": name, "retry_after": seconds, "reopens_at": at},
+                headers={"Retry-After": str(seconds)},
+            )
+        if self.kind == "timeout":
+            return RegistryError(
+                "UPSTREAM_TIMEOUT", f"upstream {name} did not answer in time: {self.message}"
+            )
+        if self.kind in ("refused", "network"):
+            return RegistryError("UNAVAILABLE", f"upstream {name} is unreachable: {self.message}")
+        if self.kind == "not_found":
+            return RegistryError(not_found_code, f"not found on upstream {name}: {self.message}")
+        return RegistryError("UPSTREAM_ERROR", f"upstream {name} failed: {self.message}")
+
+
+def _rebuild_failure(
+    kind: str,
+    message: str,
+    upstream: str,
+    status: int | None,
+    retry_after: float | None,
+    rate_limit: RateLimit | None,
+    reopens_at: float | None,
+) -> UpstreamFailure:
+    failure = UpstreamFailure(
+        kind,
+        message,
+        upstream=upstream,
+        status=status,
+        retry_after=retry_after,
+        rate_limit=rate_limit,
+    )
+    failure.reopens_at = reopens_at
+    return failure
+
+
+# ----------------------------------------------------------------- WWW-Authenticate
