@@ -73,7 +73,8 @@ def test_uncached_pulls_beyond_the_quota_never_reach_the_upstream(
     assert [a.status_code for a in answers] == [200] * 5 + [429] * 5
     refused = answers[-1].json()["errors"][0]
     assert refused["code"] == "TOOMANYREQUESTS"
-    assert "hub" in refused["message"] and "refills" in refused["message"]
+    assert "hub" in refused["message"]
+    assert "refills" in refused["message"]
     assert int(answers[-1].headers["Retry-After"]) > 0
     assert hub.count("GET", "manifest") == 5
     assert hub.count("GET", "manifest", status=429) == 0
@@ -124,7 +125,8 @@ def test_the_bucket_follows_the_upstreams_remaining_header(
     names = images(4)
     assert get_manifest(stack.edge.url, names[0]).status_code == 200
     status = governor_status(stack)
-    assert status.remaining is not None and status.remaining < 2
+    assert status.remaining is not None
+    assert status.remaining < 2
     assert get_manifest(stack.edge.url, names[1]).status_code == 200
     refused = get_manifest(stack.edge.url, names[2])
     assert refused.status_code == 429
@@ -201,4 +203,7 @@ def test_quota_command_prints_remaining_and_window(
     result = CliRunner().invoke(seawall, ["quota", "--config", str(stack.config_path)])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "hub" in line)
-    assert "anonymous" in row and " 3 " in row and " 5 " in row and "6h00m" in row
+    assert "anonymous" in row
+    assert " 3 " in row
+    assert " 5 " in row
+    assert "6h00m" in row

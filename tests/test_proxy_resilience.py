@@ -141,11 +141,13 @@ def test_fill_killed_midway_resumes_with_a_range_request(
 
     def client_pull() -> None:
         try:
-            with httpx.Client(base_url=stack.edge.url, timeout=120) as client:
-                with client.stream("GET", f"/v2/hub/{name}/blobs/{digest}") as response:
-                    outcome["status"] = response.status_code
-                    for chunk in response.iter_bytes():
-                        received.extend(chunk)
+            with (
+                httpx.Client(base_url=stack.edge.url, timeout=120) as client,
+                client.stream("GET", f"/v2/hub/{name}/blobs/{digest}") as response,
+            ):
+                outcome["status"] = response.status_code
+                for chunk in response.iter_bytes():
+                    received.extend(chunk)
         except Exception as exc:  # reported through outcome, asserted below
             outcome["error"] = exc
 
@@ -184,11 +186,14 @@ def test_upstream_bytes_that_do_not_match_the_digest_are_never_committed(
     digest = "sha256:" + hashlib.sha256(image.layers[0]).hexdigest()
     hub.corrupt_blob(digest)
     stack = cache_stack()
-    with httpx.Client(base_url=stack.edge.url, timeout=60) as client:
-        with pytest.raises(httpx.HTTPError):
-            response = client.get(f"/v2/hub/{name}/blobs/{digest}")
+
+    def fetch() -> None:
+        with httpx.Client(base_url=stack.edge.url, timeout=60) as client:
             # Either the connection is cut before the last byte, or an error status.
-            response.raise_for_status()
+            client.get(f"/v2/hub/{name}/blobs/{digest}").raise_for_status()
+
+    with pytest.raises(httpx.HTTPError):
+        fetch()
     wait_for(lambda: "fill_digest_mismatch" in stack.worker_logs(), 30, "mismatch logged")
     assert _committed_size(s3_server, s3_settings.bucket, digest) is None
     with httpx.Client(base_url=stack.edge.url) as client:

@@ -20,7 +20,9 @@ def run(redis_url: str, body: Callable[[Governor], Awaitable[T]], **quota: objec
     async def main() -> T:
         redis = Redis.from_url(redis_url)
         try:
-            upstream = Upstream(name="hub", url="http://127.0.0.1:1", quota=quota or {"limit": 4, "window": "1h"})
+            upstream = Upstream(
+                name="hub", url="http://127.0.0.1:1", quota=quota or {"limit": 4, "window": "1h"}
+            )
             return await body(Governor(redis, upstream))
         finally:
             await redis.aclose()
@@ -37,7 +39,8 @@ def test_a_quota_429_without_retry_after_waits_one_refill_of_the_window(redis_ur
     wait, closed_until = run(redis_url, body)
     # 4 pulls an hour: one pull refills every 900 s.
     assert wait == pytest.approx(900)
-    assert closed_until is not None and closed_until == pytest.approx(time.time() + 900, abs=5)
+    assert closed_until is not None
+    assert closed_until == pytest.approx(time.time() + 900, abs=5)
 
 
 def test_an_abuse_429_closes_every_request_for_a_minute(redis_url: str) -> None:
@@ -91,4 +94,5 @@ def test_a_header_never_raises_the_bucket_above_what_we_spent(redis_url: str) ->
         return (await governor.status()).remaining
 
     remaining = run(redis_url, body)
-    assert remaining is not None and remaining < 0.1
+    assert remaining is not None
+    assert remaining < 0.1

@@ -712,3 +712,14 @@ def test_manifest_not_matching_its_digest_is_refused(monkeypatch: pytest.MonkeyP
     assert other in failure.message
     assert failure.to_registry_error().code == "UPSTREAM_ERROR"
     assert metric("seawall_digest_mismatch_total", source="upstream") == before + 1
+
+
+def test_insufficient_scope_means_the_repository_is_unknown_upstream() -> None:
+    missing = UpstreamFailure(
+        "auth", "upstream rejected our credentials for repository:x:pull (insufficient_scope)", upstream="hub"
+    )
+    error = missing.to_registry_error()
+    assert error.code == "NAME_UNKNOWN"
+    assert error.status == 404
+    bad_password = UpstreamFailure("auth", "upstream rejected the Basic credentials", upstream="hub")
+    assert bad_password.to_registry_error().code == "UPSTREAM_ERROR"

@@ -116,6 +116,13 @@ class UpstreamFailure(Exception):
             return RegistryError("UNAVAILABLE", f"upstream {name} is unreachable: {self.message}")
         if self.kind == "not_found":
             return RegistryError(not_found_code, f"not found on upstream {name}: {self.message}")
+        if self.kind == "auth" and "insufficient_scope" in self.message:
+            # Docker Hub's answer for a repository that does not exist (and for a private
+            # one our credentials may not read): the client should hear "unknown name".
+            return RegistryError(
+                "NAME_UNKNOWN",
+                f"upstream {name} has no such repository, or its credentials may not pull it",
+            )
         return RegistryError("UPSTREAM_ERROR", f"upstream {name} failed: {self.message}")
 
 

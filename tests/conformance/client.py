@@ -95,10 +95,7 @@ def make_blob(
     else:
         if size_or_data < 0:
             raise ValueError("size must be >= 0")
-        if seed is None:
-            data = os.urandom(size_or_data)
-        else:
-            data = random.Random(seed).randbytes(size_or_data)
+        data = os.urandom(size_or_data) if seed is None else random.Random(seed).randbytes(size_or_data)
     return digest_of(data, algorithm), data
 
 
@@ -268,9 +265,7 @@ class RegistryAuth(httpx.Auth):
     # token response is read explicitly below, which works for the sync client used here.
     requires_response_body = False
 
-    def __init__(
-        self, username: str | None, password: str | None, extra_scope: str | None = None
-    ) -> None:
+    def __init__(self, username: str | None, password: str | None, extra_scope: str | None = None) -> None:
         self._basic: str | None = None
         if username or password:
             raw = f"{username or ''}:{password or ''}".encode()
@@ -454,8 +449,7 @@ def describe(response: httpx.Response, limit: int = 400) -> str:
     interesting = {
         k: v
         for k, v in response.headers.items()
-        if k.lower()
-        in {"location", "range", "content-type", "docker-content-digest", "oci-subject", "link"}
+        if k.lower() in {"location", "range", "content-type", "docker-content-digest", "oci-subject", "link"}
     }
     try:
         body = response.content[:limit]
@@ -525,9 +519,7 @@ class Registry:
         hdrs = {"Content-Type": OCTET_STREAM, **(headers or {})}
         return self.request("PUT", location, params={"digest": digest}, headers=hdrs, content=data)
 
-    def patch_upload(
-        self, location: str, data: bytes, content_range: str | None = None
-    ) -> httpx.Response:
+    def patch_upload(self, location: str, data: bytes, content_range: str | None = None) -> httpx.Response:
         headers = {"Content-Type": OCTET_STREAM}
         if content_range is not None:
             headers["Content-Range"] = content_range

@@ -135,8 +135,10 @@ class DistributionServer:
 
     def __init__(self, workdir: Path, binary: str | None = None) -> None:
         self.workdir = workdir
-        self.binary = binary or os.environ.get("OCI_DISTRIBUTION_BIN") or (
-            shutil.which("docker-registry") or "/usr/bin/docker-registry"
+        self.binary = (
+            binary
+            or os.environ.get("OCI_DISTRIBUTION_BIN")
+            or (shutil.which("docker-registry") or "/usr/bin/docker-registry")
         )
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -211,9 +213,7 @@ def _namespace_overrides() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def oci(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    OciTarget
-]:
+def oci(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciTarget]:
     """The registry under test (see the module docstring for how it is chosen)."""
     root_url = os.environ.get(ENV_ROOT_URL, "")
     target_kind = os.environ.get(ENV_TARGET, "").strip().lower()
@@ -222,8 +222,7 @@ def oci(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             url=root_url,
             namespace=os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
             # the Go suite defaults to a fresh "conformance-<uuid>" repository
-            crossmount_namespace=os.environ.get(ENV_CROSSMOUNT_NAMESPACE)
-            or f"conformance-{uuid.uuid4()}",
+            crossmount_namespace=os.environ.get(ENV_CROSSMOUNT_NAMESPACE) or f"conformance-{uuid.uuid4()}",
             username=os.environ.get(ENV_USERNAME) or None,
             password=os.environ.get(ENV_PASSWORD) or None,
             auth_scope=os.environ.get(ENV_AUTH_SCOPE) or None,
@@ -236,8 +235,7 @@ def oci(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             yield OciTarget(
                 url=server.url,
                 namespace=os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
-                crossmount_namespace=os.environ.get(ENV_CROSSMOUNT_NAMESPACE)
-                or DEFAULT_CROSSMOUNT_NAMESPACE,
+                crossmount_namespace=os.environ.get(ENV_CROSSMOUNT_NAMESPACE) or DEFAULT_CROSSMOUNT_NAMESPACE,
                 debug=SETTINGS.debug,
             )
         finally:

@@ -35,6 +35,7 @@ is false, as in Go.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import random
 import secrets
@@ -149,9 +150,7 @@ class Settings:
         env = os.environ if env is None else env
         # Workflow selection: opt-out by default, Go's opt-in as soon as one is set true.
         opted_in = any(go_parse_bool(env.get(name)) for name in WORKFLOW_ENV.values())
-        workflows = {
-            key: _env_bool(env, name, default=not opted_in) for key, name in WORKFLOW_ENV.items()
-        }
+        workflows = {key: _env_bool(env, name, default=not opted_in) for key, name in WORKFLOW_ENV.items()}
         tag_name = env.get(ENV_TAG_NAME, "")
         manifest_digest = env.get(ENV_MANIFEST_DIGEST, "")
         blob_digest = env.get(ENV_BLOB_DIGEST, "")
@@ -170,9 +169,7 @@ class Settings:
             run_content_discovery_setup=not tag_list_raw,
             delete_manifest_before_blobs=_env_bool(env, ENV_DELETE_MANIFEST_BEFORE_BLOBS, True),
             run_automatic_crossmount_test=True,
-            automatic_crossmount_enabled=True if crossmount is None else bool(
-                go_parse_bool(crossmount)
-            ),
+            automatic_crossmount_enabled=True if crossmount is None else bool(go_parse_bool(crossmount)),
             skip_empty_layer_push_test=_env_bool(env, ENV_PUSH_EMPTY_LAYER, False),
             tag_delete_enabled=_env_bool(env, ENV_TAG_DELETE_ENABLED, True),
             manifest_delete_enabled=_env_bool(env, ENV_MANIFEST_DELETE_ENABLED, True),
@@ -186,10 +183,7 @@ class Settings:
 
     def skip_report(self) -> str:
         """generateSkipReport(): why a workflow's tests were skipped."""
-        lines = [
-            "you have skipped this test; if this is an error, check your environment variable "
-            "settings:"
-        ]
+        lines = ["you have skipped this test; if this is an error, check your environment variable settings:"]
         env = dict(self.env_snapshot)
         lines += [f"\t{name}={env.get(name, '')}" for name in WORKFLOW_ENV.values()]
         return "\n".join(lines)
@@ -230,9 +224,7 @@ def is_2xx(status: int) -> bool:
     return 200 <= status < 300
 
 
-def expect_status(
-    response: httpx.Response, *codes: int, any_2xx: bool = False, what: str = ""
-) -> None:
+def expect_status(response: httpx.Response, *codes: int, any_2xx: bool = False, what: str = "") -> None:
     """Expect the status to be one of `codes` (or any 2xx when `any_2xx`)."""
     status = response.status_code
     if (any_2xx and is_2xx(status)) or status in codes:
@@ -589,7 +581,5 @@ class Janitor:
         self._blobs.clear()
 
     def _delete(self, kind: str, reference: str, name: str | None) -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             self.registry.request("DELETE", self.registry.path(kind, reference, name))
-        except httpx.HTTPError:
-            pass

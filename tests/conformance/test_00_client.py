@@ -56,7 +56,8 @@ def test_digests_are_algorithm_prefixed_hex() -> None:
 
 def test_make_blob_from_size_data_and_seed() -> None:
     digest, data = make_blob(10)
-    assert len(data) == 10 and digest == digest_of(data)
+    assert len(data) == 10
+    assert digest == digest_of(data)
     assert make_blob(b"abc") == (digest_of(b"abc"), b"abc")
     assert make_blob(32, seed=7) == make_blob(32, seed=7)
     assert make_blob(16, algorithm="sha512")[0].startswith("sha512:")
@@ -82,8 +83,10 @@ def test_make_manifest_builds_descriptors_deterministically() -> None:
     assert b" " not in raw  # compact
     body = json.loads(raw)
     assert list(body) == sorted(body)
-    assert body["schemaVersion"] == 2 and body["mediaType"] == OCI_MANIFEST
-    assert body["artifactType"] == "x/y" and body["annotations"] == {"k": "v"}
+    assert body["schemaVersion"] == 2
+    assert body["mediaType"] == OCI_MANIFEST
+    assert body["artifactType"] == "x/y"
+    assert body["annotations"] == {"k": "v"}
     assert body["config"] == {"mediaType": OCI_CONFIG, "digest": config[0], "size": len(config[1])}
     assert body["layers"] == [{"mediaType": OCI_LAYER_GZIP, "digest": layer[0], "size": 5}]
     assert "subject" not in body
@@ -103,12 +106,15 @@ def test_make_manifest_subject_media_type_comes_from_its_json() -> None:
 def test_make_manifest_options() -> None:
     config = make_config()
     body = json.loads(make_manifest(config, [], media_type=None, indent="\t")[1])
-    assert "mediaType" not in body and body["layers"] == []
+    assert "mediaType" not in body
+    assert body["layers"] == []
     digest, raw = make_manifest(config, [], algorithm="sha512", indent=2)
-    assert digest == digest_of(raw, "sha512") and b"\n  " in raw
+    assert digest == digest_of(raw, "sha512")
+    assert b"\n  " in raw
     verbatim = {"mediaType": "a/b", "digest": config[0], "size": 1, "newUnspecifiedField": None}
     body = json.loads(make_manifest(verbatim, [verbatim])[1])
-    assert body["config"] == verbatim and body["layers"] == [verbatim]
+    assert body["config"] == verbatim
+    assert body["layers"] == [verbatim]
 
 
 def test_make_index_and_descriptor() -> None:
@@ -120,7 +126,8 @@ def test_make_index_and_descriptor() -> None:
     )
     body = json.loads(raw)
     assert digest == digest_of(raw)
-    assert body["mediaType"] == OCI_INDEX and body["artifactType"] == "application/x"
+    assert body["mediaType"] == OCI_INDEX
+    assert body["artifactType"] == "application/x"
     assert body["manifests"][0]["platform"]["architecture"] == "arm64"
     embedded = make_descriptor("x/y", (digest_of(b"hi"), b"hi"), embed_data=True)
     assert embedded["data"] == base64.b64encode(b"hi").decode()
@@ -154,8 +161,7 @@ def test_link_next_and_error_codes() -> None:
 
 def test_parse_www_authenticate() -> None:
     scheme, params = parse_www_authenticate(
-        'Bearer realm="https://auth.example/token",service="registry",'
-        'scope="repository:a/b:pull,push"'
+        'Bearer realm="https://auth.example/token",service="registry",scope="repository:a/b:pull,push"'
     )
     assert scheme == "bearer"
     assert params == {"realm": "https://auth.example/token", "service": "registry",
@@ -172,9 +178,7 @@ def test_basic_credentials_are_sent_preemptively() -> None:
         seen.append(request.headers.get("Authorization"))
         return httpx.Response(200)
 
-    with httpx.Client(
-        transport=httpx.MockTransport(handler), auth=RegistryAuth("user", "pass")
-    ) as client:
+    with httpx.Client(transport=httpx.MockTransport(handler), auth=RegistryAuth("user", "pass")) as client:
         client.get("http://registry/v2/")
     assert seen == ["Basic " + base64.b64encode(b"user:pass").decode()]
 
@@ -249,24 +253,33 @@ def test_target_from_object() -> None:
 
 
 def test_go_parse_bool() -> None:
-    assert go_parse_bool("1") is True and go_parse_bool("True") is True
-    assert go_parse_bool("f") is False and go_parse_bool("0") is False
-    assert go_parse_bool("yes") is None and go_parse_bool(None) is None
+    assert go_parse_bool("1") is True
+    assert go_parse_bool("True") is True
+    assert go_parse_bool("f") is False
+    assert go_parse_bool("0") is False
+    assert go_parse_bool("yes") is None
+    assert go_parse_bool(None) is None
 
 
 def test_workflows_default_on_and_switch_to_opt_in_like_go() -> None:
     assert Settings.from_env({}).enabled("content_management")
     only_pull = Settings.from_env({"OCI_TEST_PULL": "1"})
-    assert only_pull.pull and not only_pull.push and not only_pull.content_discovery
+    assert only_pull.pull
+    assert not only_pull.push
+    assert not only_pull.content_discovery
     no_push = Settings.from_env({"OCI_TEST_PUSH": "0"})
-    assert no_push.pull and not no_push.push and no_push.content_management
+    assert no_push.pull
+    assert not no_push.push
+    assert no_push.content_management
     assert not Settings.from_env({"OCI_TEST_PULL": "yes"}).pull  # Go: invalid means false
 
 
 def test_other_toggles() -> None:
     defaults = Settings.from_env({})
-    assert defaults.run_pull_setup and defaults.delete_manifest_before_blobs
-    assert defaults.run_automatic_crossmount_test and defaults.automatic_crossmount_enabled
+    assert defaults.run_pull_setup
+    assert defaults.delete_manifest_before_blobs
+    assert defaults.run_automatic_crossmount_test
+    assert defaults.automatic_crossmount_enabled
     env = {
         "OCI_TAG_NAME": "t",
         "OCI_MANIFEST_DIGEST": "sha256:m",
@@ -277,11 +290,13 @@ def test_other_toggles() -> None:
         "OCI_BLOB_DELETE_ENABLED": "0",
     }
     settings = Settings.from_env(env)
-    assert not settings.run_pull_setup and not settings.run_content_discovery_setup
+    assert not settings.run_pull_setup
+    assert not settings.run_content_discovery_setup
     assert settings.tag_list == ("a", "b")
     assert not settings.delete_manifest_before_blobs
     assert not settings.automatic_crossmount_enabled
-    assert not settings.blob_delete_enabled and settings.tag_delete_enabled
+    assert not settings.blob_delete_enabled
+    assert settings.tag_delete_enabled
     data = build_suite_data(settings, seed=1)
     assert {c.digest for c in data.configs} == {"sha256:b"}
     assert {m.digest for m in data.manifests} == {"sha256:m"}
@@ -292,18 +307,22 @@ def test_suite_data_matches_the_go_suite() -> None:
     assert data.empty_json.digest == EMPTY_JSON_DIGEST
     assert data.dummy_digest == digest_of(b"hello world")
     assert len({c.digest for c in data.configs}) == len(data.configs)
-    assert data.blob_a.length == 42 and data.chunked.blob.length == 42
-    assert data.chunked.chunk1_range == "0-21" and data.chunked.chunk2_range == "22-41"
+    assert data.blob_a.length == 42
+    assert data.chunked.blob.length == 42
+    assert data.chunked.chunk1_range == "0-21"
+    assert data.chunked.chunk2_range == "22-41"
     assert data.chunked.chunk1 + data.chunked.chunk2 == data.chunked.blob.content
     rebuilt = data.chunked_for_min_length("30")
-    assert len(rebuilt.chunk1) == 30 and rebuilt.blob.length == 58
+    assert len(rebuilt.chunk1) == 30
+    assert rebuilt.blob.length == 58
     manifest = json.loads(data.manifests[0].content)
     assert manifest["config"]["data"] == base64.b64encode(data.configs[0].content).decode()
     assert manifest["config"]["newUnspecifiedField"] == base64.b64encode(b"hello world").decode()
     assert manifest["layers"][0]["newUnspecifiedField"] is None
     assert "mediaType" not in json.loads(data.empty_layer_manifest.content)
     refs_c = json.loads(data.refs_c_layer.content)
-    assert refs_c["subject"]["digest"] == data.manifests[3].digest and "annotations" not in refs_c
+    assert refs_c["subject"]["digest"] == data.manifests[3].digest
+    assert "annotations" not in refs_c
     index = json.loads(data.refs_index.content)
     assert [d["digest"] for d in index["manifests"]] == [
         data.refs_a_config.digest,

@@ -179,9 +179,7 @@ class TestPullManifests:
         """GET request to manifest[0] / manifest[1] path (digest) should yield 200 response."""
         expect_status(registry.get_manifest(data.manifests[index].digest), 200)
 
-    def test_get_manifest_by_tag_returns_200(
-        self, registry: Registry, pull_setup: PullSetup
-    ) -> None:
+    def test_get_manifest_by_tag_returns_200(self, registry: Registry, pull_setup: PullSetup) -> None:
         """GET request to manifest path (tag) should yield 200 response."""
         assert pull_setup.tag, "no tag to pull"
         expect_status(registry.get_manifest(pull_setup.tag), 200)
@@ -284,7 +282,7 @@ class TestSpecTextPull:
     """Spec text checks (distribution-spec v1.1 "Pull" section) the Go suite does not make."""
 
     def test_api_version_check_returns_200(self, registry: Registry) -> None:
-        """"If the response is `200 OK`, then the registry implements this specification"."""
+        """ "If the response is `200 OK`, then the registry implements this specification"."""
         expect_status(registry.request("GET", "/v2/"), 200)
 
     def test_blob_range_request_returns_206_with_content_range(
@@ -293,13 +291,9 @@ class TestSpecTextPull:
         """SHOULD support `Range` (RFC 9110): `bytes=10-99` answers 206, `Content-Range:
         bytes 10-99/1000` and exactly those bytes."""
         digest, content = pull_content.blob
-        response = registry.get_blob(
-            digest, headers={"Range": "bytes=10-99", "Accept-Encoding": "identity"}
-        )
+        response = registry.get_blob(digest, headers={"Range": "bytes=10-99", "Accept-Encoding": "identity"})
         expect_status(response, 206)
-        assert response.headers.get("Content-Range") == f"bytes 10-99/{len(content)}", describe(
-            response
-        )
+        assert response.headers.get("Content-Range") == f"bytes 10-99/{len(content)}", describe(response)
         assert response.content == content[10:100]
 
     def test_blob_suffix_range_returns_last_bytes(
@@ -307,9 +301,7 @@ class TestSpecTextPull:
     ) -> None:
         """RFC 9110 suffix range `bytes=-100`: 206 with the last 100 bytes."""
         digest, content = pull_content.blob
-        response = registry.get_blob(
-            digest, headers={"Range": "bytes=-100", "Accept-Encoding": "identity"}
-        )
+        response = registry.get_blob(digest, headers={"Range": "bytes=-100", "Accept-Encoding": "identity"})
         expect_status(response, 206)
         assert response.headers.get("Content-Range") == (
             f"bytes {len(content) - 100}-{len(content) - 1}/{len(content)}"
@@ -331,9 +323,7 @@ class TestSpecTextPull:
             if content_range := response.headers.get("Content-Range"):
                 assert content_range == f"bytes */{len(content)}"
 
-    def test_head_blob_reports_size_and_digest(
-        self, registry: Registry, pull_content: PullContent
-    ) -> None:
+    def test_head_blob_reports_size_and_digest(self, registry: Registry, pull_content: PullContent) -> None:
         """HEAD: 200, SHOULD carry `Content-Length` = blob size; `Docker-Content-Digest`, if
         present, MUST be the blob digest."""
         digest, content = pull_content.blob
@@ -364,15 +354,11 @@ class TestSpecTextPull:
         response = registry.get_manifest(digest if by == "digest" else pull_content.tag)
         expect_status(response, 200)
         assert response.content == raw, "manifest bytes changed"
-        assert media_type(response.headers.get("Content-Type")) == OCI_MANIFEST, describe(
-            response
-        )
+        assert media_type(response.headers.get("Content-Type")) == OCI_MANIFEST, describe(response)
         if header := response.headers.get("Docker-Content-Digest"):
             assert header == digest, describe(response)
 
-    def test_head_manifest_reports_size(
-        self, registry: Registry, pull_content: PullContent
-    ) -> None:
+    def test_head_manifest_reports_size(self, registry: Registry, pull_content: PullContent) -> None:
         """HEAD manifest: 200, SHOULD carry `Content-Length` = manifest size."""
         digest, raw = pull_content.manifest
         response = registry.head_manifest(digest)
@@ -380,6 +366,6 @@ class TestSpecTextPull:
         assert response.headers.get("Content-Length") == str(len(raw)), describe(response)
 
     def test_pull_from_nonexistent_repository_returns_404(self, registry: Registry) -> None:
-        """"An attempt to pull a nonexistent repository MUST return response code 404"."""
+        """ "An attempt to pull a nonexistent repository MUST return response code 404"."""
         name = f"{registry.name}-missing-{secrets.token_hex(4)}"
         expect_status(registry.get_manifest("latest", name=name), 404)

@@ -108,9 +108,7 @@ class TestBlobUploadStreamed:
         expect_header(post, "Location")
         expect_status(patch, 202)
 
-    def test_put_to_session_with_digest_returns_201_with_location(
-        self, streamed_put: httpx.Response
-    ) -> None:
+    def test_put_to_session_with_digest_returns_201_with_location(self, streamed_put: httpx.Response) -> None:
         """PUT request to session URL with digest should yield 201 response."""
         expect_status(streamed_put, 201)
         expect_header(streamed_put, "Location")
@@ -137,9 +135,7 @@ def monolithic_session(registry: Registry) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def monolithic_put(
-    registry: Registry, data: SuiteData, monolithic_session: httpx.Response
-) -> httpx.Response:
+def monolithic_put(registry: Registry, data: SuiteData, monolithic_session: httpx.Response) -> httpx.Response:
     """PUT configs[1] into the session."""
     config = data.configs[1]
     return registry.put_upload(relative_location(monolithic_session), config.digest, config.content)
@@ -228,17 +224,13 @@ def chunk1_retry(registry: Registry, chunk1: ChunkedStart) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def stale_status(
-    registry: Registry, chunk1: ChunkedStart, chunk1_retry: httpx.Response
-) -> httpx.Response:
+def stale_status(registry: Registry, chunk1: ChunkedStart, chunk1_retry: httpx.Response) -> httpx.Response:
     """GET the stale (POST) Location: the upload status."""
     return registry.request("GET", relative_location(chunk1.post))
 
 
 @pytest.fixture(scope="module")
-def chunk2(
-    registry: Registry, chunk1: ChunkedStart, stale_status: httpx.Response
-) -> httpx.Response:
+def chunk2(registry: Registry, chunk1: ChunkedStart, stale_status: httpx.Response) -> httpx.Response:
     """PATCH chunk 2 to the Location the status GET returned."""
     blob = chunk1.blob
     return registry.patch_upload(relative_location(stale_status), blob.chunk2, blob.chunk2_range)
@@ -284,9 +276,7 @@ class TestBlobUploadChunked:
         expect_status(chunk2, 202)
         expect_header(chunk2, "Location")
 
-    def test_put_with_digest_closes_chunked_upload_with_201(
-        self, chunked_put: httpx.Response
-    ) -> None:
+    def test_put_with_digest_closes_chunked_upload_with_201(self, chunked_put: httpx.Response) -> None:
         """PUT request with digest should return 201 (with a Location)."""
         expect_status(chunked_put, 201)
         expect_header(chunked_put, "Location")
@@ -296,9 +286,7 @@ class TestBlobUploadChunked:
 
 
 @pytest.fixture(scope="module")
-def mount_from(
-    registry: Registry, data: SuiteData, streamed_put: httpx.Response
-) -> httpx.Response:
+def mount_from(registry: Registry, data: SuiteData, streamed_put: httpx.Response) -> httpx.Response:
     """POST to the cross-mount repository ?mount=<blob A>&from=<namespace>."""
     return registry.start_upload(
         registry.crossmount_name, params={"mount": data.blob_a.digest, "from": registry.name}
@@ -308,20 +296,14 @@ def mount_from(
 class TestCrossRepositoryBlobMount:
     """Context "Cross-Repository Blob Mount"."""
 
-    def test_mount_without_from_yields_upload_session(
-        self, registry: Registry, data: SuiteData
-    ) -> None:
+    def test_mount_without_from_yields_upload_session(self, registry: Registry, data: SuiteData) -> None:
         """Cross-mounting of a blob without the from argument should yield session id (202,
         Location) -- the digest is one no repository holds."""
-        response = registry.start_upload(
-            registry.crossmount_name, params={"mount": data.dummy_digest}
-        )
+        response = registry.start_upload(registry.crossmount_name, params={"mount": data.dummy_digest})
         expect_status(response, 202)
         assert absolute_location(response), describe(response)
 
-    def test_mount_from_other_repository_returns_201_or_202(
-        self, mount_from: httpx.Response
-    ) -> None:
+    def test_mount_from_other_repository_returns_201_or_202(self, mount_from: httpx.Response) -> None:
         """POST request to mount another repository's blob should return 201 or 202."""
         expect_status(mount_from, 201, 202)
 
@@ -355,9 +337,7 @@ class TestCrossRepositoryBlobMount:
         a 201 (only after a 201 mount)."""
         if mount_from.status_code != 201:
             pytest.skip("you have skipped this test. (mount answered 202)")
-        response = registry.start_upload(
-            registry.crossmount_name, params={"mount": data.blob_a.digest}
-        )
+        response = registry.start_upload(registry.crossmount_name, params={"mount": data.blob_a.digest})
         expect_status(response, 201)
 
     @run_only_if(SETTINGS.run_automatic_crossmount_test)
@@ -369,9 +349,7 @@ class TestCrossRepositoryBlobMount:
         a 202 (only after a 201 mount)."""
         if mount_from.status_code != 201:
             pytest.skip("you have skipped this test. (mount answered 202)")
-        response = registry.start_upload(
-            registry.crossmount_name, params={"mount": data.blob_a.digest}
-        )
+        response = registry.start_upload(registry.crossmount_name, params={"mount": data.blob_a.digest})
         expect_status(response, 202)
 
 
@@ -399,9 +377,7 @@ def empty_layer_put(
     """PUT the manifest without layers as tag ``emptylayer`` (unless skipped by env)."""
     if SETTINGS.skip_empty_layer_push_test:
         return None
-    return registry.put_manifest(
-        EMPTY_LAYER_TEST_TAG, data.empty_layer_manifest.content, OCI_MANIFEST
-    )
+    return registry.put_manifest(EMPTY_LAYER_TEST_TAG, data.empty_layer_manifest.content, OCI_MANIFEST)
 
 
 class TestManifestUpload:
@@ -420,9 +396,7 @@ class TestManifestUpload:
             expect_status(response, 201)
 
     @run_only_if(not SETTINGS.skip_empty_layer_push_test, "OCI_SKIP_EMPTY_LAYER_PUSH_TEST set")
-    def test_put_manifest_without_layers_is_accepted(
-        self, empty_layer_put: httpx.Response | None
-    ) -> None:
+    def test_put_manifest_without_layers_is_accepted(self, empty_layer_put: httpx.Response | None) -> None:
         """Registry should accept a manifest upload with no layers (201 with a Location;
         anything else is only a warning, as in Go)."""
         assert empty_layer_put is not None
@@ -516,7 +490,7 @@ class TestSpecTextPush:
     def test_chunk_gap_returns_416_and_status_reports_committed_range(
         self, registry: Registry, janitor: Janitor
     ) -> None:
-        """"If a chunk is uploaded out of order, the registry MUST respond with a 416"; the
+        """ "If a chunk is uploaded out of order, the registry MUST respond with a 416"; the
         status GET then MUST answer 204 with `Location` and `Range: 0-<end-of-range>`, and the
         upload can resume from there."""
         digest, content = make_blob(30)
@@ -540,9 +514,7 @@ class TestSpecTextPush:
         janitor.blob(digest)
         assert registry.get_blob(digest).content == content
 
-    def test_upload_status_of_new_session_returns_204_with_location(
-        self, registry: Registry
-    ) -> None:
+    def test_upload_status_of_new_session_returns_204_with_location(self, registry: Registry) -> None:
         """GET on an active upload location MUST answer 204 with `Location` (and `Range`; what
         an empty session reports is not pinned down, Distribution says `0-0`)."""
         post = registry.start_upload()
@@ -553,10 +525,8 @@ class TestSpecTextPush:
         if value := status.headers.get("Range"):
             assert RANGE_RE.match(value), describe(status)
 
-    def test_final_chunk_may_be_sent_with_closing_put(
-        self, registry: Registry, janitor: Janitor
-    ) -> None:
-        """"The final chunk MAY be uploaded using a PATCH request or it MAY be uploaded in the
+    def test_final_chunk_may_be_sent_with_closing_put(self, registry: Registry, janitor: Janitor) -> None:
+        """ "The final chunk MAY be uploaded using a PATCH request or it MAY be uploaded in the
         closing PUT request" (with its Content-Range)."""
         digest, content = make_blob(40)
         post = registry.start_upload()
@@ -586,7 +556,8 @@ class TestSpecTextPush:
         """A blob pushed with a sha512 digest is stored (201, Location) and served under that
         digest; a `Docker-Content-Digest` header (any algorithm) must match the body."""
         digest, content = make_blob(300, algorithm="sha512")
-        assert digest.startswith("sha512:") and len(digest) == 7 + 128
+        assert digest.startswith("sha512:")
+        assert len(digest) == 7 + 128
         put = registry.push_blob(digest, content)
         expect_status(put, 201)
         expect_header(put, "Location")
@@ -598,9 +569,7 @@ class TestSpecTextPush:
         if header := response.headers.get("Docker-Content-Digest"):
             assert verify_digest(header, content), describe(response)
 
-    def test_put_with_mismatched_digest_is_rejected_with_digest_invalid(
-        self, registry: Registry
-    ) -> None:
+    def test_put_with_mismatched_digest_is_rejected_with_digest_invalid(self, registry: Registry) -> None:
         """Closing PUT whose digest does not match the content: 400 DIGEST_INVALID ("provided
         digest did not match uploaded content"), and nothing is stored under that digest."""
         _, content = make_blob(64)
@@ -661,13 +630,11 @@ class TestSpecTextPush:
         assert 400 <= response.status_code < 500, describe(response)
         assert "MANIFEST_BLOB_UNKNOWN" in (error_codes(response) or []), describe(response)
 
-    @pytest.mark.skipif(
-        not SETTINGS.automatic_crossmount_enabled, reason="OCI_AUTOMATIC_CROSSMOUNT is false"
-    )
+    @pytest.mark.skipif(not SETTINGS.automatic_crossmount_enabled, reason="OCI_AUTOMATIC_CROSSMOUNT is false")
     def test_mount_without_from_mounts_blob_found_in_another_repository(
         self, registry: Registry, janitor: Janitor
     ) -> None:
-        """"The registry MAY treat the `from` parameter as optional, and it MAY cross-mount the
+        """ "The registry MAY treat the `from` parameter as optional, and it MAY cross-mount the
         blob if it can be found" (required here: OCI_AUTOMATIC_CROSSMOUNT): a blob only in the
         namespace mounts into the cross-mount repository with 201 and is pullable there."""
         digest, content = make_blob(50)
@@ -684,7 +651,7 @@ class TestSpecTextPush:
         assert pulled.content == content
 
     def test_mount_of_unknown_blob_falls_back_to_upload_session(self, registry: Registry) -> None:
-        """"if a registry ... is unable to mount the requested blob, it SHOULD return a 202"
+        """ "if a registry ... is unable to mount the requested blob, it SHOULD return a 202"
         (an upload session in the target repository)."""
         digest, _ = make_blob(20)
         response = registry.start_upload(

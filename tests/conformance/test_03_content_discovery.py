@@ -64,9 +64,7 @@ from tests.conformance.suite import (
 pytestmark = workflow_marks("content_discovery")
 
 NUM_TAGS = 4
-setup_only = run_only_if(
-    SETTINGS.run_content_discovery_setup, "discovery setup skipped: OCI_TAG_LIST is set"
-)
+setup_only = run_only_if(SETTINGS.run_content_discovery_setup, "discovery setup skipped: OCI_TAG_LIST is set")
 
 
 @dataclass
@@ -100,9 +98,7 @@ def discovery_setup(registry: Registry, data: SuiteData) -> DiscoverySetup:
 
 
 @pytest.fixture(scope="module")
-def references_setup(
-    registry: Registry, data: SuiteData, discovery_setup: DiscoverySetup
-) -> list[Step]:
+def references_setup(registry: Registry, data: SuiteData, discovery_setup: DiscoverySetup) -> list[Step]:
     """Go's "References setup": referrers of manifests[4] pushed before and after it, an index
     referrer, and a referrer of manifests[3], which is never pushed."""
     if not SETTINGS.run_content_discovery_setup:
@@ -196,18 +192,14 @@ class TestListingTags:
         """GET request to list tags should yield 200 response."""
         expect_status(listed_tags, 200)
 
-    def test_n_limits_number_of_tags(
-        self, registry: Registry, listed_tags: httpx.Response
-    ) -> None:
+    def test_n_limits_number_of_tags(self, registry: Registry, listed_tags: httpx.Response) -> None:
         """GET number of tags should be limitable by `n` query parameter (n = numTags/2)."""
         num_results = len(tag_list(listed_tags)) // 2
         response = registry.list_tags(params={"n": num_results})
         expect_status(response, 200)
         assert len(tag_list(response)) == num_results, describe(response)
 
-    def test_last_sets_start_of_tag_list(
-        self, registry: Registry, listed_tags: httpx.Response
-    ) -> None:
+    def test_last_sets_start_of_tag_list(self, registry: Registry, listed_tags: httpx.Response) -> None:
         """GET start of tag is set by `last` query parameter.
 
         Ported as Go has it: Go builds the second request from the first, `n`-limited page
@@ -267,9 +259,7 @@ class TestListingReferrers:
         """GET request to existing blob with filter should yield 200: with
         `OCI-Filters-Applied: artifactType` exactly the two type-A referrers; a registry that
         does not filter returns all five (a warning in Go)."""
-        response = registry.referrers(
-            data.manifests[4].digest, params={"artifactType": ARTIFACT_TYPE_A}
-        )
+        response = registry.referrers(data.manifests[4].digest, params={"artifactType": ARTIFACT_TYPE_A})
         body = _check_index_response(response)
         manifests = body.get("manifests") or []
         if response.headers.get("OCI-Filters-Applied"):
@@ -319,9 +309,7 @@ def _delete_manifests_test() -> Callable[..., None]:
 
 
 def _delete_blob_test(which: str) -> Callable[..., None]:
-    def test(
-        self: Any, registry: Registry, data: SuiteData, discovery_setup: DiscoverySetup
-    ) -> None:
+    def test(self: Any, registry: Registry, data: SuiteData, discovery_setup: DiscoverySetup) -> None:
         digest = data.layer.digest if which == "layer" else data.configs[2].digest
         expect_status(registry.delete_blob(digest), 405, any_2xx=True)
 
@@ -382,7 +370,7 @@ MAX_PAGES = 1000
 
 
 def _is_lexical(tags: list[str]) -> bool:
-    """"lexical order (i.e. case-insensitive alphanumeric order)": byte order or, for the
+    """ "lexical order (i.e. case-insensitive alphanumeric order)": byte order or, for the
     case-insensitive reading, the lower-cased order."""
     return tags == sorted(tags) or tags == sorted(tags, key=str.lower)
 
@@ -470,18 +458,14 @@ def spec_referrers(registry: Registry, janitor: Janitor) -> SpecReferrers:
 class TestSpecTextDiscovery:
     """Spec text checks (distribution-spec v1.1 "Content Discovery") the Go suite misses."""
 
-    def test_tags_are_listed_in_lexical_order(
-        self, registry: Registry, spec_tags: SpecTags
-    ) -> None:
-        """"If the list is not empty, the tags MUST be in lexical order"."""
+    def test_tags_are_listed_in_lexical_order(self, registry: Registry, spec_tags: SpecTags) -> None:
+        """ "If the list is not empty, the tags MUST be in lexical order"."""
         tags = _collect(registry, registry.list_tags(), "tags")
         assert set(spec_tags.tags) <= set(tags), tags
         assert _is_lexical(tags), tags
 
-    def test_n_zero_returns_empty_list_without_link(
-        self, registry: Registry, spec_tags: SpecTags
-    ) -> None:
-        """"When `n` is zero, this endpoint MUST return an empty list, and MUST NOT include a
+    def test_n_zero_returns_empty_list_without_link(self, registry: Registry, spec_tags: SpecTags) -> None:
+        """ "When `n` is zero, this endpoint MUST return an empty list, and MUST NOT include a
         `Link` header"."""
         response = registry.list_tags(params={"n": 0})
         expect_status(response, 200)
@@ -505,9 +489,7 @@ class TestSpecTextDiscovery:
             following = link_next(response)
             assert len(page) <= 2, describe(response)
             if len(page) < 2:
-                assert following or sum(map(len, pages)) + len(page) == len(full), describe(
-                    response
-                )
+                assert following or sum(map(len, pages)) + len(page) == len(full), describe(response)
             pages.append(page)
             if sum(map(len, pages)) < len(full):
                 assert following, f"no Link rel=next after {pages}: {describe(response)}"
@@ -516,9 +498,7 @@ class TestSpecTextDiscovery:
             response = registry.request("GET", following)
         assert [tag for page in pages for tag in page] == full
 
-    def test_last_returns_tags_after_it_exclusively(
-        self, registry: Registry, spec_tags: SpecTags
-    ) -> None:
+    def test_last_returns_tags_after_it_exclusively(self, registry: Registry, spec_tags: SpecTags) -> None:
         """`n=2&last=<tag>` returns up to 2 tags "beginning non-inclusively with <tagname>";
         without `n` it returns all the following tags (`n` is OPTIONAL with `last`)."""
         full = _collect(registry, registry.list_tags(), "tags")
@@ -553,9 +533,7 @@ class TestSpecTextDiscovery:
     ) -> None:
         """`?artifactType=` (SHOULD be supported; Seawall does): only matching descriptors,
         and "the response MUST include a header `OCI-Filters-Applied: artifactType`"."""
-        response = registry.referrers(
-            spec_referrers.subject, params={"artifactType": ARTIFACT_TYPE_Y}
-        )
+        response = registry.referrers(spec_referrers.subject, params={"artifactType": ARTIFACT_TYPE_Y})
         expect_status(response, 200)
         expect_header(response, "OCI-Filters-Applied", ARTIFACT_TYPE_FILTER)
         manifests = response.json().get("manifests")
@@ -576,7 +554,7 @@ class TestSpecTextDiscovery:
         assert body.get("manifests") == [], body
 
     def test_referrers_with_malformed_digest_returns_400(self, registry: Registry) -> None:
-        """"If the request is invalid, such as a `<digest>` with an invalid syntax, a
+        """ "If the request is invalid, such as a `<digest>` with an invalid syntax, a
         `400 Bad Request` MUST be returned"."""
         expect_status(registry.referrers("sha256:not-a-valid-digest"), 400)
 

@@ -86,9 +86,7 @@ def tag_delete(
 
 
 @pytest.fixture(scope="module")
-def digest_delete(
-    registry: Registry, data: SuiteData, tag_delete: httpx.Response
-) -> httpx.Response:
+def digest_delete(registry: Registry, data: SuiteData, tag_delete: httpx.Response) -> httpx.Response:
     """DELETE /v2/<name>/manifests/<manifests[3] digest>."""
     return registry.delete_manifest(data.manifests[3].digest)
 
@@ -179,9 +177,7 @@ class TestBlobDelete:
     """Context "Blob delete"."""
 
     @setup_only
-    def test_delete_blobs_returns_202(
-        self, blob_delete: tuple[httpx.Response, httpx.Response]
-    ) -> None:
+    def test_delete_blobs_returns_202(self, blob_delete: tuple[httpx.Response, httpx.Response]) -> None:
         """DELETE request to blob URL should yield 202 response (or 404/405), config then
         layer."""
         config, layer = blob_delete
@@ -228,9 +224,7 @@ def _fresh_tag(label: str) -> str:
 class TestSpecTextManagement:
     """Spec text checks (distribution-spec v1.1 "Content Management") the Go suite misses."""
 
-    def test_deleting_tag_keeps_manifest_and_other_tags(
-        self, registry: Registry, janitor: Janitor
-    ) -> None:
+    def test_deleting_tag_keeps_manifest_and_other_tags(self, registry: Registry, janitor: Janitor) -> None:
         """DELETE /manifests/<tag>: "the registry MUST respond with a 202" (400/405 when tag
         deletion is disabled); then GET of that tag is 404, while the manifest and its other
         tags remain."""
@@ -284,9 +278,7 @@ class TestSpecTextManagement:
         expect_status(registry.delete_blob(digest), 404)
 
     @pytest.mark.skipif(not SETTINGS.manifest_delete_enabled, reason="manifest deletion off")
-    def test_deleted_referrer_leaves_the_referrers_list(
-        self, registry: Registry, janitor: Janitor
-    ) -> None:
+    def test_deleted_referrer_leaves_the_referrers_list(self, registry: Registry, janitor: Janitor) -> None:
         """Referrers are the manifests "in the same <name> namespace with a subject field" for
         the digest: once a referrer is deleted it is no longer listed."""
         subject = _push_image(registry, janitor)
