@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ log = structlog.get_logger("fill")
 FIRST_SEGMENT = 16 * 1024
 MAX_SEGMENT = 8 * 1024 * 1024
 FLUSH_INTERVAL = 0.1
+SEGMENTS_IN_FLIGHT = 3
 LEASE_TTL = 10.0
 # Edges still streaming staged segments when the blob is committed get this long to finish.
 STAGING_GRACE_MS = 120_000
@@ -133,25 +135,29 @@ async def _fill_under_lease(
         segment = bytearray()
         target = FIRST_SEGMENT if offset == 0 else MAX_SEGMENT
         last_flush = time.monotonic()
-        # One segment uploads while the next downloads; the staged mark advances only
-        # once a segment is stored, and in order.
-        writing: asyncio.Task[None] | None = None
+        # Segments upload while the next ones download (up to SEGMENTS_IN_FLIGHT at once:
+        # object stores write faster in parallel). Each upload waits for the one before it
+        # to publish the staged mark, so the mark only ever covers stored bytes, in order.
+        writing: deque[asyncio.Task[None]] = deque()
 
-        async def store(start: int, data: bytes) -> None:
+        async def store(start: int, data: bytes, previous: asyncio.Task[None] | None) -> None:
             await deps.objects.put_bytes(layout.staging_segment(digest, start), data)
+            if previous is not None:
+                await previous
             await state.write_state(deps.redis, digest, staged=start + len(data))
 
         async def flush() -> None:
-            nonlocal offset, target, last_flush, writing
+            nonlocal offset, target, last_flush
             if lease.lost:
                 raise LeaseLost(f"lost the fill lease for {digest}")
-            if writing is not None:
-                await writing
-            writing = asyncio.create_task(store(offset, bytes(segment)))
+            previous = writing[-1] if writing else None
+            writing.append(asyncio.create_task(store(offset, bytes(segment), previous)))
             offset += len(segment)
             segment.clear()
             target = min(target * 2, MAX_SEGMENT)
             last_flush = time.monotonic()
+            while writing and (writing[0].done() or len(writing) >= SEGMENTS_IN_FLIGHT):
+                await writing.popleft()
 
         try:
             async for chunk in stream.iter_chunks(256 * 1024):
@@ -161,11 +167,12 @@ async def _fill_under_lease(
                     await flush()
             if segment:
                 await flush()
-            if writing is not None:
-                await writing
+            while writing:
+                await writing.popleft()
         finally:
-            if writing is not None and not writing.done():
-                writing.cancel()
+            for task in writing:
+                task.cancel()
+            await asyncio.gather(*writing, return_exceptions=True)
 
     if total is not None and offset != total:
         raise UpstreamFailure(
