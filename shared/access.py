@@ -18,7 +18,6 @@ from shared.oci.errors import RegistryError
 from shared.settings import Project, Settings
 from shared.tokens import InvalidToken, TokenSigner
 
-REALM = "Seawall"
 # Verified credentials are remembered briefly: argon2 costs tens of milliseconds by
 # design, and docker sends the same Basic header on every request of a pull.
 _VERIFIED_TTL = 300.0

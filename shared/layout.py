@@ -15,10 +15,6 @@ def blob(digest: Digest) -> str:
     return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
 
-def repository(name: str) -> str:
-    return f"repositories/{name}/"
-
-
 def layer_link(name: str, digest: Digest) -> str:
     return f"repositories/{name}/_layers/{digest.algorithm}/{digest.hex}"
 

@@ -63,7 +63,3 @@ class Lease:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await self.release()
-
-
-async def held(redis: Redis, key: str) -> bool:
-    return bool(await redis.exists(key))

@@ -36,10 +36,6 @@ class FillState:
     retry_after: float | None = None
     updated: float = 0.0
 
-    @property
-    def terminal(self) -> bool:
-        return self.status in (COMMITTED, FAILED)
-
 
 async def read_state(redis: Redis, digest: Digest) -> FillState:
     stored = cast(dict[bytes, bytes], await redis.hgetall(state_key(digest)))
