@@ -284,7 +284,8 @@ def test_second_401_is_an_auth_failure(hub: DockerHubEmulator, seeded: Seeded) -
     assert failure.kind == "auth"
     assert failure.status == 401
     assert "insufficient_scope" in failure.message
-    assert failure.to_registry_error().code == "UPSTREAM_ERROR"
+    # What Docker Hub says of a repository that does not exist: unknown to the client.
+    assert failure.to_registry_error().code == "NAME_UNKNOWN"
     assert tokens_issued(hub) == 1  # one token, one retry with it, no loop
     assert hub.count("GET", "manifest") == 2
 
