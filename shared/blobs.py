@@ -146,9 +146,3 @@ class BlobStore:
             )
         if await self.size(digest) is None:
             await self._store.put_bytes(layout.blob(digest), data)
-
-    async def delete(self, digest: Digest) -> None:
-        dropped = self._recent.pop(digest, None)
-        if dropped is not None:
-            self._recent_bytes -= len(dropped)
-        await self._store.delete(layout.blob(digest))

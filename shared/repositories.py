@@ -111,6 +111,16 @@ class RepositoryStore:
     async def blob_linked(self, name: str, digest: Digest) -> bool:
         return await self._store.stat(layout.layer_link(name, digest)) is not None
 
+    async def linked_size(self, name: str, digest: Digest) -> int | None:
+        """The size recorded in the repository's link, None when the blob is not linked.
+
+        One small read answers both "may this repository serve it" and "how big is it".
+        """
+        try:
+            return int(await self._store.get_bytes(layout.layer_link(name, digest)))
+        except ObjectMissing:
+            return None
+
     async def unlink_blob(self, name: str, digest: Digest) -> bool:
         key = layout.layer_link(name, digest)
         if await self._store.stat(key) is None:

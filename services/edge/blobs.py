@@ -51,8 +51,9 @@ def _unsatisfiable(size: int) -> dict[str, str]:
 async def _held_size(request: web.Request, repo: Target, digest: Digest) -> int | None:
     """The blob's size if this repository may serve it from storage."""
     app = request.app
-    if await app[keys.REPOSITORIES].blob_linked(repo.name, digest):
-        return await app[keys.BLOBS].size(digest)
+    linked = await app[keys.REPOSITORIES].linked_size(repo.name, digest)
+    if linked is not None:
+        return linked
     if repo.project.type == "proxy" and await app[keys.REPOSITORIES].project_holds(repo.project.name, digest):
         # A layer another image of this cache brought in (base layers are shared widely)
         # is a hit here too: it was verified when it was committed.

@@ -476,6 +476,15 @@ class UpstreamClient:
         return URL(f"{self.base_url}/v2/{repository}/{kind}/{reference}")
 
     # ---------------------------------------------------------------- manifests
+    async def _manifest_request(self, method: str, repository: str, reference: str) -> aiohttp.ClientResponse:
+        return await self._send(
+            method,
+            self._url(repository, "manifests", reference),
+            kind="manifest",
+            scope=self._scope(repository),
+            headers={"Accept": ACCEPT},
+        )
+
     async def head_manifest(
         self,
         repository: str,
@@ -492,13 +501,7 @@ class UpstreamClient:
         what = f"HEAD manifest {repository}:{reference}"
         try:
             async with asyncio.timeout(limit):
-                response = await self._send(
-                    "HEAD",
-                    self._url(repository, "manifests", reference),
-                    kind="manifest",
-                    scope=self._scope(repository),
-                    headers={"Accept": ACCEPT},
-                )
+                response = await self._manifest_request("HEAD", repository, reference)
                 try:
                     rate_limit = await self._report_rate_limit(response)
                     if response.status == 404:
@@ -528,13 +531,7 @@ class UpstreamClient:
         Docker-Content-Digest when the upstream sends one.
         """
         what = f"GET manifest {repository}:{reference}"
-        response = await self._send(
-            "GET",
-            self._url(repository, "manifests", reference),
-            kind="manifest",
-            scope=self._scope(repository),
-            headers={"Accept": ACCEPT},
-        )
+        response = await self._manifest_request("GET", repository, reference)
         try:
             rate_limit = await self._report_rate_limit(response)
             if response.status == 404:
