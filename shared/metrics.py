@@ -47,6 +47,23 @@ QUOTA_DENIED = Counter(
     "seawall_quota_denied_total", "Upstream requests the governor refused", ["upstream", "priority"]
 )
 
+# The edge's local disk tier. Every process sharing the directory sees the same total.
+DISK_CACHE_BYTES = Gauge(
+    "seawall_disk_cache_bytes",
+    "Bytes of blobs held in the local disk cache, as last counted",
+    multiprocess_mode="mostrecent",
+)
+DISK_CACHE_HITS = Counter("seawall_disk_cache_hits_total", "Blob reads found in the local disk cache")
+DISK_CACHE_MISSES = Counter("seawall_disk_cache_misses_total", "Blob reads not found in the local disk cache")
+DISK_CACHE_EVICTIONS = Counter(
+    "seawall_disk_cache_evictions_total", "Blobs removed from the local disk cache to stay within its budget"
+)
+DISK_CACHE_WRITES = Counter(
+    "seawall_disk_cache_writes_total",
+    "Blobs offered to the local disk cache, by outcome (stored, failed, too_big)",
+    ["result"],
+)
+
 
 def declare_series(projects: list[str], upstreams: list[str]) -> None:
     """Create the known label combinations at zero, so `rate()` sees their first event."""
@@ -62,6 +79,8 @@ def declare_series(projects: list[str], upstreams: list[str]) -> None:
         for priority in ("client", "background"):
             QUOTA_DENIED.labels(upstream, priority)
     DIGEST_MISMATCHES.labels("upstream")
+    for result in ("stored", "failed", "too_big"):
+        DISK_CACHE_WRITES.labels(result)
 
 
 JOBS = Counter("seawall_jobs_total", "Worker jobs by actor and outcome", ["actor", "result"])

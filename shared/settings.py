@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
+from pydantic import BaseModel, BeforeValidator, ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -107,6 +107,22 @@ class Mirror(BaseModel):
     namespaces: dict[str, str] = Field(default_factory=dict)
 
 
+class DiskCacheSettings(BaseModel):
+    """The edge's local disk tier for hot blobs; the bucket stays the source of truth."""
+
+    # Budget for the files under `path`; `0` turns the tier off. Accepts `10GiB`, `500MB`.
+    max_bytes: ByteSize = ByteSize(10 * 1024**3)
+    # Unset: `<data_dir>/cache`.
+    path: Path | None = None
+    # A blob bigger than this share of `max_bytes` is served from the bucket only, so that
+    # one huge layer cannot flush everything else out of the tier.
+    max_blob_fraction: float = Field(default=0.25, gt=0, le=1)
+
+    @property
+    def max_blob_bytes(self) -> int:
+        return int(self.max_bytes * self.max_blob_fraction)
+
+
 class Settings(BaseSettings):
     """Everything Seawall reads at start-up. Loaded once by `load_settings` and passed down."""
 
@@ -136,6 +152,7 @@ class Settings(BaseSettings):
     worker_metrics_listen: str | None = "127.0.0.1:9191"
     # Signs registry tokens; unset, the edges share a random one kept in the bucket.
     token_secret: SecretStr | None = None
+    disk_cache: DiskCacheSettings = Field(default_factory=DiskCacheSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -172,6 +189,10 @@ class Settings(BaseSettings):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def disk_cache_path(self) -> Path:
+        return self.disk_cache.path or self.data_dir / "cache"
 
     def project(self, name: str) -> Project | None:
         return next((p for p in self.projects if p.name == name), None)

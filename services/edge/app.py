@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared.access import Access
 from shared.blobs import BlobStore
+from shared.diskcache import DiskCache
 from shared.layout import TOKEN_SECRET_KEY
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
@@ -42,6 +44,24 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         store.close()
+
+
+async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
+    """The local disk tier for hot blobs, unless `disk_cache.max_bytes` is 0."""
+    settings = app[keys.SETTINGS]
+    limits = settings.disk_cache
+    if not limits.max_bytes:
+        yield
+        return
+    # Start-up counts the files already there, so it runs off the event loop.
+    cache = await asyncio.to_thread(
+        DiskCache, settings.disk_cache_path, int(limits.max_bytes), max_blob_bytes=limits.max_blob_bytes
+    )
+    app[keys.DISK_CACHE] = cache
+    try:
+        yield
+    finally:
+        await cache.aclose()
 
 
 async def _auth(app: web.Application) -> AsyncIterator[None]:
@@ -97,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     declare_series([p.name for p in settings.projects], [u.name for u in settings.upstreams])
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(_proxy)
     setup_routes(app)

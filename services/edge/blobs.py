@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 
@@ -10,7 +11,9 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.context import target
+from services.edge.sendfile import can_sendfile, send_file
 from shared.access import Action
+from shared.diskcache import DiskCache
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
@@ -121,8 +124,55 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     status, offset, length, headers = _blob_headers(request, digest, size)
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
+    cache = request.app.get(keys.DISK_CACHE)
+    if cache is not None and length and can_sendfile(request):
+        sent = await _send_cached(request, cache, digest, size, status, headers, offset, length, repo)
+        if sent is not None:
+            return sent
     chunks = request.app[keys.BLOBS].stream(digest, offset, length) if length else _nothing()
     return await _send(request, status, headers, length, chunks, repo.project.name)
+
+
+async def _send_cached(
+    request: web.Request,
+    cache: DiskCache,
+    digest: Digest,
+    size: int,
+    status: int,
+    headers: dict[str, str],
+    offset: int,
+    length: int,
+    repo: Target,
+) -> web.StreamResponse | None:
+    """Send the blob from the local disk tier; None (and a background copy) if it is not there.
+
+    Only where the bytes come from changes: the caller has already checked, as for any
+    hit, that this repository may read the blob and how big it is.
+    """
+    blobs = request.app[keys.BLOBS]
+
+    def copy_to_disk() -> None:
+        cache.populate_later(digest, size, lambda: blobs.stream(digest))
+
+    path = cache.path(digest)
+    if path is None:
+        copy_to_disk()
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # evicted since the lookup
+        copy_to_disk()
+        return None
+    try:
+        if os.fstat(fd).st_size != size:
+            log.warning("disk_cache_wrong_size", digest=str(digest), expected=size)
+            cache.discard(digest)
+            copy_to_disk()
+            return None
+        bytes_served = BYTES_SERVED.labels(repo.project.name, "blob")
+        return await send_file(request, status, headers, fd, offset, length, bytes_served.inc)
+    finally:
+        os.close(fd)
 
 
 async def _nothing() -> AsyncIterator[bytes]:

@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 
 from shared.access import Access
 from shared.blobs import BlobStore
+from shared.diskcache import DiskCache
 from shared.proxy.events import CacheEvents
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
@@ -27,6 +28,8 @@ EVENTS = web.AppKey("events", CacheEvents)
 UPSTREAMS = web.AppKey("upstreams", UpstreamPool)
 MANIFEST_CACHE = web.AppKey("manifest_cache", ManifestCache)
 FOLLOWER = web.AppKey("follower", BlobFollower)
+# Absent when the disk tier is off (`disk_cache.max_bytes: 0`).
+DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 
 # Per-request state: the authenticated user (None when anonymous).
 USER = web.RequestKey[str | None]("user")
