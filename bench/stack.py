@@ -84,11 +84,9 @@ class Edge(ManagedProcess):
 
 
 class Workers(ManagedProcess):
-    def __init__(self, config: Path, work: Path, threads: int = 8) -> None:
-        argv = [
-            sys.executable, "-m", "dramatiq", "workers.actors",
-            "--processes", "1", "--threads", str(threads),
-        ]  # fmt: skip
+    def __init__(self, config: Path, work: Path) -> None:
+        # As users run them: `seawall worker`, with the processes and threads of the config.
+        argv = [sys.executable, "-m", "services.cli", "worker", "--config", str(config)]
         env = {**_env(), "SEAWALL_CONFIG": str(config)}
         super().__init__("workers", argv, work / "workers.log", env)
         self.wait_ready(
@@ -105,11 +103,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str) -> dict[str, Any]:
+def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str, data_dir: Path) -> dict[str, Any]:
     """`hub` caches with a long tag TTL (P1, P2), `hubttl0` revalidates every tag GET (P6)."""
     proxy = {"type": "proxy", "public": True, "upstream": "hub"}
     return {
         "listen": f"127.0.0.1:{port}",
+        "data_dir": str(data_dir),
+        "worker_metrics_listen": None,
         "redis_url": redis_url,
         "s3": {
             "endpoint": s3.endpoint,
@@ -175,7 +175,7 @@ class Stack:
         s3 = enter(start_s3(self.work / "s3"))
         s3.ensure_bucket("seawall")
         port = free_port()
-        config = seawall_config(port, redis.url, s3.settings("seawall"), self.hub.url)
+        config = seawall_config(port, redis.url, s3.settings("seawall"), self.hub.url, self.work / "data")
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.edge = enter(Edge(self.config_path, port, self.work))
         self.workers = enter(Workers(self.config_path, self.work))

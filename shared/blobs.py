@@ -1,9 +1,17 @@
-"""Content-addressed blobs: verified while streamed in, committed whole, streamed out."""
+"""Content-addressed blobs: verified while streamed in, committed once, streamed out.
+
+A blob is stored under its digest either whole (one object) or as a small record naming
+the objects that hold its bytes, in order ("extents"): the parts a client pushed, or the
+segments a fill staged. Committing a record instead of assembling a new object means
+every byte is written to the bucket once, however it arrived.
+"""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from shared import layout
 from shared.oci.digest import Digest
@@ -76,6 +84,28 @@ class VerifyingSource:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Extent:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a blob's bytes are: its own object, or the extents its record names."""
+
+    size: int
+    extents: tuple[Extent, ...] | None = None
+
+
+# Object metadata marking a record (and giving the blob's size without reading it).
+_EXTENTS_META = "seawall-extents"
+_SIZE_META = "seawall-size"
+RECORD_TYPE = "application/vnd.seawall.blob-extents+json"
+# Placements never change once committed; remember this many per process.
+PLACEMENT_CACHE = 100_000
+
+
 # Manifests are read whole and, being content-addressed, never change: keep the recent
 # ones in memory (bounded by bytes) so a warm manifest GET needs no storage round trip.
 MANIFEST_CACHE_BYTES = 64 * 1024 * 1024
@@ -87,6 +117,29 @@ class BlobStore:
         self._store = store
         self._recent: OrderedDict[Digest, bytes] = OrderedDict()
         self._recent_bytes = 0
+        self._placements: OrderedDict[Digest, Placement] = OrderedDict()
+
+    async def placement(self, digest: Digest) -> Placement | None:
+        """Where the blob is, or None if it is not stored (never cached: it may arrive)."""
+        found = self._placements.get(digest)
+        if found is not None:
+            return found
+        info = await self._store.stat(layout.blob(digest))
+        if info is None:
+            return None
+        if _EXTENTS_META not in info.metadata:
+            found = Placement(info.size)
+        else:
+            try:
+                record = json.loads(await self._store.get_bytes(layout.blob(digest)))
+            except ObjectMissing:
+                return None
+            extents = tuple(Extent(key, size) for key, size in record["extents"])
+            found = Placement(int(record["size"]), extents)
+        self._placements[digest] = found
+        if len(self._placements) > PLACEMENT_CACHE:
+            self._placements.popitem(last=False)
+        return found
 
     def _keep(self, digest: Digest, data: bytes) -> None:
         if len(data) > _CACHEABLE or digest in self._recent:
@@ -98,8 +151,8 @@ class BlobStore:
             self._recent_bytes -= len(evicted)
 
     async def size(self, digest: Digest) -> int | None:
-        info = await self._store.stat(layout.blob(digest))
-        return info.size if info else None
+        found = await self.placement(digest)
+        return found.size if found else None
 
     async def read(self, digest: Digest) -> bytes:
         """A small blob whole (manifests are at most a few MiB)."""
@@ -108,14 +161,40 @@ class BlobStore:
             self._recent.move_to_end(digest)
             return cached
         try:
-            data = await self._store.get_bytes(layout.blob(digest))
+            found = await self.placement(digest)
+            if found is None:
+                raise ObjectMissing(layout.blob(digest))
+            if found.extents is None:
+                data = await self._store.get_bytes(layout.blob(digest))
+            else:
+                data = b"".join([chunk async for chunk in self.stream(digest)])
         except ObjectMissing:
             raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)}) from None
         self._keep(digest, data)
         return data
 
-    def stream(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        return self._store.stream(layout.blob(digest), offset, length)
+    async def stream(
+        self, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes [offset, offset + length); ObjectMissing if it is not stored."""
+        found = await self.placement(digest)
+        if found is None:
+            raise ObjectMissing(layout.blob(digest))
+        if found.extents is None:
+            async for chunk in self._store.stream(layout.blob(digest), offset, length):
+                yield chunk
+            return
+        end = found.size if length is None else min(found.size, offset + length)
+        start = 0
+        for extent in found.extents:
+            stop = start + extent.size
+            if stop > offset and start < end:
+                lo, hi = max(offset, start) - start, min(end, stop) - start
+                async for chunk in self._store.stream(extent.key, lo, hi - lo):
+                    yield chunk
+            start = stop
+            if start >= end:
+                return
 
     async def commit(self, digest: Digest, source: Source, expected_size: int | None = None) -> int:
         """Stream `source` in, verify it hashes to `digest`, commit it; return its size.
@@ -131,10 +210,23 @@ class BlobStore:
         await self._store.put_stream(layout.blob(digest), verifying, expected_size or -1)
         return verifying.size
 
-    async def adopt(self, digest: Digest, key: str, size: int) -> None:
-        """Commit an object already verified to hash to `digest`, by a server-side copy."""
-        if await self.size(digest) is None:
-            await self._store.copy(key, layout.blob(digest))
+    async def commit_extents(self, digest: Digest, extents: Sequence[Extent]) -> bool:
+        """Commit objects already verified to hash to `digest` (in order) as the blob.
+
+        Returns False, writing nothing, if the blob is already stored: the caller's
+        extents are then a spare copy it may delete.
+        """
+        if await self.size(digest) is not None:
+            return False
+        size = sum(e.size for e in extents)
+        record = {"size": size, "extents": [[e.key, e.size] for e in extents]}
+        await self._store.put_bytes(
+            layout.blob(digest),
+            json.dumps(record).encode(),
+            content_type=RECORD_TYPE,
+            metadata={_EXTENTS_META: str(len(extents)), _SIZE_META: str(size)},
+        )
+        return True
 
     async def commit_bytes(self, digest: Digest, data: bytes) -> None:
         actual = Digest.of(data, digest.algorithm)

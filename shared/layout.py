@@ -73,8 +73,15 @@ def upload_first_part_sha256(upload_id: str) -> str:
     return f"uploads/{upload_id}/first-part.sha256"
 
 
+def upload_committed(upload_id: str) -> str:
+    """Written just before the upload's parts become a blob's extents (names the digest)."""
+    return f"uploads/{upload_id}/committed"
+
+
+# An upload's parts live apart from its session state: once committed they are the
+# extents of a blob and outlive the session, which is deleted.
 def upload_parts(upload_id: str) -> str:
-    return f"uploads/{upload_id}/parts/"
+    return f"extents/{upload_id}/"
 
 
 def upload_part(upload_id: str, start: int) -> str:
@@ -82,11 +89,12 @@ def upload_part(upload_id: str, start: int) -> str:
     return f"{upload_parts(upload_id)}{start:016d}"
 
 
-# A fill in progress: segments of the blob as fetched, named by their first byte, kept
-# until the assembled blob is committed (and a grace period after, for slow readers).
-def staging(digest: Digest) -> str:
-    return f"staging/{digest.algorithm}/{digest.hex}/"
+# A fill's segments, named by their first byte: staged while the fill runs (edges stream
+# them to waiting clients, a new worker resumes after them), then committed as the blob's
+# extents.
+def fill_segments(digest: Digest) -> str:
+    return f"fills/{digest.algorithm}/{digest.hex}/"
 
 
-def staging_segment(digest: Digest, start: int) -> str:
-    return f"{staging(digest)}{start:016d}"
+def fill_segment(digest: Digest, start: int) -> str:
+    return f"{fill_segments(digest)}{start:016d}"

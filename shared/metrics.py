@@ -64,6 +64,13 @@ DISK_CACHE_WRITES = Counter(
     ["result"],
 )
 
+FILL_BYTES_FOLLOWED = Counter(
+    "seawall_fill_follow_bytes_total",
+    "Bytes of blobs being filled sent to waiting clients, by where the edge read them "
+    "(spool: the worker's file on this machine; segments: the bucket; blob: a stored copy)",
+    ["source"],
+)
+
 
 def declare_series(projects: list[str], upstreams: list[str]) -> None:
     """Create the known label combinations at zero, so `rate()` sees their first event."""
@@ -81,6 +88,8 @@ def declare_series(projects: list[str], upstreams: list[str]) -> None:
     DIGEST_MISMATCHES.labels("upstream")
     for result in ("stored", "failed", "too_big"):
         DISK_CACHE_WRITES.labels(result)
+    for source in ("spool", "segments", "blob"):
+        FILL_BYTES_FOLLOWED.labels(source)
 
 
 JOBS = Counter("seawall_jobs_total", "Worker jobs by actor and outcome", ["actor", "result"])

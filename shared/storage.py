@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import CopySource
 from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
@@ -248,11 +247,6 @@ class ObjectStore:
                 await reader
             response.close()
             response.release_conn()
-
-    async def copy(self, source_key: str, target_key: str) -> None:
-        await self._run(
-            self._client.copy_object, self.bucket, target_key, CopySource(self.bucket, source_key)
-        )
 
     async def delete(self, key: str) -> None:
         await self._run(self._client.remove_object, self.bucket, key)

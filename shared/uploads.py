@@ -1,8 +1,9 @@
 """Blob upload sessions kept in the bucket, so any edge replica can continue any upload.
 
 S3 has no append, so each PATCH becomes one part object named by its byte range; the
-session's offset is the end of the last part. Finishing streams the parts, in order,
-through the digest check into the blob store.
+session's offset is the end of the last part. Finishing checks the digest (a single part
+was hashed on its way in; several are read back) and commits the parts as the blob's
+extents, so the bytes are not written a second time.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from shared import layout
-from shared.blobs import BlobStore, Source, source_from_chunks
+from shared.blobs import BlobStore, Extent, Source, VerifyingSource, source_from_chunks
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.storage import ObjectMissing, ObjectStore
 
-# S3 copies a single object of up to 5 GiB; larger uploads are streamed into place.
-COPY_LIMIT = 5 * 1024**3
+# Parts this small (a client sending tiny chunks) are rewritten as one object when the
+# upload finishes rather than kept as extents, so reading the blob stays a few requests.
+MIN_EXTENT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,19 +114,32 @@ class UploadStore:
 
     async def finish(self, upload: Upload, digest: Digest) -> int:
         """Verify the whole upload against `digest` and commit it as a blob."""
-        if await self._first_part_is(upload, digest):
-            await self._blobs.adopt(digest, layout.upload_part(upload.id, 0), upload.offset)
-            size = upload.offset
-        else:
+        sizes = [end - start for start, end in upload.parts]
+        if not sizes or any(size < MIN_EXTENT for size in sizes[:-1]):
             size = await self._blobs.commit(
                 digest, source_from_chunks(self._iterate_parts(upload)), upload.offset
             )
-        await self.cancel(upload)
-        return size
+            await self.cancel(upload)
+            return size
+        if not await self._first_part_is(upload, digest):
+            verifying = VerifyingSource(
+                source_from_chunks(self._iterate_parts(upload)), digest, upload.offset
+            )
+            while await verifying(1024 * 1024):
+                pass
+        # The marker tells the janitor, should we stop between the two writes, that the
+        # parts may belong to a blob now (see `purge`).
+        await self._store.put_bytes(layout.upload_committed(upload.id), str(digest).encode())
+        extents = [Extent(layout.upload_part(upload.id, start), end - start) for start, end in upload.parts]
+        if await self._blobs.commit_extents(digest, extents):
+            await self._delete_session(upload.id)
+        else:
+            await self.cancel(upload)  # the blob was already stored: these parts are spare
+        return upload.offset
 
     async def _first_part_is(self, upload: Upload, digest: Digest) -> bool:
         """Whether the upload is one part that hashed to `digest` when it was written."""
-        if len(upload.parts) != 1 or digest.algorithm != "sha256" or upload.offset > COPY_LIMIT:
+        if len(upload.parts) != 1 or digest.algorithm != "sha256":
             return False
         try:
             recorded = await self._store.get_bytes(layout.upload_first_part_sha256(upload.id))
@@ -133,8 +148,11 @@ class UploadStore:
         return recorded.decode() == digest.hex
 
     async def cancel(self, upload: Upload) -> None:
-        keys = await self._store.list_keys(layout.upload(upload.id))
-        await self._store.delete_many(keys)
+        await self._store.delete_many(await self._store.list_keys(layout.upload_parts(upload.id)))
+        await self._delete_session(upload.id)
+
+    async def _delete_session(self, upload_id: str) -> None:
+        await self._store.delete_many(await self._store.list_keys(layout.upload(upload_id)))
 
     async def expired(self, older_than: float) -> list[str]:
         """Ids of uploads started before `older_than` (epoch seconds), for the janitor."""
@@ -154,4 +172,17 @@ class UploadStore:
         return ids
 
     async def purge(self, upload_id: str) -> None:
-        await self._store.delete_many(await self._store.list_keys(layout.upload(upload_id)))
+        """Remove an abandoned session and its parts, unless the parts became a blob."""
+        try:
+            marker = await self._store.get_bytes(layout.upload_committed(upload_id))
+            committed = Digest.parse(marker.decode())
+        except ObjectMissing:
+            committed = None
+        if committed is not None:
+            placement = await self._blobs.placement(committed)
+            prefix = layout.upload_parts(upload_id)
+            if placement and placement.extents and placement.extents[0].key.startswith(prefix):
+                await self._delete_session(upload_id)
+                return
+        await self._store.delete_many(await self._store.list_keys(layout.upload_parts(upload_id)))
+        await self._delete_session(upload_id)

@@ -65,7 +65,8 @@ class Bucket:
         self.before = self.listing()
 
     def assert_unchanged(self, http: httpx.Client, live: dict[str, str] | None = None) -> None:
-        """No object appeared or vanished, except parts of the live sessions in `live`.
+        """No object appeared or vanished, except objects of the live sessions in `live`
+        (a session keeps its state under `uploads/<id>/` and its parts under `extents/<id>/`).
 
         `live` maps an upload id to its repository; a session with objects left must
         still answer its status request (it was not abandoned half-written).
@@ -73,7 +74,8 @@ class Bucket:
         live = live or {}
         now = self.listing()
         for key in sorted(now ^ self.before):
-            assert key.startswith("uploads/"), f"{key} {'appeared' if key in now else 'vanished'}"
+            session = key.startswith(("uploads/", "extents/"))
+            assert session, f"{key} {'appeared' if key in now else 'vanished'}"
         for upload_id in {k.split("/")[1] for k in now - self.before}:
             assert upload_id in live, f"objects of unknown upload session {upload_id}"
             status = http.get(f"/v2/{live[upload_id]}/blobs/uploads/{upload_id}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -267,9 +268,11 @@ def test_purge_expired_uploads_removes_only_old_sessions(
     minio = s3_server.client()
 
     def upload_keys(upload_id: str) -> list[str]:
+        """The session's state and its parts (kept apart: committed parts outlive the session)."""
         return [
             o.object_name or ""
-            for o in minio.list_objects(s3_settings.bucket, f"uploads/{upload_id}/", recursive=True)
+            for prefix in (f"uploads/{upload_id}/", f"extents/{upload_id}/")
+            for o in minio.list_objects(s3_settings.bucket, prefix, recursive=True)
         ]
 
     with client(edge, ALICE) as alice:
@@ -299,3 +302,138 @@ def test_purge_expired_uploads_removes_only_old_sessions(
         done = alice.put(f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)})
         assert done.status_code == 201
         assert alice.get(f"/v2/local/app/blobs/{sha256(data)}").content == data
+
+
+def _stored(s3_server: S3Server, bucket: str, digest: str) -> tuple[int, dict[str, str], bytes]:
+    """The object under the blob's digest key: its size, its seawall metadata, its body."""
+    from shared.oci.digest import Digest
+
+    minio = s3_server.client()
+    key = layout.blob(Digest.parse(digest))
+    info = minio.stat_object(bucket, key)
+    metadata = {
+        k.lower().removeprefix("x-amz-meta-"): v
+        for k, v in (info.metadata or {}).items()
+        if k.lower().startswith("x-amz-meta-seawall")
+    }
+    response = minio.get_object(bucket, key)
+    try:
+        return int(info.size or 0), metadata, response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def _patch_in(http: httpx.Client, repo: str, chunks: list[bytes]) -> str:
+    """POST and one PATCH per chunk; returns the session URL, ready for the PUT."""
+    start = http.post(f"/v2/{repo}/blobs/uploads/")
+    assert start.status_code == 202
+    url = start.headers["Location"]
+    offset = 0
+    for chunk in chunks:
+        range_ = f"{offset}-{offset + len(chunk) - 1}"
+        patch = http.patch(url, content=chunk, headers={"Content-Range": range_})
+        assert patch.status_code == 202, patch.text
+        url = patch.headers["Location"]
+        offset += len(chunk)
+    return url
+
+
+def test_pushed_parts_become_the_blob_without_being_written_again(
+    edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+) -> None:
+    mib = 1024 * 1024
+    chunks = [os.urandom(5 * mib), os.urandom(5 * mib), os.urandom(mib + 7)]
+    data = b"".join(chunks)
+    digest = sha256(data)
+    with client(edge, ALICE) as alice:
+        url = _patch_in(alice, "local/extents", chunks)
+        upload_id = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        assert alice.put(url, params={"digest": digest}).status_code == 201
+
+        size, metadata, body = _stored(s3_server, s3_settings.bucket, digest)
+        assert metadata == {"seawall-extents": "3", "seawall-size": str(len(data))}
+        record = json.loads(body)
+        assert record["size"] == len(data)
+        assert [key for key, _ in record["extents"]] == [
+            layout.upload_part(upload_id, offset) for offset in (0, 5 * mib, 10 * mib)
+        ]
+        assert size < 4096  # a record, not a second copy of 11 MiB
+
+        # The session is gone, its parts are the blob now.
+        minio = s3_server.client()
+        assert list(minio.list_objects(s3_settings.bucket, f"uploads/{upload_id}/", recursive=True)) == []
+
+        whole = alice.get(f"/v2/local/extents/blobs/{digest}")
+        assert whole.status_code == 200
+        assert whole.content == data
+        head = alice.head(f"/v2/local/extents/blobs/{digest}")
+        assert head.headers["Content-Length"] == str(len(data))
+        # A range across both boundaries between extents.
+        lo, hi = 5 * mib - 3, 10 * mib + 3
+        ranged = alice.get(f"/v2/local/extents/blobs/{digest}", headers={"Range": f"bytes={lo}-{hi}"})
+        assert ranged.status_code == 206
+        assert ranged.content == data[lo : hi + 1]
+
+        # The same content pushed again: the blob stays as it was, the new parts are dropped.
+        again = _patch_in(alice, "local/extents", [data])
+        again_id = again.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        assert alice.put(again, params={"digest": digest}).status_code == 201
+        assert list(minio.list_objects(s3_settings.bucket, f"extents/{again_id}/", recursive=True)) == []
+        assert json.loads(_stored(s3_server, s3_settings.bucket, digest)[2]) == record
+        assert alice.get(f"/v2/local/extents/blobs/{digest}").content == data
+
+
+def test_small_chunks_are_joined_into_one_object(
+    edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+) -> None:
+    chunks = [os.urandom(1000) for _ in range(20)]
+    data = b"".join(chunks)
+    with client(edge, ALICE) as alice:
+        url = _patch_in(alice, "local/extents", chunks)
+        assert alice.put(url, params={"digest": sha256(data)}).status_code == 201
+        size, metadata, body = _stored(s3_server, s3_settings.bucket, sha256(data))
+        assert (size, metadata, body) == (len(data), {}, data)
+        assert alice.get(f"/v2/local/extents/blobs/{sha256(data)}").content == data
+
+
+def test_janitor_keeps_the_parts_of_a_blob_committed_just_before_a_stop(
+    worker_env: None, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+) -> None:
+    """A stop between committing the record and deleting the session leaves both behind;
+    the janitor must then remove the session only, never the blob's bytes."""
+    from workers.actors.maintenance import purge_expired_uploads
+
+    data = os.urandom(6 * 1024 * 1024)
+    digest = sha256(data)
+    minio = s3_server.client()
+    with client(edge, ALICE) as alice:
+        url = _patch_in(alice, "local/janitor", [data])
+        upload_id = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        assert alice.put(url, params={"digest": digest}).status_code == 201
+        # Put back what the stop would have left: the session's info and commit marker.
+        for key, body in (
+            (layout.upload_info(upload_id), json.dumps({"name": "local/janitor", "started": 0}).encode()),
+            (layout.upload_committed(upload_id), digest.encode()),
+        ):
+            minio.put_object(s3_settings.bucket, key, io.BytesIO(body), len(body))
+        # And an abandoned session whose marker names a blob that was never committed.
+        abandoned = _patch_in(alice, "local/janitor", [os.urandom(5 * 1024 * 1024)])
+        abandoned_id = abandoned.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        marker = sha256(b"never committed").encode()
+        minio.put_object(
+            s3_settings.bucket, layout.upload_committed(abandoned_id), io.BytesIO(marker), len(marker)
+        )
+        _age(s3_server, s3_settings.bucket, abandoned_id, 2 * 3600)
+
+        assert asyncio.run(purge_expired_uploads()) == 2
+
+        def keys(prefix: str) -> list[str]:
+            listing = minio.list_objects(s3_settings.bucket, prefix, recursive=True)
+            return [o.object_name or "" for o in listing]
+
+        assert keys(f"uploads/{upload_id}/") == []
+        assert keys(f"extents/{upload_id}/") == [layout.upload_part(upload_id, 0)]
+        assert keys(f"uploads/{abandoned_id}/") == []
+        assert keys(f"extents/{abandoned_id}/") == []
+        assert alice.get(f"/v2/local/janitor/blobs/{digest}").content == data

@@ -243,3 +243,53 @@ def test_worker_metrics_count_fills_and_upstream_bytes(
     text = scraped()
     assert 'seawall_upstream_bytes_total{upstream="hub"}' in text
     assert "dramatiq_messages_total" in text
+
+
+def _followed(edge_url: str) -> dict[str, float]:
+    """seawall_fill_follow_bytes_total by source, as an edge exposes it."""
+    text = httpx.get(f"{edge_url}/metrics", timeout=10).text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("seawall_fill_follow_bytes_total{"):
+            source = line.split('source="', 1)[1].split('"', 1)[0]
+            found[source] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_edge_beside_the_worker_streams_the_spool_and_another_node_the_bucket(
+    cache_stack: StackFactory, hub: DockerHubEmulator, distribution, repo_name: Callable[[], str]
+) -> None:
+    name = repo_name()
+    near = make_layer(size=6_000_000, seed=f"{name}-near")
+    far = make_layer(size=6_000_000, seed=f"{name}-far")
+    image = make_image([near, far], label=name)
+    push_image(distribution.url, name, image, "1.0")
+    stack = cache_stack(tag_ttl="1h")
+    other_node = stack.start_edge()
+    digests = {data: "sha256:" + hashlib.sha256(data).hexdigest() for data in (near, far)}
+    for data in (near, far):
+        hub.throttle_blob(digests[data], 4 * 1024 * 1024)  # a fill of ~1.5 s: edges follow it
+
+    before = _followed(stack.edge.url)
+    with httpx.Client(base_url=stack.edge.url, timeout=60) as client:
+        assert client.get(f"/v2/hub/{name}/blobs/{digests[near]}").content == near
+    after_near = _followed(stack.edge.url)
+    # In-process edges share one metrics registry: compare what each pull added. (A
+    # follower may find the blob committed before its last reads: it then reads the
+    # remaining bytes from the stored blob.)
+    assert len(near) / 2 < after_near["spool"] - before["spool"] <= len(near)
+    assert after_near["segments"] == before["segments"]
+
+    with httpx.Client(base_url=other_node.url, timeout=60) as client:
+        assert client.get(f"/v2/hub/{name}/blobs/{digests[far]}").content == far
+    after_far = _followed(stack.edge.url)
+    assert len(far) / 2 < after_far["segments"] - after_near["segments"] <= len(far)
+    assert after_far["spool"] == after_near["spool"]
+
+    # Committed: the worker's spool files moved into this machine's disk tier.
+    cache = stack.work_dir / "data" / "cache"
+    for data in (near, far):
+        hex_digest = digests[data].removeprefix("sha256:")
+        wait_for(lambda h=hex_digest: (cache / "blobs" / "sha256" / h).exists(), 30, "spool kept")
+        assert (cache / "blobs" / "sha256" / hex_digest).read_bytes() == data
+        assert not (cache / "spool" / "sha256" / hex_digest).exists()

@@ -112,10 +112,13 @@ def _blob_key(digest: str) -> str:
 
 
 def _committed_size(s3_server: S3Server, bucket: str, digest: str) -> int | None:
+    """The stored blob's size: a record of extents carries it in its metadata."""
     try:
-        return s3_server.client().stat_object(bucket, _blob_key(digest)).size
+        info = s3_server.client().stat_object(bucket, _blob_key(digest))
     except S3Error:
         return None
+    recorded = (info.metadata or {}).get("x-amz-meta-seawall-size")
+    return int(recorded) if recorded is not None else info.size
 
 
 def test_fill_killed_midway_resumes_with_a_range_request(

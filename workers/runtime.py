@@ -12,12 +12,14 @@ from functools import cache
 from redis.asyncio import Redis
 
 from shared.blobs import BlobStore
+from shared.diskcache import DiskCache
 from shared.logging import configure_logging
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
 from shared.proxy.fill import FillDeps
 from shared.proxy.manifests import ManifestCache
+from shared.proxy.spool import Spool
 from shared.proxy.upstreams import UpstreamPool
 from shared.repositories import RepositoryStore
 from shared.routing import Target
@@ -70,7 +72,13 @@ def events() -> CacheEvents:
 @cache
 def fill_deps() -> FillDeps:
     found = stores()
-    return FillDeps(found.objects, found.blobs, found.repositories, redis(), events())
+    loaded = settings()
+    limits = loaded.disk_cache
+    tier = None
+    if limits.max_bytes:
+        tier = DiskCache(loaded.disk_cache_path, int(limits.max_bytes), max_blob_bytes=limits.max_blob_bytes)
+    spool = Spool(loaded.disk_cache_path)
+    return FillDeps(found.objects, found.blobs, found.repositories, redis(), events(), spool, tier)
 
 
 @cache

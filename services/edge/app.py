@@ -20,6 +20,7 @@ from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
+from shared.proxy.spool import Spool
 from shared.proxy.upstreams import UpstreamPool
 from shared.repositories import RepositoryStore
 from shared.routing import Target
@@ -103,7 +104,10 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         app[keys.MANIFEST_CACHE] = ManifestCache(
             app[keys.REPOSITORIES], app[keys.BLOBS], redis, upstreams, prefetch
         )
-        app[keys.FOLLOWER] = BlobFollower(app[keys.STORE], app[keys.BLOBS], app[keys.REPOSITORIES], redis)
+        spool = Spool(settings.disk_cache_path, create=False)
+        app[keys.FOLLOWER] = BlobFollower(
+            app[keys.STORE], app[keys.BLOBS], app[keys.REPOSITORIES], redis, spool
+        )
         yield
     finally:
         await upstreams.close()

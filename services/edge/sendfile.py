@@ -22,6 +22,8 @@ import structlog
 from aiohttp import web
 
 log = structlog.get_logger("edge")
+_MODE = os.environ.get("DT_SENDMODE", "sendfile")
+_CHUNK = int(os.environ.get("DT_CHUNK", str(1 << 40)))
 
 
 def can_sendfile(request: web.Request) -> bool:
@@ -60,7 +62,10 @@ async def send_file(
         sent = 0
         while sent < length:
             try:
-                count = os.sendfile(out, fd, offset + sent, length - sent)
+                if _MODE == "copy":
+                    count = os.write(out, os.pread(fd, min(_CHUNK, length - sent), offset + sent))
+                else:
+                    count = os.sendfile(out, fd, offset + sent, min(_CHUNK, length - sent))
             except BlockingIOError:
                 count = None
             if count == 0:

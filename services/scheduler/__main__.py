@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from services.scheduler.leader import LeaderLease
 from services.scheduler.schedule import MAINTENANCE, Trigger
 from shared.logging import configure_logging, get_logger
+from shared.proxy.events import MAINTENANCE_QUEUE
 from shared.settings import Settings, load_settings
 
 log = get_logger("scheduler")
@@ -23,7 +24,9 @@ TICK_SECONDS = 5.0
 def enqueue(trigger: Trigger) -> None:
     broker = dramatiq.get_broker()
     broker.enqueue(
-        dramatiq.Message(queue_name="maintenance", actor_name=trigger.actor, args=(), kwargs={}, options={})
+        dramatiq.Message(
+            queue_name=MAINTENANCE_QUEUE, actor_name=trigger.actor, args=(), kwargs={}, options={}
+        )
     )
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 

@@ -20,7 +20,6 @@ from shared.routing import Target
 FILL_ACTOR = "fill_blob"
 FILL_QUEUE = "fills"
 PREFETCH_QUEUE = "prefetch"
-PURGE_STAGING_ACTOR = "purge_staging"
 WARM_ACTOR = "warm_tag"
 MAINTENANCE_QUEUE = "maintenance"
 
@@ -48,9 +47,6 @@ class CacheEvents:
     async def prefetch(self, project: str, repository: str, digest: str) -> None:
         """A new manifest names this blob; fetch it before a client asks."""
         await self._send(PREFETCH_QUEUE, FILL_ACTOR, (project, repository, digest))
-
-    async def purge_staging_later(self, digest: str, delay_ms: int) -> None:
-        await self._send(MAINTENANCE_QUEUE, PURGE_STAGING_ACTOR, (digest,), delay_ms=delay_ms)
 
     async def want(self, redis: Redis, target: Target, digest: Digest, *, prefetch: bool = False) -> None:
         """Ask for a fill unless one is running or was asked for moments ago."""

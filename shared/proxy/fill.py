@@ -1,33 +1,42 @@
 """Filling one blob from its upstream: staged in segments, resumable, verified, committed.
 
-The fill runs in a worker under a Redis lease. Bytes are staged in the bucket as
-segments (small at first so the first client byte leaves early, larger later) and the
-progress is published in Redis for the edges that stream the growing fill to clients.
+The fill runs in a worker under a Redis lease. Bytes are written to a local spool file as
+they arrive (edges on the same machine stream it to their clients) and staged from there
+in the bucket as segments (small at first so the first byte reaches remote edges early,
+larger later); the progress is published in Redis for the edges that stream the growing
+fill to clients.
 A fill that dies leaves its segments; the next holder rehashes them and asks upstream
-for the rest with a Range request. The blob becomes visible under its digest only after
-the bytes hash to it.
+for the rest with a Range request. Once the bytes hash to the digest, the segments are
+committed as the blob's extents: nothing is written twice.
+
+A blob already stored (brought in by another project) is not staged again: the upstream's
+bytes are only hashed, and followers read the stored copy as far as the hash has reached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from redis.asyncio import Redis
 
 from shared import layout
-from shared.blobs import BlobStore, source_from_chunks
+from shared.blobs import BlobStore, Extent
+from shared.diskcache import DiskCache
 from shared.metrics import DIGEST_MISMATCHES, FILLS_IN_FLIGHT
 from shared.oci.digest import Digest
 from shared.proxy import state
 from shared.proxy.events import CacheEvents
 from shared.proxy.leases import Lease, LeaseLost
+from shared.proxy.spool import Spool
 from shared.repositories import RepositoryStore, project_of
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, StorageUnavailable
 from shared.upstream import UpstreamClient, UpstreamFailure
 
 log = structlog.get_logger("fill")
@@ -37,8 +46,6 @@ MAX_SEGMENT = 8 * 1024 * 1024
 FLUSH_INTERVAL = 0.1
 SEGMENTS_IN_FLIGHT = 3
 LEASE_TTL = 10.0
-# Edges still streaming staged segments when the blob is committed get this long to finish.
-STAGING_GRACE_MS = 120_000
 
 
 @dataclass(frozen=True)
@@ -48,37 +55,39 @@ class FillDeps:
     repositories: RepositoryStore
     redis: Redis
     events: CacheEvents
+    spool: Spool
+    # Where a filled blob's spool file goes once committed (None: it is deleted).
+    disk_cache: DiskCache | None = None
 
 
 class DigestMismatch(Exception):
     """The upstream's bytes do not hash to the digest asked for; nothing was committed."""
 
 
-async def _staged_segments(objects: ObjectStore, digest: Digest) -> list[tuple[int, int]]:
-    listing = await objects.list_objects(layout.staging(digest))
+async def staged_segments(objects: ObjectStore, digest: Digest) -> list[tuple[int, int]]:
+    """(start, size) of each staged segment, in byte order."""
+    listing = await objects.list_objects(layout.fill_segments(digest))
     return sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
 
 
-async def _resume_point(deps: FillDeps, digest: Digest) -> tuple[int, object]:
-    """Rehash the contiguous staged prefix; drop anything after a gap."""
+async def _resume_point(deps: FillDeps, digest: Digest, spooled: int) -> tuple[list[Extent], object]:
+    """Rehash the contiguous staged prefix, spooling it again; drop anything after a gap."""
     hasher = digest.hasher()
+    kept: list[Extent] = []
     offset = 0
     stray = []
-    for start, size in await _staged_segments(deps.objects, digest):
+    for start, size in await staged_segments(deps.objects, digest):
+        key = layout.fill_segment(digest, start)
         if start != offset or size == 0:
-            stray.append(layout.staging_segment(digest, start))
+            stray.append(key)
             continue
-        async for chunk in deps.objects.stream(layout.staging_segment(digest, start)):
+        async for chunk in deps.objects.stream(key):
             hasher.update(chunk)
+            os.write(spooled, chunk)
+        kept.append(Extent(key, size))
         offset += size
     await deps.objects.delete_many(stray)
-    return offset, hasher
-
-
-async def _staged_bytes(objects: ObjectStore, digest: Digest) -> AsyncIterator[bytes]:
-    for start, _size in await _staged_segments(objects, digest):
-        async for chunk in objects.stream(layout.staging_segment(digest, start)):
-            yield chunk
+    return kept, hasher
 
 
 async def fill_blob(
@@ -90,8 +99,8 @@ async def fill_blob(
     Raises UpstreamFailure (retryable) or DigestMismatch (permanent).
     """
     # Held by this proxy project already: link it. Held only by another project: fetch it
-    # anyway, so the upstream proves it serves this content here (the bytes are verified
-    # against the stored blob, not written again).
+    # anyway, so the upstream proves it serves this content here (the bytes are hashed,
+    # not written again).
     if await deps.repositories.project_holds(project_of(name), digest):
         size = await deps.blobs.size(digest)
         if size is not None:
@@ -124,82 +133,13 @@ async def _fill_under_lease(
     deps: FillDeps, upstream: UpstreamClient, lease: Lease, name: str, repository: str, digest: Digest
 ) -> str:
     started = time.monotonic()
-    offset, hasher = await _resume_point(deps, digest)
-    resumed_from = offset
-    await state.write_state(
-        deps.redis, digest, status=state.FILLING, staged=offset, error_code=None, error=None
-    )
-    async with upstream.open_blob(repository, str(digest), offset=offset) as stream:
-        total = stream.total_size
-        await state.write_state(deps.redis, digest, size=total)
-        segment = bytearray()
-        target = FIRST_SEGMENT if offset == 0 else MAX_SEGMENT
-        last_flush = time.monotonic()
-        # Segments upload while the next ones download (up to SEGMENTS_IN_FLIGHT at once:
-        # object stores write faster in parallel). Each upload waits for the one before it
-        # to publish the staged mark, so the mark only ever covers stored bytes, in order.
-        writing: deque[asyncio.Task[None]] = deque()
-
-        async def store(start: int, data: bytes, previous: asyncio.Task[None] | None) -> None:
-            await deps.objects.put_bytes(layout.staging_segment(digest, start), data)
-            if previous is not None:
-                await previous
-            await state.write_state(deps.redis, digest, staged=start + len(data))
-
-        async def flush() -> None:
-            nonlocal offset, target, last_flush
-            if lease.lost:
-                raise LeaseLost(f"lost the fill lease for {digest}")
-            previous = writing[-1] if writing else None
-            writing.append(asyncio.create_task(store(offset, bytes(segment), previous)))
-            offset += len(segment)
-            segment.clear()
-            target = min(target * 2, MAX_SEGMENT)
-            last_flush = time.monotonic()
-            while writing and (writing[0].done() or len(writing) >= SEGMENTS_IN_FLIGHT):
-                await writing.popleft()
-
-        try:
-            async for chunk in stream.iter_chunks(256 * 1024):
-                hasher.update(chunk)  # type: ignore[attr-defined]
-                segment += chunk
-                if len(segment) >= target or time.monotonic() - last_flush > FLUSH_INTERVAL:
-                    await flush()
-            if segment:
-                await flush()
-            while writing:
-                await writing.popleft()
-        finally:
-            for task in writing:
-                task.cancel()
-            await asyncio.gather(*writing, return_exceptions=True)
-
-    if total is not None and offset != total:
-        raise UpstreamFailure(
-            "network", f"upstream sent {offset} of {total} bytes of {digest}", upstream=upstream.name
-        )
-    actual = f"{digest.algorithm}:{hasher.hexdigest()}"  # type: ignore[attr-defined]
-    if actual != str(digest):
-        DIGEST_MISMATCHES.labels("upstream").inc()
-        log.error("fill_digest_mismatch", digest=str(digest), actual=actual, upstream=upstream.name)
-        await state.write_state(
-            deps.redis,
-            digest,
-            status=state.FAILED,
-            error_code="UPSTREAM_ERROR",
-            error=f"upstream content for {digest} hashes to {actual}",
-        )
-        await deps.objects.delete_many(
-            [layout.staging_segment(digest, s) for s, _ in await _staged_segments(deps.objects, digest)]
-        )
-        raise DigestMismatch(f"{digest} from {upstream.name} hashed to {actual}")
-
-    # Verified: edges may now release the last byte to their clients.
-    await state.write_state(deps.redis, digest, status=state.VERIFIED, staged=offset)
-    await deps.blobs.commit(digest, source_from_chunks(_staged_bytes(deps.objects, digest)), offset)
+    if await deps.blobs.size(digest) is not None:
+        offset = await _verify_only(deps, upstream, repository, digest)
+        resumed_from = 0
+    else:
+        offset, resumed_from = await _fill_and_stage(deps, upstream, lease, repository, digest)
     await deps.repositories.link_blob(name, digest, offset)
     await state.write_state(deps.redis, digest, status=state.COMMITTED)
-    await deps.events.purge_staging_later(str(digest), STAGING_GRACE_MS)
     log.info(
         "blob_filled",
         digest=str(digest),
@@ -211,10 +151,206 @@ async def _fill_under_lease(
     return "committed"
 
 
-async def purge_staging(deps: FillDeps, digest: Digest) -> int:
-    """Remove a committed fill's segments (they are a copy of the blob by then)."""
-    if await deps.blobs.size(digest) is None:
-        return 0  # not committed: the segments are a resumable fill, keep them
-    keys = await deps.objects.list_keys(layout.staging(digest))
-    await deps.objects.delete_many(keys)
-    return len(keys)
+async def _verify_only(deps: FillDeps, upstream: UpstreamClient, repository: str, digest: Digest) -> int:
+    """Hash what the upstream serves for a blob stored already; followers read the stored copy."""
+    await state.write_state(
+        deps.redis, digest, status=state.FILLING, staged=0, source=state.FROM_BLOB, spool=None
+    )
+    hasher = digest.hasher()
+    offset = 0
+    async with upstream.open_blob(repository, str(digest)) as stream:
+        await state.write_state(deps.redis, digest, size=stream.total_size)
+        async for chunk in stream.iter_chunks(256 * 1024):
+            hasher.update(chunk)
+            offset += len(chunk)
+            await state.write_state(deps.redis, digest, staged=offset)
+        await _check(deps, upstream, digest, hasher, offset, stream.total_size, [])
+    await state.write_state(deps.redis, digest, status=state.VERIFIED)
+    return offset
+
+
+async def _fill_and_stage(
+    deps: FillDeps, upstream: UpstreamClient, lease: Lease, repository: str, digest: Digest
+) -> tuple[int, int]:
+    """Fetch into the spool and the bucket's segments, verify, commit; (size, resumed from)."""
+    path = deps.spool.path(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The spool holds exactly the bytes hashed so far: the resumed prefix is written anew.
+    spooled = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        segments, hasher = await _resume_point(deps, digest, spooled)
+        offset = resumed_from = sum(e.size for e in segments)
+        await state.write_state(
+            deps.redis,
+            digest,
+            status=state.FILLING,
+            staged=offset,
+            source=state.FROM_SEGMENTS,
+            spool=deps.spool.node or "",
+            error_code=None,
+            error=None,
+        )
+        stager = _Stager(deps, lease, digest, spooled, offset, segments)
+        try:
+            async with upstream.open_blob(repository, str(digest), offset=offset) as stream:
+                await state.write_state(deps.redis, digest, size=stream.total_size)
+                async for chunk in stream.iter_chunks(256 * 1024):
+                    if lease.lost:
+                        raise LeaseLost(f"lost the fill lease for {digest}")
+                    hasher.update(chunk)  # type: ignore[attr-defined]
+                    stager.spool(chunk)
+                    offset += len(chunk)
+                    await stager.check()
+                total = stream.total_size
+            await _check(deps, upstream, digest, hasher, offset, total, segments, stager)
+            # Verified: edges may now release the last byte to their clients (the ones
+            # reading the spool at once, the others when the last segment is staged).
+            await state.write_state(deps.redis, digest, status=state.VERIFIED)
+            await stager.finish()
+        except UpstreamFailure:
+            # What did arrive is staged, for the fill that resumes (best effort: the
+            # upstream's failure is the one to report).
+            with contextlib.suppress(StorageUnavailable, LeaseLost):
+                await stager.finish()
+            raise
+        finally:
+            await stager.cancel()
+    finally:
+        os.close(spooled)
+    if not await deps.blobs.commit_extents(digest, segments):
+        await deps.objects.delete_many(e.key for e in segments)  # committed meanwhile
+    _keep_spooled(deps, digest, path, offset)
+    return offset, resumed_from
+
+
+def _keep_spooled(deps: FillDeps, digest: Digest, path: Path, size: int) -> None:
+    """Hand the committed blob's spool file to the disk tier, or delete it."""
+    if deps.disk_cache is None:
+        path.unlink(missing_ok=True)
+        return
+    try:
+        deps.disk_cache.adopt(digest, path, size)
+    except (OSError, ValueError) as exc:
+        log.warning("spool_not_kept", digest=str(digest), reason=str(exc))
+        path.unlink(missing_ok=True)
+
+
+async def _check(
+    deps: FillDeps,
+    upstream: UpstreamClient,
+    digest: Digest,
+    hasher: object,
+    offset: int,
+    total: int | None,
+    segments: list[Extent],
+    stager: _Stager | None = None,
+) -> None:
+    """Raise if the upstream sent a short body or bytes that do not hash to the digest."""
+    if total is not None and offset != total:
+        raise UpstreamFailure(
+            "network", f"upstream sent {offset} of {total} bytes of {digest}", upstream=upstream.name
+        )
+    actual = f"{digest.algorithm}:{hasher.hexdigest()}"  # type: ignore[attr-defined]
+    if actual == str(digest):
+        return
+    DIGEST_MISMATCHES.labels("upstream").inc()
+    log.error("fill_digest_mismatch", digest=str(digest), actual=actual, upstream=upstream.name)
+    await state.write_state(
+        deps.redis,
+        digest,
+        status=state.FAILED,
+        error_code="UPSTREAM_ERROR",
+        error=f"upstream content for {digest} hashes to {actual}",
+    )
+    if stager is not None:
+        await stager.cancel()
+    await deps.objects.delete_many(e.key for e in segments)
+    deps.spool.path(digest).unlink(missing_ok=True)
+    raise DigestMismatch(f"{digest} from {upstream.name} hashed to {actual}")
+
+
+class _Stager:
+    """Cuts the spool file into segments and stores them in the bucket, behind the download.
+
+    Segments upload up to SEGMENTS_IN_FLIGHT at once (object stores write faster in
+    parallel). Each upload waits for the one before it to publish the staged mark, so the
+    mark only ever covers stored bytes, in order.
+    """
+
+    def __init__(
+        self, deps: FillDeps, lease: Lease, digest: Digest, fd: int, offset: int, segments: list[Extent]
+    ) -> None:
+        self._deps = deps
+        self._lease = lease
+        self._digest = digest
+        self._fd = fd
+        self._spooled = offset
+        self._segments = segments
+        self._done = False
+        self._grew = asyncio.Event()
+        self._task = asyncio.create_task(self._run(offset))
+
+    def spool(self, chunk: bytes) -> None:
+        os.write(self._fd, chunk)
+        self._spooled += len(chunk)
+        self._grew.set()
+
+    async def check(self) -> None:
+        """Surface a failed upload now rather than after the whole download."""
+        if self._task.done():
+            self._task.result()
+        await asyncio.sleep(0)
+
+    async def finish(self) -> None:
+        """Wait until everything spooled is staged."""
+        self._done = True
+        self._grew.set()
+        await self._task
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+    async def _run(self, start: int) -> None:
+        digest = self._digest
+        target = FIRST_SEGMENT if start == 0 else MAX_SEGMENT
+        last_cut = time.monotonic()
+        writing: deque[asyncio.Task[None]] = deque()
+
+        async def store(key: str, end: int, data: bytes, previous: asyncio.Task[None] | None) -> None:
+            await self._deps.objects.put_bytes(key, data)
+            if previous is not None:
+                await previous
+            await state.write_state(self._deps.redis, digest, staged=end)
+
+        try:
+            while True:
+                available = self._spooled - start
+                if available and (
+                    available >= target or self._done or time.monotonic() - last_cut > FLUSH_INTERVAL
+                ):
+                    if self._lease.lost:
+                        raise LeaseLost(f"lost the fill lease for {digest}")
+                    data = os.pread(self._fd, min(available, target), start)
+                    key = layout.fill_segment(digest, start)
+                    self._segments.append(Extent(key, len(data)))
+                    start += len(data)
+                    previous = writing[-1] if writing else None
+                    writing.append(asyncio.create_task(store(key, start, data, previous)))
+                    target = min(target * 2, MAX_SEGMENT)
+                    last_cut = time.monotonic()
+                    while writing and (writing[0].done() or len(writing) >= SEGMENTS_IN_FLIGHT):
+                        await writing.popleft()
+                    continue
+                if self._done:
+                    break
+                self._grew.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._grew.wait(), FLUSH_INTERVAL)
+            while writing:
+                await writing.popleft()
+        finally:
+            for task in writing:
+                task.cancel()
+            await asyncio.gather(*writing, return_exceptions=True)

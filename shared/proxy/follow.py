@@ -1,14 +1,17 @@
 """Streaming a blob to a client while a worker fills it (any edge, any replica).
 
-The follower reads the fill's progress from Redis and the staged segments from the
-bucket, so the first byte leaves soon after the upstream's first byte. The last byte is
-withheld until the worker has verified the digest: a client never receives a complete
-body of a blob that turned out to be wrong.
+The follower reads the fill's progress from Redis and the bytes from the worker's spool
+file when it shares the worker's disk, from the staged segments in the bucket otherwise,
+so the first byte leaves soon after the upstream's first byte. The last byte is withheld
+until the worker has verified the digest: a client never receives a complete body of a
+blob that turned out to be wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,14 +19,20 @@ from redis.asyncio import Redis
 
 from shared import layout
 from shared.blobs import BlobStore
+from shared.metrics import FILL_BYTES_FOLLOWED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.proxy import state
+from shared.proxy.spool import Spool
 from shared.repositories import RepositoryStore
 from shared.storage import ObjectMissing, ObjectStore
 
+# Waiting polls Redis quickly at first (a fill's first bytes come within milliseconds),
+# then backs off to POLL_SECONDS.
+FIRST_POLL_SECONDS = 0.001
 POLL_SECONDS = 0.01
 REREQUEST_SECONDS = 1.0
+SPOOL_CHUNK = 1024 * 1024
 
 
 def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
@@ -38,12 +47,18 @@ def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
 
 class BlobFollower:
     def __init__(
-        self, objects: ObjectStore, blobs: BlobStore, repositories: RepositoryStore, redis: Redis
+        self,
+        objects: ObjectStore,
+        blobs: BlobStore,
+        repositories: RepositoryStore,
+        redis: Redis,
+        spool: Spool | None = None,
     ) -> None:
         self._objects = objects
         self._blobs = blobs
         self._repositories = repositories
         self._redis = redis
+        self._spool = spool
 
     async def _committed_size(self, project: str, digest: Digest) -> int | None:
         """The blob's size once this project holds it (a copy held elsewhere does not count)."""
@@ -57,6 +72,7 @@ class BlobFollower:
         """Wait until the filling worker knows the blob's size (it has the upstream's headers)."""
         deadline = time.monotonic() + within
         next_rerequest = time.monotonic() + REREQUEST_SECONDS
+        pause = FIRST_POLL_SECONDS
         while True:
             fill = await state.read_state(self._redis, digest)
             if fill.status == state.FAILED:
@@ -73,7 +89,8 @@ class BlobFollower:
             if now > next_rerequest:
                 await rerequest()
                 next_rerequest = now + REREQUEST_SECONDS
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, POLL_SECONDS)
 
     async def follow(
         self,
@@ -86,10 +103,42 @@ class BlobFollower:
         stall_timeout: float,
     ) -> AsyncIterator[bytes]:
         """Yield bytes [start, end) of the blob as the fill makes them available."""
+        with contextlib.ExitStack() as files:
+            opened: list[int] = []  # the spool file, once found
+
+            def spool_file(fill: state.FillState) -> int | None:
+                if self._spool is None or not self._spool.is_local(fill.spool):
+                    return None
+                if not opened:
+                    try:
+                        fd = os.open(self._spool.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        return None
+                    files.callback(os.close, fd)
+                    opened.append(fd)
+                return opened[0]
+
+            async for chunk in self._follow(
+                project, digest, start, end, size, rerequest, stall_timeout, spool_file
+            ):
+                yield chunk
+
+    async def _follow(
+        self,
+        project: str,
+        digest: Digest,
+        start: int,
+        end: int,
+        size: int,
+        rerequest: Callable[[], Awaitable[None]],
+        stall_timeout: float,
+        spool_file: Callable[[state.FillState], int | None],
+    ) -> AsyncIterator[bytes]:
         offset = start
         segments: list[tuple[int, int]] = []
         last_progress = time.monotonic()
         next_rerequest = last_progress + REREQUEST_SECONDS
+        pause = FIRST_POLL_SECONDS
         while offset < end:
             fill = await state.read_state(self._redis, digest)
             if (
@@ -102,17 +151,43 @@ class BlobFollower:
             if fill.status == state.FAILED:
                 raise failure_error(fill, digest)
             # Every byte but the last may go before verification; the last one only after.
-            releasable = min(fill.staged, end if fill.status == state.VERIFIED else min(end, size - 1))
-            if releasable > offset:
+            limit = end if fill.status == state.VERIFIED else min(end, size - 1)
+            fd = spool_file(fill) if fill.status in (state.FILLING, state.VERIFIED) else None
+            if fd is not None:
+                # The spool grows as the worker writes; every byte in it was hashed.
+                releasable = min(os.fstat(fd).st_size, limit)
+                before = offset
+                while offset < releasable:
+                    data = os.pread(fd, min(SPOOL_CHUNK, releasable - offset), offset)
+                    if not data:
+                        break  # truncated by a fill that resumed: it is written again
+                    offset += len(data)
+                    FILL_BYTES_FOLLOWED.labels("spool").inc(len(data))
+                    yield data
+                if offset > before:
+                    last_progress = time.monotonic()
+                    pause = FIRST_POLL_SECONDS
+                    continue
+            releasable = min(fill.staged, limit)
+            if fd is None and releasable > offset and fill.source == state.FROM_BLOB:
+                async for chunk in self._blobs.stream(digest, offset, releasable - offset):
+                    offset += len(chunk)
+                    FILL_BYTES_FOLLOWED.labels("blob").inc(len(chunk))
+                    yield chunk
+                last_progress = time.monotonic()
+                continue
+            if fd is None and releasable > offset:
                 if not segments or segments[-1][0] + segments[-1][1] < releasable:
-                    listing = await self._objects.list_objects(layout.staging(digest))
+                    listing = await self._objects.list_objects(layout.fill_segments(digest))
                     segments = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
                 before = offset
                 async for chunk in self._read_staged(digest, segments, offset, releasable):
                     offset += len(chunk)
+                    FILL_BYTES_FOLLOWED.labels("segments").inc(len(chunk))
                     yield chunk
                 if offset > before:
                     last_progress = time.monotonic()
+                    pause = FIRST_POLL_SECONDS
                     continue
                 segments = []  # the listing was stale or the segments purged: look again
             now = time.monotonic()
@@ -124,7 +199,8 @@ class BlobFollower:
                 # The holder may have died: its lease lapses and a new fill resumes it.
                 await rerequest()
                 next_rerequest = now + REREQUEST_SECONDS
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, POLL_SECONDS)
 
     async def _read_staged(
         self, digest: Digest, segments: list[tuple[int, int]], offset: int, until: int
@@ -137,10 +213,8 @@ class BlobFollower:
                 return  # a gap: the listing is behind; read it again next round
             lo, hi = offset - seg_start, min(seg_end, until) - seg_start
             try:
-                async for chunk in self._objects.stream(
-                    layout.staging_segment(digest, seg_start), lo, hi - lo
-                ):
+                async for chunk in self._objects.stream(layout.fill_segment(digest, seg_start), lo, hi - lo):
                     offset += len(chunk)
                     yield chunk
             except ObjectMissing:
-                return  # purged after commit: the caller switches to the committed blob
+                return  # deleted (a fill that failed): the caller reads the state again

@@ -15,6 +15,9 @@ from redis.asyncio import Redis
 from shared.oci.digest import Digest
 
 QUEUED, FILLING, VERIFIED, COMMITTED, FAILED = "queued", "filling", "verified", "committed", "failed"
+# Where followers read the bytes a fill has made available: its staged segments, or the
+# copy already stored (when the fill only checks that the upstream serves that content).
+FROM_SEGMENTS, FROM_BLOB = "segments", "blob"
 _STATE_TTL = 3600
 
 
@@ -31,6 +34,8 @@ class FillState:
     status: str | None = None
     size: int | None = None
     staged: int = 0
+    source: str = FROM_SEGMENTS
+    spool: str | None = None  # the node whose local spool holds the fill's bytes
     error_code: str | None = None
     error: str | None = None
     retry_after: float | None = None
@@ -46,6 +51,8 @@ async def read_state(redis: Redis, digest: Digest) -> FillState:
         status=raw.get("status"),
         size=int(raw["size"]) if raw.get("size") else None,
         staged=int(raw.get("staged") or 0),
+        source=raw.get("source") or FROM_SEGMENTS,
+        spool=raw.get("spool") or None,
         error_code=raw.get("error_code") or None,
         error=raw.get("error") or None,
         retry_after=float(raw["retry_after"]) if raw.get("retry_after") else None,

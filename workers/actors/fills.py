@@ -1,4 +1,4 @@
-"""Fill actors: fetch a blob from its upstream into the cache; purge a fill's staging."""
+"""Fill actor: fetch a blob from its upstream into the cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import structlog
 from shared.metrics import JOBS
 from shared.oci.digest import Digest
 from shared.proxy import fill
-from shared.proxy.events import FILL_ACTOR, FILL_QUEUE, MAINTENANCE_QUEUE, PURGE_STAGING_ACTOR
+from shared.proxy.events import FILL_ACTOR, FILL_QUEUE
 from shared.upstream import UpstreamFailure
 from workers.runtime import fill_deps, settings, upstreams
 
@@ -52,10 +52,3 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
         JOBS.labels(FILL_ACTOR, "error").inc()
         raise
     JOBS.labels(FILL_ACTOR, outcome).inc()
-
-
-@dramatiq.actor(
-    actor_name=PURGE_STAGING_ACTOR, queue_name=MAINTENANCE_QUEUE, max_retries=3, min_backoff=10_000
-)
-async def purge_staging(digest: str) -> None:
-    await fill.purge_staging(fill_deps(), Digest.parse(digest))

@@ -7,6 +7,7 @@ import time
 import dramatiq
 import structlog
 
+from shared.proxy.events import MAINTENANCE_QUEUE
 from workers.runtime import settings, stores
 
 log = structlog.get_logger("worker")
@@ -23,6 +24,6 @@ async def purge_expired_uploads() -> int:
     return len(expired)
 
 
-@dramatiq.actor(queue_name="maintenance", max_retries=3, min_backoff=60_000, time_limit=3_600_000)
+@dramatiq.actor(queue_name=MAINTENANCE_QUEUE, max_retries=3, min_backoff=60_000, time_limit=3_600_000)
 async def purge_expired_uploads_job() -> None:
     await purge_expired_uploads()
