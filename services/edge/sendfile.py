@@ -22,8 +22,6 @@ import structlog
 from aiohttp import web
 
 log = structlog.get_logger("edge")
-_MODE = os.environ.get("DT_SENDMODE", "sendfile")
-_CHUNK = int(os.environ.get("DT_CHUNK", str(1 << 40)))
 
 
 def can_sendfile(request: web.Request) -> bool:
@@ -62,10 +60,7 @@ async def send_file(
         sent = 0
         while sent < length:
             try:
-                if _MODE == "copy":
-                    count = os.write(out, os.pread(fd, min(_CHUNK, length - sent), offset + sent))
-                else:
-                    count = os.sendfile(out, fd, offset + sent, min(_CHUNK, length - sent))
+                count = os.sendfile(out, fd, offset + sent, length - sent)
             except BlockingIOError:
                 count = None
             if count == 0:
@@ -76,6 +71,10 @@ async def send_file(
             if sent < length:
                 # A partial send means the socket buffer is full: wait for room.
                 await _writable(loop, out)
+    except ConnectionError as exc:  # the client went away: nothing wrong here
+        log.info("blob_client_gone", path=request.path, reason=str(exc))
+        transport.abort()
+        return response
     except (OSError, EOFError) as exc:
         log.warning("blob_sendfile_aborted", path=request.path, reason=str(exc))
         transport.abort()
