@@ -90,8 +90,6 @@ def worker(config: Path | None) -> None:
             "dramatiq_prom_host": host,
             "dramatiq_prom_port": port,
         }
-    # Dramatiq reads its idle poll interval (milliseconds) from the environment.
-    env["dramatiq_worker_timeout"] = str(max(1, round(settings.worker_idle_poll.total_seconds() * 1000)))
     argv = [
         sys.executable, "-m", "dramatiq", "workers.actors",
         "--processes", str(settings.worker_processes),

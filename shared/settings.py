@@ -147,9 +147,6 @@ class Settings(BaseSettings):
     edge_processes: int = 1
     worker_processes: int = 2
     worker_threads: int = 8
-    # How long an idle worker waits before looking for new messages again: a cache miss
-    # waits up to this long before a worker picks it up (Dramatiq's worker timeout).
-    worker_idle_poll: Duration = timedelta(milliseconds=20)
     upload_expiry: Duration = timedelta(hours=24)
     # Where each worker host serves its Prometheus metrics (all worker processes summed).
     worker_metrics_listen: str | None = "127.0.0.1:9191"

@@ -24,6 +24,17 @@ WARM_ACTOR = "warm_tag"
 MAINTENANCE_QUEUE = "maintenance"
 
 
+# Idle workers block on a queue's wake list (see workers/broker.py); publishing a message
+# the workers should start at once also pushes a token there. Bounded and short-lived, so
+# tokens nobody took (no worker running) do not pile up.
+WAKE_TOKENS = 16
+WAKE_TTL_SECONDS = 10
+
+
+def wake_key(queue: str) -> str:
+    return f"seawall:wake:{queue}"
+
+
 def make_broker(redis_url: str) -> RedisBroker:
     """A broker for publishing only (the workers build theirs with middleware)."""
     return RedisBroker(url=redis_url, namespace="seawall")  # type: ignore[no-untyped-call]
@@ -38,7 +49,17 @@ class CacheEvents:
             queue_name=queue, actor_name=actor, args=args, kwargs={}, options={}
         )
         # The broker's client is synchronous; keep the event loop free while it talks to Redis.
-        await asyncio.to_thread(self._broker.enqueue, message, delay=delay_ms)
+        await asyncio.to_thread(self._enqueue, message, delay_ms)
+
+    def _enqueue(self, message: dramatiq.Message[Any], delay_ms: int | None) -> None:
+        self._broker.enqueue(message, delay=delay_ms)
+        if delay_ms is None:
+            key = wake_key(message.queue_name)
+            with self._broker.client.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, "1")
+                pipe.ltrim(key, 0, WAKE_TOKENS - 1)
+                pipe.expire(key, WAKE_TTL_SECONDS)
+                pipe.execute()
 
     async def fill_wanted(self, project: str, repository: str, digest: str) -> None:
         """A client is waiting for this blob: the cache-miss event."""
