@@ -109,8 +109,6 @@ def pids(ctx: Context, target: str) -> dict[str, int]:
         return {"edge": s.edge.pid, "s3": s.s3.pid, "redis": s.redis.pid, "workers": s.workers.pid}
     if target == "dist_proxy":
         return {"distribution": s.dist_proxy.pid, "emulator": s.hub.pid, "upstream": s.upstream.pid}
-    if target == "s3_direct":
-        return {"s3": s.s3.pid}
     return {"distribution": s.dist_hosted.pid}
 
 

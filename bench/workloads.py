@@ -121,14 +121,12 @@ def _blob_runs(
     digest: str,
     rounds: int,
     label: str,
-    extra: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """8 connections GETting one warm blob; MiB/s and the server's peak RSS per run."""
     s = ctx.stack
     targets = {
         "seawall": (f"{s.edge.url}/v2/hub/{repo}/blobs/{digest}", s.edge.pid),
         "dist_proxy": (f"{s.dist_proxy.url}/v2/{repo}/blobs/{digest}", s.dist_proxy.pid),
-        **(extra or {}),
     }
     out: dict[str, dict[str, Any]] = {k: {"mib_s": [], "rss": [], "upstream": [], "cpu": []} for k in targets}
     for r in range(rounds):
@@ -154,11 +152,7 @@ def p2(ctx: Context) -> list[Row]:
     """Warm blob GET, 100 MiB blob, 8 connections: MiB/s."""
     repo = "library/bench-p2"
     digest = _warm_blob(ctx, repo, ctx.sizes.p2_blob, "p2")
-    # The ceiling of serving from the bucket: the same object straight from SeaweedFS.
-    s3 = ctx.stack.s3
-    key = f"blobs/sha256/{digest[7:9]}/{digest[7:]}"
-    presigned = s3.client().presigned_get_object("seawall", key)
-    runs = _blob_runs(ctx, repo, digest, ctx.rounds, "P2", {"s3_direct": (presigned, s3.pid)})
+    runs = _blob_runs(ctx, repo, digest, ctx.rounds, "P2")
     ctx.profiled_load("P2", ctx.stack.edge.pid, f"{ctx.stack.edge.url}/v2/hub/{repo}/blobs/{digest}", 8)
     size = ctx.sizes.p2_blob // MiB
     note = (
@@ -181,19 +175,6 @@ def p2(ctx: Context) -> list[Row]:
             ">= 1.0x",
             Goal("ratio_min", 1.0),
             note,
-        ),
-        Row(
-            "P2s",
-            "same blob, from storage alone",
-            "MiB/s",
-            runs["seawall"]["mib_s"],
-            "SeaweedFS S3 direct",
-            runs["s3_direct"]["mib_s"],
-            "",
-            None,
-            "Context only: presigned GETs of the blob's object straight from SeaweedFS, 8 connections, "
-            f"alternating with the runs above (SeaweedFS CPU {mean_cpu(runs['s3_direct']['cpu'])}): "
-            "the ceiling of the edge's read-from-S3 path on this machine.",
         ),
     ]
 
