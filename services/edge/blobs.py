@@ -170,7 +170,10 @@ async def _send_cached(
             copy_to_disk()
             return None
         bytes_served = BYTES_SERVED.labels(repo.project.name, "blob")
-        return await send_file(request, status, headers, fd, offset, length, bytes_served.inc)
+        zero_copy = request.app[keys.SETTINGS].disk_cache.sendfile
+        return await send_file(
+            request, status, headers, fd, offset, length, bytes_served.inc, zero_copy=zero_copy
+        )
     finally:
         os.close(fd)
 
