@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable
 
 import httpx
 import pytest
+import redis
 
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.dockerhub import DockerHubEmulator
@@ -293,3 +296,48 @@ def test_edge_beside_the_worker_streams_the_spool_and_another_node_the_bucket(
         wait_for(lambda h=hex_digest: (cache / "blobs" / "sha256" / h).exists(), 30, "spool kept")
         assert (cache / "blobs" / "sha256" / hex_digest).read_bytes() == data
         assert not (cache / "spool" / "sha256" / hex_digest).exists()
+
+
+def test_staging_waits_for_the_download_unless_a_remote_edge_follows(
+    cache_stack: StackFactory,
+    hub: DockerHubEmulator,
+    distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    """Only edges beside the worker follow: the bucket's segments are written after the
+    download (the download keeps the CPU); an edge elsewhere needs them at once."""
+    name = repo_name()
+    alone, shared = make_layer(size=4_000_000, seed=f"{name}-a"), make_layer(size=4_000_000, seed=f"{name}-b")
+    push_image(distribution.url, name, make_image([alone, shared], label=name), "1.0")
+    stack = cache_stack(tag_ttl="1h")
+    other_node = stack.start_edge()
+    store = redis.Redis.from_url(redis_url)
+    staged_while_filling: dict[str, list[int]] = {}
+
+    def pull_watching(edge_urls: list[str], data: bytes) -> None:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        hub.throttle_blob(digest, 2 * 1024 * 1024)  # about 2 s
+        seen = staged_while_filling.setdefault(digest, [])
+        results: list[bytes] = []
+
+        def get(url: str) -> None:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                results.append(client.get(f"/v2/hub/{name}/blobs/{digest}").content)
+
+        threads = [threading.Thread(target=get, args=(url,)) for url in edge_urls]
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            fill = store.hgetall(f"seawall:fill:{digest}:state")
+            if fill.get(b"status") == b"filling":
+                seen.append(int(fill.get(b"staged") or 0))
+            time.sleep(0.05)
+        assert results == [data] * len(edge_urls)
+
+    pull_watching([stack.edge.url], alone)
+    pull_watching([stack.edge.url, other_node.url], shared)
+    by_layer = list(staged_while_filling.values())
+    assert len(by_layer[0]) > 5
+    assert max(by_layer[0]) == 0  # nothing staged while only the local edge followed
+    assert max(by_layer[1]) > 0  # staged during the download for the other node

@@ -13,6 +13,7 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import AsyncIO
 from dramatiq.middleware.prometheus import Prometheus
 
+from shared.eventloop import use_uvloop
 from shared.proxy.events import PREFETCH_QUEUE, wake_key
 from shared.settings import Settings
 
@@ -59,6 +60,7 @@ def setup_broker(settings: Settings) -> RedisBroker:
         raise RuntimeError("workers need redis_url (set it, or start them with `seawall up`)")
     broker = WakeableRedisBroker(url=settings.redis_url, namespace="seawall")  # type: ignore[no-untyped-call]
     # Actors are coroutines; this middleware runs them on one event loop per process.
+    use_uvloop()
     broker.add_middleware(AsyncIO())
     # Prefetch and warm messages have their own queue, so a burst of them is visible
     # apart from client-driven fills (Dramatiq consumes both queues side by side).

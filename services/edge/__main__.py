@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import click
 from aiohttp import web
 
 from services.edge.app import create_app
+from shared.eventloop import use_uvloop
 from shared.logging import configure_logging, get_logger
 from shared.settings import load_settings
 
@@ -17,12 +16,7 @@ from shared.settings import load_settings
 def main(config: str | None) -> None:
     settings = load_settings(config)
     configure_logging(settings.log_format, settings.log_level)
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # uvloop is optional off Linux and macOS
-        pass
+    use_uvloop()
     log = get_logger("edge")
     log.info("edge_starting", listen=settings.listen)
     web.run_app(

@@ -45,6 +45,8 @@ FIRST_SEGMENT = 16 * 1024
 MAX_SEGMENT = 8 * 1024 * 1024
 FLUSH_INTERVAL = 0.1
 SEGMENTS_IN_FLIGHT = 3
+# How often a fill whose staging waits looks for edges that need the bucket's segments.
+REMOTE_CHECK_SECONDS = 0.05
 LEASE_TTL = 10.0
 
 
@@ -70,24 +72,43 @@ async def staged_segments(objects: ObjectStore, digest: Digest) -> list[tuple[in
     return sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
 
 
-async def _resume_point(deps: FillDeps, digest: Digest, spooled: int) -> tuple[list[Extent], object]:
-    """Rehash the contiguous staged prefix, spooling it again; drop anything after a gap."""
+async def _resume_point(deps: FillDeps, digest: Digest, spooled: int) -> tuple[list[Extent], int, object]:
+    """Where an interrupted fill stands: its staged segments, how far it got, the hash so far.
+
+    The contiguous staged prefix counts (anything after a gap is dropped). A spool file
+    left on this machine that reaches further counts too: its bytes are rehashed, and the
+    part not staged yet is staged again. Otherwise the spool is rewritten from the bucket.
+    """
     hasher = digest.hasher()
     kept: list[Extent] = []
-    offset = 0
+    staged = 0
     stray = []
     for start, size in await staged_segments(deps.objects, digest):
         key = layout.fill_segment(digest, start)
-        if start != offset or size == 0:
+        if start != staged or size == 0:
             stray.append(key)
             continue
-        async for chunk in deps.objects.stream(key):
+        kept.append(Extent(key, size))
+        staged += size
+    await deps.objects.delete_many(stray)
+    local = os.fstat(spooled).st_size
+    if local >= staged:
+        position = 0
+        while position < local:
+            chunk = os.pread(spooled, min(1024 * 1024, local - position), position)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            position += len(chunk)
+        os.lseek(spooled, position, os.SEEK_SET)
+        return kept, position, hasher
+    os.ftruncate(spooled, 0)
+    os.lseek(spooled, 0, os.SEEK_SET)
+    for extent in kept:
+        async for chunk in deps.objects.stream(extent.key):
             hasher.update(chunk)
             os.write(spooled, chunk)
-        kept.append(Extent(key, size))
-        offset += size
-    await deps.objects.delete_many(stray)
-    return kept, hasher
+    return kept, staged, hasher
 
 
 async def fill_blob(
@@ -175,22 +196,22 @@ async def _fill_and_stage(
     """Fetch into the spool and the bucket's segments, verify, commit; (size, resumed from)."""
     path = deps.spool.path(digest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The spool holds exactly the bytes hashed so far: the resumed prefix is written anew.
-    spooled = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    spooled = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        segments, hasher = await _resume_point(deps, digest, spooled)
-        offset = resumed_from = sum(e.size for e in segments)
+        segments, offset, hasher = await _resume_point(deps, digest, spooled)
+        resumed_from = offset
+        staged = sum(e.size for e in segments)
         await state.write_state(
             deps.redis,
             digest,
             status=state.FILLING,
-            staged=offset,
+            staged=staged,
             source=state.FROM_SEGMENTS,
             spool=deps.spool.node or "",
             error_code=None,
             error=None,
         )
-        stager = _Stager(deps, lease, digest, spooled, offset, segments)
+        stager = _Stager(deps, lease, digest, spooled, staged, offset, segments)
         try:
             async with upstream.open_blob(repository, str(digest), offset=offset) as stream:
                 await state.write_state(deps.redis, digest, size=stream.total_size)
@@ -270,25 +291,44 @@ async def _check(
 
 
 class _Stager:
-    """Cuts the spool file into segments and stores them in the bucket, behind the download.
+    """Cuts the spool file into segments and stores them in the bucket.
 
-    Segments upload up to SEGMENTS_IN_FLIGHT at once (object stores write faster in
-    parallel). Each upload waits for the one before it to publish the staged mark, so the
-    mark only ever covers stored bytes, in order.
+    While only edges on this machine follow the fill (they read the spool), staging waits
+    for the download to finish: on a small machine the object store's writes would
+    otherwise take the CPU the download needs. Once an edge that cannot read the spool
+    asks for the bytes (it marks the fill in Redis), staging runs right behind the
+    download. Segments upload up to SEGMENTS_IN_FLIGHT at once (object stores write
+    faster in parallel). Each upload waits for the one before it to publish the staged
+    mark, so the mark only ever covers stored bytes, in order.
     """
 
     def __init__(
-        self, deps: FillDeps, lease: Lease, digest: Digest, fd: int, offset: int, segments: list[Extent]
+        self,
+        deps: FillDeps,
+        lease: Lease,
+        digest: Digest,
+        fd: int,
+        staged: int,
+        spooled: int,
+        segments: list[Extent],
     ) -> None:
         self._deps = deps
         self._lease = lease
         self._digest = digest
         self._fd = fd
-        self._spooled = offset
+        self._spooled = spooled
         self._segments = segments
         self._done = False
         self._grew = asyncio.Event()
-        self._task = asyncio.create_task(self._run(offset))
+        self._task = asyncio.create_task(self._run(staged))
+
+    async def _wanted_now(self) -> bool:
+        """Whether to stage before the download ends: a remote edge is following."""
+        while not self._done:
+            if await state.remote_follower(self._deps.redis, self._digest):
+                return True
+            await asyncio.sleep(REMOTE_CHECK_SECONDS)
+        return False
 
     def spool(self, chunk: bytes) -> None:
         os.write(self._fd, chunk)
@@ -313,6 +353,7 @@ class _Stager:
             await self._task
 
     async def _run(self, start: int) -> None:
+        await self._wanted_now()
         digest = self._digest
         target = FIRST_SEGMENT if start == 0 else MAX_SEGMENT
         last_cut = time.monotonic()

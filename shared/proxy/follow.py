@@ -139,6 +139,7 @@ class BlobFollower:
         last_progress = time.monotonic()
         next_rerequest = last_progress + REREQUEST_SECONDS
         pause = FIRST_POLL_SECONDS
+        marked_remote = False
         while offset < end:
             fill = await state.read_state(self._redis, digest)
             if (
@@ -168,6 +169,10 @@ class BlobFollower:
                     last_progress = time.monotonic()
                     pause = FIRST_POLL_SECONDS
                     continue
+            filling = fill.status in (state.FILLING, state.VERIFIED)
+            if filling and fd is None and fill.source == state.FROM_SEGMENTS and not marked_remote:
+                await state.mark_remote_follower(self._redis, digest)
+                marked_remote = True
             releasable = min(fill.staged, limit)
             if fd is None and releasable > offset and fill.source == state.FROM_BLOB:
                 async for chunk in self._blobs.stream(digest, offset, releasable - offset):
@@ -199,6 +204,7 @@ class BlobFollower:
                 # The holder may have died: its lease lapses and a new fill resumes it.
                 await rerequest()
                 next_rerequest = now + REREQUEST_SECONDS
+                marked_remote = False  # renew the mark, which expires
             await asyncio.sleep(pause)
             pause = min(pause * 2, POLL_SECONDS)
 

@@ -70,6 +70,22 @@ async def write_state(redis: Redis, digest: Digest, **fields: str | int | float 
         await pipe.execute()
 
 
+def remote_key(digest: Digest) -> str:
+    return f"seawall:fill:{digest}:remote"
+
+
+REMOTE_TTL_MS = 30_000
+
+
+async def mark_remote_follower(redis: Redis, digest: Digest) -> None:
+    """An edge that cannot read the worker's spool follows this fill: stage it right away."""
+    await redis.set(remote_key(digest), "1", px=REMOTE_TTL_MS)
+
+
+async def remote_follower(redis: Redis, digest: Digest) -> bool:
+    return bool(await redis.exists(remote_key(digest)))
+
+
 async def request_fill(redis: Redis, digest: Digest, dedupe_seconds: float = 30.0) -> bool:
     """Mark a fill as wanted; True when the caller should enqueue it (nobody else did).
 
