@@ -45,6 +45,36 @@ def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
     )
 
 
+class _Listing:
+    """The staged segments (start, size) of a fill, as last listed."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, int]] = []
+
+    def covers(self, end: int) -> bool:
+        return bool(self.segments) and self.segments[-1][0] + self.segments[-1][1] >= end
+
+
+class _SpoolFile:
+    """The worker's spool file of one fill, opened once the fill is seen on this machine."""
+
+    def __init__(self, spool: Spool | None, digest: Digest) -> None:
+        self._spool = spool
+        self._digest = digest
+        self._fd: int | None = None
+
+    def fd(self, fill: state.FillState) -> int | None:
+        if self._fd is None and self._spool is not None and self._spool.is_local(fill.spool):
+            with contextlib.suppress(FileNotFoundError):
+                self._fd = os.open(self._spool.path(self._digest), os.O_RDONLY | os.O_CLOEXEC)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class BlobFollower:
     def __init__(
         self,
@@ -103,110 +133,92 @@ class BlobFollower:
         stall_timeout: float,
     ) -> AsyncIterator[bytes]:
         """Yield bytes [start, end) of the blob as the fill makes them available."""
-        with contextlib.ExitStack() as files:
-            opened: list[int] = []  # the spool file, once found
-
-            def spool_file(fill: state.FillState) -> int | None:
-                if self._spool is None or not self._spool.is_local(fill.spool):
-                    return None
-                if not opened:
-                    try:
-                        fd = os.open(self._spool.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
-                        return None
-                    files.callback(os.close, fd)
-                    opened.append(fd)
-                return opened[0]
-
-            async for chunk in self._follow(
-                project, digest, start, end, size, rerequest, stall_timeout, spool_file
-            ):
-                yield chunk
-
-    async def _follow(
-        self,
-        project: str,
-        digest: Digest,
-        start: int,
-        end: int,
-        size: int,
-        rerequest: Callable[[], Awaitable[None]],
-        stall_timeout: float,
-        spool_file: Callable[[state.FillState], int | None],
-    ) -> AsyncIterator[bytes]:
+        spooled = _SpoolFile(self._spool, digest)
+        listing = _Listing()
         offset = start
-        segments: list[tuple[int, int]] = []
         last_progress = time.monotonic()
         next_rerequest = last_progress + REREQUEST_SECONDS
         pause = FIRST_POLL_SECONDS
         marked_remote = False
-        while offset < end:
-            fill = await state.read_state(self._redis, digest)
-            if (
-                fill.status in (None, state.COMMITTED)
-                and await self._committed_size(project, digest) is not None
-            ):
-                async for chunk in self._blobs.stream(digest, offset, end - offset):
-                    yield chunk
-                return
-            if fill.status == state.FAILED:
-                raise failure_error(fill, digest)
-            # Every byte but the last may go before verification; the last one only after.
-            limit = end if fill.status == state.VERIFIED else min(end, size - 1)
-            fd = spool_file(fill) if fill.status in (state.FILLING, state.VERIFIED) else None
-            if fd is not None:
-                # The spool grows as the worker writes; every byte in it was hashed.
-                releasable = min(os.fstat(fd).st_size, limit)
+        try:
+            while offset < end:
+                fill = await state.read_state(self._redis, digest)
+                if (
+                    fill.status in (None, state.COMMITTED)
+                    and await self._committed_size(project, digest) is not None
+                ):
+                    async for chunk in self._blobs.stream(digest, offset, end - offset):
+                        yield chunk
+                    return
+                if fill.status == state.FAILED:
+                    raise failure_error(fill, digest)
+                filling = fill.status in (state.FILLING, state.VERIFIED)
+                fd = spooled.fd(fill) if filling else None
+                if filling and fd is None and fill.source == state.FROM_SEGMENTS and not marked_remote:
+                    await state.mark_remote_follower(self._redis, digest)
+                    marked_remote = True
+                # Every byte but the last may go before verification; the last one only after.
+                limit = end if fill.status == state.VERIFIED else min(end, size - 1)
                 before = offset
-                while offset < releasable:
-                    data = os.pread(fd, min(SPOOL_CHUNK, releasable - offset), offset)
-                    if not data:
-                        break  # truncated by a fill that resumed: it is written again
-                    offset += len(data)
-                    FILL_BYTES_FOLLOWED.labels("spool").inc(len(data))
-                    yield data
-                if offset > before:
-                    last_progress = time.monotonic()
-                    pause = FIRST_POLL_SECONDS
-                    continue
-            filling = fill.status in (state.FILLING, state.VERIFIED)
-            if filling and fd is None and fill.source == state.FROM_SEGMENTS and not marked_remote:
-                await state.mark_remote_follower(self._redis, digest)
-                marked_remote = True
-            releasable = min(fill.staged, limit)
-            if fd is None and releasable > offset and fill.source == state.FROM_BLOB:
-                async for chunk in self._blobs.stream(digest, offset, releasable - offset):
+                async for source, chunk in self._available(digest, fill, fd, offset, limit, listing):
                     offset += len(chunk)
-                    FILL_BYTES_FOLLOWED.labels("blob").inc(len(chunk))
-                    yield chunk
-                last_progress = time.monotonic()
-                continue
-            if fd is None and releasable > offset:
-                if not segments or segments[-1][0] + segments[-1][1] < releasable:
-                    listing = await self._objects.list_objects(layout.fill_segments(digest))
-                    segments = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
-                before = offset
-                async for chunk in self._read_staged(digest, segments, offset, releasable):
-                    offset += len(chunk)
-                    FILL_BYTES_FOLLOWED.labels("segments").inc(len(chunk))
+                    FILL_BYTES_FOLLOWED.labels(source).inc(len(chunk))
                     yield chunk
                 if offset > before:
                     last_progress = time.monotonic()
                     pause = FIRST_POLL_SECONDS
                     continue
-                segments = []  # the listing was stale or the segments purged: look again
-            now = time.monotonic()
-            if now - last_progress > stall_timeout:
-                raise RegistryError(
-                    "UPSTREAM_TIMEOUT", f"the fill of {digest} made no progress for {stall_timeout:.0f}s"
-                )
-            if now > next_rerequest:
-                # The holder may have died: its lease lapses and a new fill resumes it.
-                await rerequest()
-                next_rerequest = now + REREQUEST_SECONDS
-                marked_remote = False  # renew the mark, which expires
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, POLL_SECONDS)
+                now = time.monotonic()
+                if now - last_progress > stall_timeout:
+                    raise RegistryError(
+                        "UPSTREAM_TIMEOUT", f"the fill of {digest} made no progress for {stall_timeout:.0f}s"
+                    )
+                if now > next_rerequest:
+                    # The holder may have died: its lease lapses and a new fill resumes it.
+                    await rerequest()
+                    next_rerequest = now + REREQUEST_SECONDS
+                    marked_remote = False  # renew the mark, which expires
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, POLL_SECONDS)
+        finally:
+            spooled.close()
+
+    async def _available(
+        self,
+        digest: Digest,
+        fill: state.FillState,
+        fd: int | None,
+        offset: int,
+        limit: int,
+        listing: _Listing,
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """The bytes after `offset` (up to `limit`) the fill has made available, by source."""
+        if fd is not None:
+            # The spool grows as the worker writes; every byte in it was hashed.
+            releasable = min(os.fstat(fd).st_size, limit)
+            while offset < releasable:
+                data = os.pread(fd, min(SPOOL_CHUNK, releasable - offset), offset)
+                if not data:
+                    return  # truncated by a fill that resumed: it is written again
+                offset += len(data)
+                yield "spool", data
+            return
+        releasable = min(fill.staged, limit)
+        if releasable <= offset:
+            return
+        if fill.source == state.FROM_BLOB:
+            async for chunk in self._blobs.stream(digest, offset, releasable - offset):
+                yield "blob", chunk
+            return
+        if not listing.covers(releasable):
+            found = await self._objects.list_objects(layout.fill_segments(digest))
+            listing.segments = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in found)
+        before = offset
+        async for chunk in self._read_staged(digest, listing.segments, offset, releasable):
+            offset += len(chunk)
+            yield "segments", chunk
+        if offset == before:
+            listing.segments = []  # the listing was stale or the segments deleted: look again
 
     async def _read_staged(
         self, digest: Digest, segments: list[tuple[int, int]], offset: int, until: int
