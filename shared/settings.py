@@ -117,9 +117,10 @@ class DiskCacheSettings(BaseModel):
     # A blob bigger than this share of `max_bytes` is served from the bucket only, so that
     # one huge layer cannot flush everything else out of the tier.
     max_blob_fraction: float = Field(default=0.25, gt=0, le=1)
-    # Send files with sendfile(2). `false` copies through a buffer instead, which costs
-    # less CPU in all when clients run on the same host (see services/edge/sendfile.py).
-    sendfile: bool = True
+    # Send files with sendfile(2) (`true`), or copy them through a buffer (`false`), which
+    # costs less CPU in all when the client runs on the same host (see
+    # services/edge/sendfile.py). `auto`: copy to loopback clients, sendfile to the others.
+    sendfile: bool | Literal["auto"] = "auto"
 
     @property
     def max_blob_bytes(self) -> int:

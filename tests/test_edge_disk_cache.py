@@ -49,7 +49,7 @@ class UvloopEdgeServer(EdgeServer):
 EdgeStarter = Callable[..., EdgeServer]
 
 
-@pytest.fixture(params=["asyncio", "uvloop", "uvloop-copy"])
+@pytest.fixture(params=["asyncio", "uvloop", "uvloop-copy", "uvloop-auto"])
 def start_edge(
     request: pytest.FixtureRequest,
     redis_url: str,
@@ -57,14 +57,15 @@ def start_edge(
     user_hashes: dict[str, str],
     tmp_path: Path,
 ) -> Iterator[EdgeStarter]:
-    """Start edges whose disk tier lives under this test's tmp_path; `-copy`: without sendfile."""
+    """Start edges whose disk tier lives under this test's tmp_path; `-copy`: without
+    sendfile; `-auto`: the default, which copies to these loopback clients."""
     server_class = UvloopEdgeServer if request.param.startswith("uvloop") else EdgeServer
     started: list[EdgeServer] = []
 
     def start(**overrides: Any) -> EdgeServer:
         overrides.setdefault("data_dir", tmp_path)
         overrides["disk_cache"] = {
-            "sendfile": not request.param.endswith("-copy"),
+            "sendfile": {"copy": False, "auto": "auto"}.get(request.param.rpartition("-")[2], True),
             **overrides.get("disk_cache", {}),
         }
         settings = build_settings(redis_url, s3_settings, user_hashes, **overrides)

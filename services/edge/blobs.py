@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import AsyncIterator
@@ -170,12 +171,24 @@ async def _send_cached(
             copy_to_disk()
             return None
         bytes_served = BYTES_SERVED.labels(repo.project.name, "blob")
-        zero_copy = request.app[keys.SETTINGS].disk_cache.sendfile
+        mode = request.app[keys.SETTINGS].disk_cache.sendfile
+        zero_copy = mode if isinstance(mode, bool) else not _loopback_peer(request)
         return await send_file(
             request, status, headers, fd, offset, length, bytes_served.inc, zero_copy=zero_copy
         )
     finally:
         os.close(fd)
+
+
+def _loopback_peer(request: web.Request) -> bool:
+    """Whether the client connected over loopback (it runs on this host)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:  # a unix socket's path
+        return True
 
 
 async def _nothing() -> AsyncIterator[bytes]:
