@@ -47,6 +47,9 @@ FLUSH_INTERVAL = 0.1
 SEGMENTS_IN_FLIGHT = 3
 # How often a fill whose staging waits looks for edges that need the bucket's segments.
 REMOTE_CHECK_SECONDS = 0.05
+# The longest staging waits for this machine's clients after the download: until then the
+# blob exists only in the spool.
+STAGING_DEFERRAL_SECONDS = 30.0
 LEASE_TTL = 10.0
 
 
@@ -227,6 +230,7 @@ async def _fill_and_stage(
             # Verified: edges may now release the last byte to their clients (the ones
             # reading the spool at once, the others when the last segment is staged).
             await state.write_state(deps.redis, digest, status=state.VERIFIED)
+            log.info("blob_downloaded", digest=str(digest), bytes=offset, resumed_from=resumed_from)
             await stager.finish()
         except UpstreamFailure:
             # What did arrive is staged, for the fill that resumes (best effort: the
@@ -294,12 +298,13 @@ class _Stager:
     """Cuts the spool file into segments and stores them in the bucket.
 
     While only edges on this machine follow the fill (they read the spool), staging waits
-    for the download to finish: on a small machine the object store's writes would
-    otherwise take the CPU the download needs. Once an edge that cannot read the spool
-    asks for the bytes (it marks the fill in Redis), staging runs right behind the
-    download. Segments upload up to SEGMENTS_IN_FLIGHT at once (object stores write
-    faster in parallel). Each upload waits for the one before it to publish the staged
-    mark, so the mark only ever covers stored bytes, in order.
+    for the download to finish and for the clients on this machine to finish reading
+    spools: on a small machine the object store's writes would otherwise take the CPU
+    the download and the clients need. Once an edge that cannot read the spool asks for
+    the bytes (it marks the fill in Redis), staging runs right behind the download.
+    Segments upload up to SEGMENTS_IN_FLIGHT at once (object stores write faster in
+    parallel). Each upload waits for the one before it to publish the staged mark, so the
+    mark only ever covers stored bytes, in order.
     """
 
     def __init__(
@@ -322,13 +327,23 @@ class _Stager:
         self._grew = asyncio.Event()
         self._task = asyncio.create_task(self._run(staged))
 
-    async def _wanted_now(self) -> bool:
-        """Whether to stage before the download ends: a remote edge is following."""
-        while not self._done:
-            if await state.remote_follower(self._deps.redis, self._digest):
-                return True
+    async def _wait_for_turn(self) -> None:
+        """Return when staging should start: at once for a remote follower; otherwise once
+        the download is over and no client on this machine is reading a fill's spool (or
+        after STAGING_DEFERRAL_SECONDS at most, so the bucket gets the blob in any case)."""
+        redis, node = self._deps.redis, self._deps.spool.node
+        deferred_since: float | None = None
+        while True:
+            if await state.remote_follower(redis, self._digest):
+                return
+            if self._done:
+                now = time.monotonic()
+                deferred_since = deferred_since or now
+                if now - deferred_since > STAGING_DEFERRAL_SECONDS:
+                    return
+                if node is None or not await state.spool_readers_active(redis, node):
+                    return
             await asyncio.sleep(REMOTE_CHECK_SECONDS)
-        return False
 
     def spool(self, chunk: bytes) -> None:
         os.write(self._fd, chunk)
@@ -353,7 +368,7 @@ class _Stager:
             await self._task
 
     async def _run(self, start: int) -> None:
-        await self._wanted_now()
+        await self._wait_for_turn()
         digest = self._digest
         target = FIRST_SEGMENT if start == 0 else MAX_SEGMENT
         last_cut = time.monotonic()

@@ -33,6 +33,7 @@ FIRST_POLL_SECONDS = 0.001
 POLL_SECONDS = 0.01
 REREQUEST_SECONDS = 1.0
 SPOOL_CHUNK = 1024 * 1024
+SPOOL_READERS_REFRESH_SECONDS = 0.25
 
 
 def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
@@ -89,6 +90,7 @@ class BlobFollower:
         self._repositories = repositories
         self._redis = redis
         self._spool = spool
+        self._readers_marked = 0.0
 
     async def _committed_size(self, project: str, digest: Digest) -> int | None:
         """The blob's size once this project holds it (a copy held elsewhere does not count)."""
@@ -196,6 +198,8 @@ class BlobFollower:
         if fd is not None:
             # The spool grows as the worker writes; every byte in it was hashed.
             releasable = min(os.fstat(fd).st_size, limit)
+            if releasable > offset:
+                await self._spool_reading()
             while offset < releasable:
                 data = os.pread(fd, min(SPOOL_CHUNK, releasable - offset), offset)
                 if not data:
@@ -219,6 +223,14 @@ class BlobFollower:
             yield "segments", chunk
         if offset == before:
             listing.segments = []  # the listing was stale or the segments deleted: look again
+
+    async def _spool_reading(self) -> None:
+        """Tell the workers a client here reads a spool (at most every 250 ms per edge)."""
+        now = time.monotonic()
+        node = self._spool.node if self._spool else None
+        if node is not None and now - self._readers_marked > SPOOL_READERS_REFRESH_SECONDS:
+            self._readers_marked = now
+            await state.mark_spool_readers(self._redis, node)
 
     async def _read_staged(
         self, digest: Digest, segments: list[tuple[int, int]], offset: int, until: int

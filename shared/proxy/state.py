@@ -86,6 +86,23 @@ async def remote_follower(redis: Redis, digest: Digest) -> bool:
     return bool(await redis.exists(remote_key(digest)))
 
 
+# Edges reading a spool mark their machine busy (refreshed while they read), so that
+# staging to the bucket waits for the clients there.
+SPOOL_READERS_TTL_MS = 1_000
+
+
+def spool_readers_key(node: str) -> str:
+    return f"seawall:spool:{node}:readers"
+
+
+async def mark_spool_readers(redis: Redis, node: str) -> None:
+    await redis.set(spool_readers_key(node), "1", px=SPOOL_READERS_TTL_MS)
+
+
+async def spool_readers_active(redis: Redis, node: str) -> bool:
+    return bool(await redis.exists(spool_readers_key(node)))
+
+
 async def request_fill(redis: Redis, digest: Digest, dedupe_seconds: float = 30.0) -> bool:
     """Mark a fill as wanted; True when the caller should enqueue it (nobody else did).
 
