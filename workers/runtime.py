@@ -85,7 +85,7 @@ def fill_deps() -> FillDeps:
 def manifest_cache() -> ManifestCache:
     found = stores()
 
-    async def prefetch(target: Target, digest: Digest) -> None:
-        await events().want(redis(), target, digest, prefetch=True)
+    async def prefetch(target: Target, digests: list[Digest]) -> None:
+        await events().want_prefetched(redis(), target, digests)
 
     return ManifestCache(found.repositories, found.blobs, redis(), upstreams(), prefetch)

@@ -98,8 +98,8 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         app[keys.EVENTS] = events
         app[keys.UPSTREAMS] = upstreams
 
-        async def prefetch(target: Target, digest: Digest) -> None:
-            await events.want(redis, target, digest, prefetch=True)
+        async def prefetch(target: Target, digests: list[Digest]) -> None:
+            await events.want_prefetched(redis, target, digests)
 
         app[keys.MANIFEST_CACHE] = ManifestCache(
             app[keys.REPOSITORIES], app[keys.BLOBS], redis, upstreams, prefetch

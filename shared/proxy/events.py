@@ -19,6 +19,7 @@ from shared.routing import Target
 
 FILL_ACTOR = "fill_blob"
 FILL_QUEUE = "fills"
+PREFETCH_ACTOR = "prefetch_blobs"
 PREFETCH_QUEUE = "prefetch"
 WARM_ACTOR = "warm_tag"
 MAINTENANCE_QUEUE = "maintenance"
@@ -65,15 +66,20 @@ class CacheEvents:
         """A client is waiting for this blob: the cache-miss event."""
         await self._send(FILL_QUEUE, FILL_ACTOR, (project, repository, digest))
 
-    async def prefetch(self, project: str, repository: str, digest: str) -> None:
-        """A new manifest names this blob; fetch it before a client asks."""
-        await self._send(PREFETCH_QUEUE, FILL_ACTOR, (project, repository, digest))
+    async def prefetch(self, project: str, repository: str, digests: list[str]) -> None:
+        """A new manifest names these blobs; fetch them, one after another, before a client asks."""
+        await self._send(PREFETCH_QUEUE, PREFETCH_ACTOR, (project, repository, digests))
 
-    async def want(self, redis: Redis, target: Target, digest: Digest, *, prefetch: bool = False) -> None:
-        """Ask for a fill unless one is running or was asked for moments ago."""
-        if await state.request_fill(redis, digest):
-            send = self.prefetch if prefetch else self.fill_wanted
-            await send(target.project.name, target.path, str(digest))
+    async def want(self, redis: Redis, target: Target, digest: Digest) -> None:
+        """Ask for a fill a client waits for, unless one is running or was asked for moments ago."""
+        if await state.request_fill(redis, digest, state.CLIENT):
+            await self.fill_wanted(target.project.name, target.path, str(digest))
+
+    async def want_prefetched(self, redis: Redis, target: Target, digests: list[Digest]) -> None:
+        """Ask for the blobs of a new image in the background, in the order given."""
+        wanted = [str(d) for d in digests if await state.request_fill(redis, d, state.PREFETCH)]
+        if wanted:
+            await self.prefetch(target.project.name, target.path, wanted)
 
     def close(self) -> None:
         self._broker.close()

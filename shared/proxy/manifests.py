@@ -44,8 +44,8 @@ class CachedManifest:
     result: str  # hit, miss or stale
 
 
-# Called with each blob of a newly cached image manifest (the edge enqueues a prefetch).
-PrefetchHook = Callable[[Target, Digest], Awaitable[None]]
+# Called with the blobs of a newly cached image manifest (the edge enqueues a prefetch).
+PrefetchHook = Callable[[Target, list[Digest]], Awaitable[None]]
 
 
 def _fresh_key(name: str, tag: str) -> str:
@@ -206,6 +206,5 @@ class ManifestCache:
         # An index's platform manifests are fetched only when a client asks for one: each
         # costs a pull. An image's config and layers are free to fetch, so prefetch them.
         if not manifest.is_index:
-            for descriptor in manifest.blobs:
-                await self._prefetch(target, descriptor.digest)
+            await self._prefetch(target, [descriptor.digest for descriptor in manifest.blobs])
         return CachedManifest(revision, fetched.body, MISS)

@@ -103,7 +103,19 @@ async def spool_readers_active(redis: Redis, node: str) -> bool:
     return bool(await redis.exists(spool_readers_key(node)))
 
 
-async def request_fill(redis: Redis, digest: Digest, dedupe_seconds: float = 30.0) -> bool:
+# Who asked for a fill: a waiting client (the fills queue) or a prefetch (its own queue,
+# worked through one image at a time). Each is deduplicated on its own, so a client never
+# waits behind a prefetch still queued.
+CLIENT, PREFETCH = "client", "prefetch"
+
+
+def _queued_key(digest: Digest, kind: str) -> str:
+    return f"seawall:fill:{digest}:queued:{kind}"
+
+
+async def request_fill(
+    redis: Redis, digest: Digest, kind: str = CLIENT, dedupe_seconds: float = 30.0
+) -> bool:
     """Mark a fill as wanted; True when the caller should enqueue it (nobody else did).
 
     Nobody holds the lease and nobody queued it recently: reset a stale outcome (a past
@@ -111,7 +123,7 @@ async def request_fill(redis: Redis, digest: Digest, dedupe_seconds: float = 30.
     """
     if await redis.exists(lease_key(digest)):
         return False
-    queued = await redis.set(f"seawall:fill:{digest}:queued", "1", nx=True, px=int(dedupe_seconds * 1000))
+    queued = await redis.set(_queued_key(digest, kind), "1", nx=True, px=int(dedupe_seconds * 1000))
     if not queued:
         return False
     state = await read_state(redis, digest)
@@ -121,4 +133,4 @@ async def request_fill(redis: Redis, digest: Digest, dedupe_seconds: float = 30.
 
 
 async def clear_queued(redis: Redis, digest: Digest) -> None:
-    await redis.delete(f"seawall:fill:{digest}:queued")
+    await redis.delete(_queued_key(digest, CLIENT), _queued_key(digest, PREFETCH))

@@ -1,4 +1,4 @@
-"""Fill actor: fetch a blob from its upstream into the cache."""
+"""Fill actors: fetch a blob a client waits for; prefetch the blobs of a new image."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import structlog
 from shared.metrics import JOBS
 from shared.oci.digest import Digest
 from shared.proxy import fill
-from shared.proxy.events import FILL_ACTOR, FILL_QUEUE
+from shared.proxy.events import FILL_ACTOR, FILL_QUEUE, PREFETCH_ACTOR, PREFETCH_QUEUE
 from shared.upstream import UpstreamFailure
 from workers.runtime import fill_deps, settings, upstreams
 
@@ -52,3 +52,33 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
         JOBS.labels(FILL_ACTOR, "error").inc()
         raise
     JOBS.labels(FILL_ACTOR, outcome).inc()
+
+
+# A new image's blobs, fetched one after another in manifest order: a client pulling the
+# image reads them in about that order, so each one downloads at the upstream's full speed
+# just ahead of it (blobs a client asks for first get their own fill at once). A blob
+# already held, or being filled, is skipped; the upstream closing retries the whole list
+# once it reopens (what is held by then is skipped).
+@dramatiq.actor(
+    actor_name=PREFETCH_ACTOR,
+    queue_name=PREFETCH_QUEUE,
+    max_retries=3,
+    min_backoff=5_000,
+    max_backoff=60_000,
+    time_limit=6 * 3_600_000,
+)
+async def prefetch_blobs(project: str, repository: str, digests: list[str]) -> None:
+    for digest in digests:
+        try:
+            outcome = await run_fill(project, repository, digest)
+        except UpstreamFailure as failure:
+            JOBS.labels(PREFETCH_ACTOR, "error").inc()
+            wait = failure.seconds_until_reopen()
+            if failure.kind in CLOSED_KINDS and wait is not None:
+                raise dramatiq.Retry(str(failure), delay=int(wait * 1000) + 1000) from None
+            log.warning("prefetch_failed", digest=digest, reason=str(failure))
+            continue
+        except fill.DigestMismatch:
+            JOBS.labels(PREFETCH_ACTOR, "error").inc()
+            continue
+        JOBS.labels(PREFETCH_ACTOR, outcome).inc()
