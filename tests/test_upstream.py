@@ -557,7 +557,7 @@ def test_blob_whole_and_from_offset(hub: DockerHubEmulator, seeded: Seeded) -> N
         async with client.open_blob(seeded.repository, digest, offset=1000) as stream:
             assert (stream.offset, stream.total_size) == (1000, len(layer))
             chunks = [chunk async for chunk in stream.iter_chunks(64 * 1024)]
-            assert all(len(c) == 64 * 1024 for c in chunks[:-1])
+            assert all(0 < len(c) <= 64 * 1024 for c in chunks)
             assert b"".join(chunks) == layer[1000:]
 
     before = metric("seawall_upstream_bytes_total", upstream=upstream.name)

@@ -125,12 +125,13 @@ async def fill_blob(
     # Held by this proxy project already: link it. Held only by another project: fetch it
     # anyway, so the upstream proves it serves this content here (the bytes are hashed,
     # not written again).
-    if await deps.repositories.project_holds(project_of(name), digest):
-        size = await deps.blobs.size(digest)
-        if size is not None:
-            await deps.repositories.link_blob(name, digest, size)
-            await state.write_state(deps.redis, digest, status=state.COMMITTED, size=size, staged=size)
-            return "present"
+    held, size = await asyncio.gather(
+        deps.repositories.project_holds(project_of(name), digest), deps.blobs.size(digest)
+    )
+    if held and size is not None:
+        await deps.repositories.link_blob(name, digest, size)
+        await state.write_state(deps.redis, digest, status=state.COMMITTED, size=size, staged=size)
+        return "present"
     lease = Lease(deps.redis, state.lease_key(digest), ttl=LEASE_TTL)
     if not await lease.acquire():
         return "busy"

@@ -113,18 +113,10 @@ class BlobStream:
             )
         return b""
 
-    async def iter_chunks(self, size: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
-        """Chunks of exactly `size` bytes, the last one shorter."""
-        if size <= 0:
+    async def iter_chunks(self, limit: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
+        """The body as it arrives, in chunks of at most `limit` bytes: nothing waits for a
+        buffer to fill, so the first bytes move on as soon as the upstream sends them."""
+        if limit <= 0:
             raise ValueError("chunk size must be positive")
-        buffer = bytearray()
-        while True:
-            data = await self.read(size - len(buffer))
-            if not data:
-                break
-            buffer += data
-            if len(buffer) >= size:
-                yield bytes(buffer)
-                buffer.clear()
-        if buffer:
-            yield bytes(buffer)
+        while data := await self.read(limit):
+            yield data
