@@ -30,9 +30,12 @@ T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
 READ_AHEAD = 2
-# Multipart part size (S3's minimum is 5 MiB); at most PARALLEL_PARTS are in memory.
-PART_SIZE = 8 * 1024 * 1024
-PARALLEL_PARTS = 3
+# Multipart part size (S3's minimum is 5 MiB); at most PARALLEL_PARTS are in memory, 30 MiB
+# per upload. Measured on the embedded SeaweedFS, five 40 MiB uploads one after another
+# (what docker and skopeo do): 8 MiB parts three at a time wrote 94-98 MiB/s, 5 MiB parts
+# six at a time 176 MiB/s.
+PART_SIZE = 5 * 1024 * 1024
+PARALLEL_PARTS = 6
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchUpload", "ResourceNotFound"}
 
 
