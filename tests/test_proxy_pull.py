@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -270,7 +271,11 @@ def test_worker_metrics_count_fills_and_upstream_bytes(
             return ""
 
     # The prefetch or the client's own fill commits each blob, whichever starts first.
-    wait_for(lambda: 'result="committed"} 1.0' in scraped(), 30, "worker metrics")
+    def committed() -> float:
+        found = re.findall(r'seawall_jobs_total\{actor="\w+",result="committed"\} ([0-9.]+)', scraped())
+        return sum(float(n) for n in found)
+
+    wait_for(lambda: committed() == len(image.blobs), 30, "worker metrics")
     text = scraped()
     assert 'seawall_upstream_bytes_total{upstream="hub"}' in text
     assert "dramatiq_messages_total" in text

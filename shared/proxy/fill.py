@@ -115,11 +115,17 @@ async def _resume_point(deps: FillDeps, digest: Digest, spooled: int) -> tuple[l
 
 
 async def fill_blob(
-    deps: FillDeps, upstream: UpstreamClient, name: str, repository: str, digest: Digest
+    deps: FillDeps,
+    upstream: UpstreamClient,
+    name: str,
+    repository: str,
+    digest: Digest,
+    downloaded: asyncio.Event | None = None,
 ) -> str:
     """Fill `digest` of upstream `repository` into our repository `name`; idempotent.
 
-    Returns what happened: "present", "busy" (another holder), "committed".
+    Returns what happened: "present", "busy" (another holder), "committed". `downloaded`
+    is set once the bytes are in and verified, before they are staged and committed.
     Raises UpstreamFailure (retryable) or DigestMismatch (permanent).
     """
     # Held by this proxy project already: link it. Held only by another project: fetch it
@@ -139,7 +145,7 @@ async def fill_blob(
     FILLS_IN_FLIGHT.labels(upstream.name).inc()
     try:
         async with lease.heartbeat():
-            return await _fill_under_lease(deps, upstream, lease, name, repository, digest)
+            return await _fill_under_lease(deps, upstream, lease, name, repository, digest, downloaded)
     except UpstreamFailure as failure:
         await state.write_state(
             deps.redis,
@@ -155,14 +161,20 @@ async def fill_blob(
 
 
 async def _fill_under_lease(
-    deps: FillDeps, upstream: UpstreamClient, lease: Lease, name: str, repository: str, digest: Digest
+    deps: FillDeps,
+    upstream: UpstreamClient,
+    lease: Lease,
+    name: str,
+    repository: str,
+    digest: Digest,
+    downloaded: asyncio.Event | None,
 ) -> str:
     started = time.monotonic()
     if await deps.blobs.size(digest) is not None:
         offset = await _verify_only(deps, upstream, repository, digest)
         resumed_from = 0
     else:
-        offset, resumed_from = await _fill_and_stage(deps, upstream, lease, repository, digest)
+        offset, resumed_from = await _fill_and_stage(deps, upstream, lease, repository, digest, downloaded)
     await deps.repositories.link_blob(name, digest, offset)
     await state.write_state(deps.redis, digest, status=state.COMMITTED)
     log.info(
@@ -195,7 +207,12 @@ async def _verify_only(deps: FillDeps, upstream: UpstreamClient, repository: str
 
 
 async def _fill_and_stage(
-    deps: FillDeps, upstream: UpstreamClient, lease: Lease, repository: str, digest: Digest
+    deps: FillDeps,
+    upstream: UpstreamClient,
+    lease: Lease,
+    repository: str,
+    digest: Digest,
+    downloaded: asyncio.Event | None,
 ) -> tuple[int, int]:
     """Fetch into the spool and the bucket's segments, verify, commit; (size, resumed from)."""
     path = deps.spool.path(digest)
@@ -232,6 +249,8 @@ async def _fill_and_stage(
             # reading the spool at once, the others when the last segment is staged).
             await state.write_state(deps.redis, digest, status=state.VERIFIED)
             log.info("blob_downloaded", digest=str(digest), bytes=offset, resumed_from=resumed_from)
+            if downloaded is not None:
+                downloaded.set()
             await stager.finish()
         except UpstreamFailure:
             # What did arrive is staged, for the fill that resumes (best effort: the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import dramatiq
 import structlog
 
@@ -16,14 +18,16 @@ log = structlog.get_logger("worker")
 CLOSED_KINDS = frozenset({"quota", "abuse", "governor"})
 
 
-async def run_fill(project: str, repository: str, digest: str) -> str:
+async def run_fill(
+    project: str, repository: str, digest: str, downloaded: asyncio.Event | None = None
+) -> str:
     found = settings().project(project)
     if found is None or found.upstream is None:
         log.warning("fill_for_unknown_project", project=project)
         return "unknown-project"
     client = await upstreams().client(found.upstream)
     return await fill.fill_blob(
-        fill_deps(), client, f"{project}/{repository}", repository, Digest.parse(digest)
+        fill_deps(), client, f"{project}/{repository}", repository, Digest.parse(digest), downloaded
     )
 
 
@@ -56,9 +60,11 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
 
 # A new image's blobs, fetched one after another in manifest order: a client pulling the
 # image reads them in about that order, so each one downloads at the upstream's full speed
-# just ahead of it (blobs a client asks for first get their own fill at once). A blob
-# already held, or being filled, is skipped; the upstream closing retries the whole list
-# once it reopens (what is held by then is skipped).
+# just ahead of it (blobs a client asks for first get their own fill at once). The next
+# download starts once the previous one is in and verified; staging and committing carry
+# on meanwhile, and the job ends when every blob is committed. A blob already held, or
+# being filled, is skipped; the upstream closing retries the whole list once it reopens
+# (what is held by then is skipped).
 @dramatiq.actor(
     actor_name=PREFETCH_ACTOR,
     queue_name=PREFETCH_QUEUE,
@@ -68,17 +74,33 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
     time_limit=6 * 3_600_000,
 )
 async def prefetch_blobs(project: str, repository: str, digests: list[str]) -> None:
+    fills: list[asyncio.Task[str]] = []
     for digest in digests:
-        try:
-            outcome = await run_fill(project, repository, digest)
-        except UpstreamFailure as failure:
-            JOBS.labels(PREFETCH_ACTOR, "error").inc()
-            wait = failure.seconds_until_reopen()
-            if failure.kind in CLOSED_KINDS and wait is not None:
-                raise dramatiq.Retry(str(failure), delay=int(wait * 1000) + 1000) from None
-            log.warning("prefetch_failed", digest=digest, reason=str(failure))
+        downloaded = asyncio.Event()
+        task = asyncio.create_task(run_fill(project, repository, digest, downloaded))
+        fills.append(task)
+        waiting = asyncio.create_task(downloaded.wait())
+        await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if task.done() and _upstream_closed(task):
+            break
+    retry: dramatiq.Retry | None = None
+    for digest, outcome in zip(digests, await asyncio.gather(*fills, return_exceptions=True), strict=False):
+        if isinstance(outcome, str):
+            JOBS.labels(PREFETCH_ACTOR, outcome).inc()
             continue
-        except fill.DigestMismatch:
-            JOBS.labels(PREFETCH_ACTOR, "error").inc()
-            continue
-        JOBS.labels(PREFETCH_ACTOR, outcome).inc()
+        JOBS.labels(PREFETCH_ACTOR, "error").inc()
+        if isinstance(outcome, UpstreamFailure):
+            wait = outcome.seconds_until_reopen()
+            if outcome.kind in CLOSED_KINDS and wait is not None:
+                retry = dramatiq.Retry(str(outcome), delay=int(wait * 1000) + 1000)
+            log.warning("prefetch_failed", digest=digest, reason=str(outcome))
+        elif not isinstance(outcome, fill.DigestMismatch):
+            raise outcome
+    if retry is not None:
+        raise retry
+
+
+def _upstream_closed(task: asyncio.Task[str]) -> bool:
+    failure = task.exception()
+    return isinstance(failure, UpstreamFailure) and failure.kind in CLOSED_KINDS
