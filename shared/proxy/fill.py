@@ -75,7 +75,9 @@ async def staged_segments(objects: ObjectStore, digest: Digest) -> list[tuple[in
     return sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
 
 
-async def _resume_point(deps: FillDeps, digest: Digest, spooled: int) -> tuple[list[Extent], int, object]:
+async def _resume_point(
+    deps: FillDeps, digest: Digest, spooled: int, listed: list[tuple[int, int]]
+) -> tuple[list[Extent], int, object]:
     """Where an interrupted fill stands: its staged segments, how far it got, the hash so far.
 
     The contiguous staged prefix counts (anything after a gap is dropped). A spool file
@@ -86,7 +88,7 @@ async def _resume_point(deps: FillDeps, digest: Digest, spooled: int) -> tuple[l
     kept: list[Extent] = []
     staged = 0
     stray = []
-    for start, size in await staged_segments(deps.objects, digest):
+    for start, size in listed:
         key = layout.fill_segment(digest, start)
         if start != staged or size == 0:
             stray.append(key)
@@ -170,11 +172,15 @@ async def _fill_under_lease(
     downloaded: asyncio.Event | None,
 ) -> str:
     started = time.monotonic()
-    if await deps.blobs.size(digest) is not None:
+    # Asked together: is it stored already, and what did an interrupted fill stage?
+    size, listed = await asyncio.gather(deps.blobs.size(digest), staged_segments(deps.objects, digest))
+    if size is not None:
         offset = await _verify_only(deps, upstream, repository, digest)
         resumed_from = 0
     else:
-        offset, resumed_from = await _fill_and_stage(deps, upstream, lease, repository, digest, downloaded)
+        offset, resumed_from = await _fill_and_stage(
+            deps, upstream, lease, repository, digest, listed, downloaded
+        )
     await deps.repositories.link_blob(name, digest, offset)
     await state.write_state(deps.redis, digest, status=state.COMMITTED)
     log.info(
@@ -212,6 +218,7 @@ async def _fill_and_stage(
     lease: Lease,
     repository: str,
     digest: Digest,
+    listed: list[tuple[int, int]],
     downloaded: asyncio.Event | None,
 ) -> tuple[int, int]:
     """Fetch into the spool and the bucket's segments, verify, commit; (size, resumed from)."""
@@ -219,7 +226,7 @@ async def _fill_and_stage(
     path.parent.mkdir(parents=True, exist_ok=True)
     spooled = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        segments, offset, hasher = await _resume_point(deps, digest, spooled)
+        segments, offset, hasher = await _resume_point(deps, digest, spooled, listed)
         resumed_from = offset
         staged = sum(e.size for e in segments)
         await state.write_state(

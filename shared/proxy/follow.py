@@ -30,6 +30,8 @@ from shared.storage import ObjectMissing, ObjectStore
 # Waiting polls Redis quickly at first (a fill's first bytes come within milliseconds),
 # then backs off to POLL_SECONDS.
 FIRST_POLL_SECONDS = 0.001
+FAST_POLL_SECONDS = 0.002
+FAST_POLL_FOR_SECONDS = 0.1
 POLL_SECONDS = 0.01
 REREQUEST_SECONDS = 1.0
 SPOOL_CHUNK = 1024 * 1024
@@ -44,6 +46,23 @@ def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
     return RegistryError(
         code, fill.error or f"filling {digest} failed", headers=headers, detail={"digest": str(digest)}
     )
+
+
+class _Poll:
+    """How long to wait before looking again: every 1-2 ms for the first 100 ms without
+    progress (a fill's next bytes usually come within that), then backing off to 10 ms."""
+
+    def __init__(self) -> None:
+        self.progress()
+
+    def progress(self) -> None:
+        self._since = time.monotonic()
+        self._pause = FIRST_POLL_SECONDS
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self._pause)
+        fast = time.monotonic() - self._since < FAST_POLL_FOR_SECONDS
+        self._pause = min(self._pause * 2, FAST_POLL_SECONDS if fast else POLL_SECONDS)
 
 
 class _Listing:
@@ -104,7 +123,7 @@ class BlobFollower:
         """Wait until the filling worker knows the blob's size (it has the upstream's headers)."""
         deadline = time.monotonic() + within
         next_rerequest = time.monotonic() + REREQUEST_SECONDS
-        pause = FIRST_POLL_SECONDS
+        poll = _Poll()
         while True:
             fill = await state.read_state(self._redis, digest)
             if fill.status == state.FAILED:
@@ -121,8 +140,7 @@ class BlobFollower:
             if now > next_rerequest:
                 await rerequest()
                 next_rerequest = now + REREQUEST_SECONDS
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, POLL_SECONDS)
+            await poll.wait()
 
     async def follow(
         self,
@@ -140,7 +158,7 @@ class BlobFollower:
         offset = start
         last_progress = time.monotonic()
         next_rerequest = last_progress + REREQUEST_SECONDS
-        pause = FIRST_POLL_SECONDS
+        poll = _Poll()
         marked_remote = False
         try:
             while offset < end:
@@ -168,7 +186,7 @@ class BlobFollower:
                     yield chunk
                 if offset > before:
                     last_progress = time.monotonic()
-                    pause = FIRST_POLL_SECONDS
+                    poll.progress()
                     continue
                 now = time.monotonic()
                 if now - last_progress > stall_timeout:
@@ -180,8 +198,7 @@ class BlobFollower:
                     await rerequest()
                     next_rerequest = now + REREQUEST_SECONDS
                     marked_remote = False  # renew the mark, which expires
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, POLL_SECONDS)
+                await poll.wait()
         finally:
             spooled.close()
 
