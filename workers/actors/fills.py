@@ -47,10 +47,9 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
         outcome = await run_fill(project, repository, digest)
     except UpstreamFailure as failure:
         JOBS.labels(FILL_ACTOR, "error").inc()
-        wait = failure.seconds_until_reopen()
-        if failure.kind in CLOSED_KINDS and wait is not None:
-            # The upstream is closed until a known time: come back then, not in a loop.
-            raise dramatiq.Retry(str(failure), delay=int(wait * 1000) + 1000) from None
+        retry = _retry_when_reopened(failure)
+        if retry is not None:
+            raise retry from None
         raise
     except Exception:
         JOBS.labels(FILL_ACTOR, "error").inc()
@@ -91,14 +90,20 @@ async def prefetch_blobs(project: str, repository: str, digests: list[str]) -> N
             continue
         JOBS.labels(PREFETCH_ACTOR, "error").inc()
         if isinstance(outcome, UpstreamFailure):
-            wait = outcome.seconds_until_reopen()
-            if outcome.kind in CLOSED_KINDS and wait is not None:
-                retry = dramatiq.Retry(str(outcome), delay=int(wait * 1000) + 1000)
+            retry = _retry_when_reopened(outcome) or retry
             log.warning("prefetch_failed", digest=digest, reason=str(outcome))
         elif not isinstance(outcome, fill.DigestMismatch):
             raise outcome
     if retry is not None:
         raise retry
+
+
+def _retry_when_reopened(failure: UpstreamFailure) -> dramatiq.Retry | None:
+    """The upstream is closed until a known time: come back then, not in a loop."""
+    wait = failure.seconds_until_reopen()
+    if failure.kind in CLOSED_KINDS and wait is not None:
+        return dramatiq.Retry(str(failure), delay=int(wait * 1000) + 1000)
+    return None
 
 
 def _upstream_closed(task: asyncio.Task[str]) -> bool:
