@@ -31,8 +31,9 @@ from aiohttp import web
 log = structlog.get_logger("edge")
 OnSent = Callable[[int], None]
 
-# Per connection, when copying: large enough that the Python overhead per call vanishes.
-COPY_BUFFER = 256 * 1024
+# Per connection, when copying: large enough that the Python overhead per call vanishes
+# (P2, 8 loopback connections: 256 KiB gave 1954-2495 MiB/s, 1 MiB 2969-3381 MiB/s).
+COPY_BUFFER = 1024 * 1024
 
 
 def can_sendfile(request: web.Request) -> bool:
