@@ -374,3 +374,39 @@ def test_staging_waits_for_the_download_unless_a_remote_edge_follows(
     assert len(by_layer[0]) > 5
     assert max(by_layer[0]) == 0  # nothing staged while only the local edge followed
     assert max(by_layer[1]) > 0  # staged during the download for the other node
+
+
+def test_staging_waits_while_a_client_on_this_machine_still_reads(
+    cache_stack: StackFactory,
+    hub: DockerHubEmulator,
+    distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    """The download is over but a slow local client is still reading the spool: the
+    bucket's segments wait for it, then the blob is committed."""
+    name = repo_name()
+    layer = make_layer(size=24_000_000, seed=name)
+    push_image(distribution.url, name, make_image([layer], label=name), "1.0")
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    stack = cache_stack(tag_ttl="1h")
+    store = redis.Redis.from_url(redis_url)
+    seen_while_reading: list[tuple[bytes, int]] = []
+    received = bytearray()
+    with (
+        httpx.Client(base_url=stack.edge.url, timeout=60) as client,
+        client.stream("GET", f"/v2/hub/{name}/blobs/{digest}") as response,
+    ):
+        for chunk in response.iter_bytes(1024 * 1024):
+            received += chunk
+            fill = store.hgetall(f"seawall:fill:{digest}:state")
+            seen_while_reading.append((fill.get(b"status", b""), int(fill.get(b"staged") or 0)))
+            time.sleep(0.1)  # a slow client: the edge waits for it to take each piece
+    assert bytes(received) == layer
+    # Downloaded and verified while the client was still reading, yet nothing staged.
+    verified = [staged for status, staged in seen_while_reading if status == b"verified"]
+    assert len(verified) > 3
+    assert max(verified) == 0
+    # Once the client is done, the blob is staged and committed.
+    key = f"seawall:fill:{digest}:state"
+    wait_for(lambda: store.hget(key, "status") == b"committed", 60, "committed after the reader left")

@@ -215,9 +215,8 @@ class BlobFollower:
         if fd is not None:
             # The spool grows as the worker writes; every byte in it was hashed.
             releasable = min(os.fstat(fd).st_size, limit)
-            if releasable > offset:
-                await self._spool_reading()
             while offset < releasable:
+                await self._spool_reading()  # kept fresh while a slow client takes its time
                 data = os.pread(fd, min(SPOOL_CHUNK, releasable - offset), offset)
                 if not data:
                     return  # truncated by a fill that resumed: it is written again
