@@ -216,12 +216,12 @@ class BlobFollower:
             # The spool grows as the worker writes; every byte in it was hashed.
             releasable = min(os.fstat(fd).st_size, limit)
             while offset < releasable:
-                await self._spool_reading()  # kept fresh while a slow client takes its time
                 data = os.pread(fd, min(SPOOL_CHUNK, releasable - offset), offset)
                 if not data:
                     return  # truncated by a fill that resumed: it is written again
                 offset += len(data)
                 yield "spool", data
+                await self._spool_reading()  # kept fresh while a slow client takes its time
             return
         releasable = min(fill.staged, limit)
         if releasable <= offset:
