@@ -36,6 +36,7 @@ from shared.metrics import (
     DISK_CACHE_WRITES,
 )
 from shared.oci.digest import Digest
+from shared.settings import Settings
 
 T = TypeVar("T")
 log = structlog.get_logger("diskcache")
@@ -273,6 +274,17 @@ class DiskCache:
                     os.unlink(entry.path)
             finally:
                 os.close(fd)
+
+
+def from_settings(settings: Settings) -> DiskCache | None:
+    """The tier `disk_cache` describes, or None when its `max_bytes` is 0 (switched off).
+
+    Start-up counts the files already there: call it off the event loop.
+    """
+    limits = settings.disk_cache
+    if not limits.max_bytes:
+        return None
+    return DiskCache(settings.disk_cache_path, int(limits.max_bytes), max_blob_bytes=limits.max_blob_bytes)
 
 
 async def _in_thread(func: Callable[..., T], *args: Any) -> T:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -14,7 +13,7 @@ import redis
 
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.dockerhub import DockerHubEmulator
-from tests.support.images import Image, make_image, make_index, make_layer
+from tests.support.images import Image, make_image, make_index, make_layer, sha256
 from tests.support.seed import push_image, push_index
 
 ACCEPT = ", ".join(
@@ -37,7 +36,7 @@ def pull(base_url: str, path: str, tag: str, image: Image, params: dict[str, str
         for digest, data in image.blobs.items():
             blob = client.get(f"/v2/{path}/blobs/{digest}", params=params)
             assert blob.status_code == 200, blob.text
-            assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest
+            assert sha256(blob.content) == digest
             assert blob.content == data
 
 
@@ -213,7 +212,7 @@ def test_prefetch_goes_blob_by_blob_and_a_client_never_waits_behind_it(
     layers = [make_layer(size=2_000_000, seed=f"{name}-{n}") for n in range(3)]
     image = make_image(layers, label=name)
     push_image(distribution.url, name, image, "1.0")
-    digests = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
+    digests = [sha256(layer) for layer in layers]
     for digest in digests:
         hub.throttle_blob(digest, 2 * 1024 * 1024)  # about a second each
     stack = cache_stack()
@@ -302,7 +301,7 @@ def test_edge_beside_the_worker_streams_the_spool_and_another_node_the_bucket(
     push_image(distribution.url, name, image, "1.0")
     stack = cache_stack(tag_ttl="1h")
     other_node = stack.start_edge()
-    digests = {data: "sha256:" + hashlib.sha256(data).hexdigest() for data in (near, far)}
+    digests = {data: sha256(data) for data in (near, far)}
     for data in (near, far):
         hub.throttle_blob(digests[data], 4 * 1024 * 1024)  # a fill of ~1.5 s: edges follow it
 
@@ -349,7 +348,7 @@ def test_staging_waits_for_the_download_unless_a_remote_edge_follows(
     staged_while_filling: dict[str, list[int]] = {}
 
     def pull_watching(edge_urls: list[str], data: bytes) -> None:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256(data)
         hub.throttle_blob(digest, 2 * 1024 * 1024)  # about 2 s
         seen = staged_while_filling.setdefault(digest, [])
         results: list[bytes] = []
@@ -388,7 +387,7 @@ def test_staging_waits_while_a_client_on_this_machine_still_reads(
     name = repo_name()
     layer = make_layer(size=24_000_000, seed=name)
     push_image(distribution.url, name, make_image([layer], label=name), "1.0")
-    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    digest = sha256(layer)
     stack = cache_stack(tag_ttl="1h")
     store = redis.Redis.from_url(redis_url)
     seen_while_reading: list[tuple[bytes, int]] = []

@@ -11,8 +11,8 @@ from functools import cache
 
 from redis.asyncio import Redis
 
+from shared import diskcache
 from shared.blobs import BlobStore
-from shared.diskcache import DiskCache
 from shared.logging import configure_logging
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
@@ -73,10 +73,7 @@ def events() -> CacheEvents:
 def fill_deps() -> FillDeps:
     found = stores()
     loaded = settings()
-    limits = loaded.disk_cache
-    tier = None
-    if limits.max_bytes:
-        tier = DiskCache(loaded.disk_cache_path, int(limits.max_bytes), max_blob_bytes=limits.max_blob_bytes)
+    tier = diskcache.from_settings(loaded)
     spool = Spool(loaded.disk_cache_path)
     return FillDeps(found.objects, found.blobs, found.repositories, redis(), events(), spool, tier)
 

@@ -11,9 +11,9 @@ from redis.asyncio import Redis
 from services.edge import keys
 from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
+from shared import diskcache
 from shared.access import Access
 from shared.blobs import BlobStore
-from shared.diskcache import DiskCache
 from shared.layout import TOKEN_SECRET_KEY
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
@@ -49,15 +49,10 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
 
 async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
     """The local disk tier for hot blobs, unless `disk_cache.max_bytes` is 0."""
-    settings = app[keys.SETTINGS]
-    limits = settings.disk_cache
-    if not limits.max_bytes:
+    cache = await asyncio.to_thread(diskcache.from_settings, app[keys.SETTINGS])
+    if cache is None:
         yield
         return
-    # Start-up counts the files already there, so it runs off the event loop.
-    cache = await asyncio.to_thread(
-        DiskCache, settings.disk_cache_path, int(limits.max_bytes), max_blob_bytes=limits.max_blob_bytes
-    )
     app[keys.DISK_CACHE] = cache
     try:
         yield
