@@ -13,6 +13,7 @@ import redis
 
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.dockerhub import DockerHubEmulator
+from tests.support.dockerhub_faults import RequestRecord
 from tests.support.images import Image, make_image, make_index, make_layer, sha256
 from tests.support.seed import push_image, push_index
 
@@ -232,6 +233,45 @@ def test_prefetch_goes_blob_by_blob_and_a_client_never_waits_behind_it(
     assert sorted(arrivals) == sorted(digests)
     assert arrivals.index(digests[2]) < arrivals.index(digests[1])
     assert arrivals.index(digests[0]) < arrivals.index(digests[1])
+
+
+def test_prefetch_waits_for_a_blob_a_client_is_filling_before_the_next_download(
+    cache_stack: StackFactory, hub: DockerHubEmulator, distribution, repo_name: Callable[[], str]
+) -> None:
+    """A client pulling in order reads the first layer first: the prefetch must not split
+    the upstream link with that layer's fill by starting the second one beside it."""
+    name = repo_name()
+    layers = [make_layer(size=2_000_000, seed=f"{name}-{n}") for n in range(2)]
+    image = make_image(layers, label=name)
+    push_image(distribution.url, name, image, "1.0")
+    first, second = (sha256(layer) for layer in layers)
+    hub.throttle_blob(first, 2 * 1024 * 1024)  # about a second
+    stack = cache_stack()
+    received: list[bytes] = []
+    with httpx.Client(base_url=stack.edge.url, timeout=60) as client:
+        # The client's own fill holds the first layer before the manifest starts the prefetch.
+        reader = threading.Thread(
+            target=lambda: received.append(client.get(f"/v2/hub/{name}/blobs/{first}").content)
+        )
+        reader.start()
+        wait_for(lambda: _blob_gets(hub, first), 10, "the client's fill of the first layer")
+        assert client.get(f"/v2/hub/{name}/manifests/1.0", headers={"Accept": ACCEPT}).status_code == 200
+        reader.join(30)
+        wait_for(lambda: _blob_gets(hub, second), 30, "the prefetch of the second layer")
+        wait_for(lambda: _blob_gets(hub, first)[0].duration is not None, 10, "the first download's end")
+    assert received == [layers[0]]
+    [first_get], [second_get] = _blob_gets(hub, first), _blob_gets(hub, second)
+    assert first_get.duration is not None
+    assert second_get.time >= first_get.time + first_get.duration - 0.05
+
+
+def _blob_gets(hub: DockerHubEmulator, digest: str) -> list[RequestRecord]:
+    """The upstream's GETs of a blob that are sending it or have sent it."""
+    return [
+        r
+        for r in hub.requests
+        if (r.method, r.kind) == ("GET", "blob") and r.path.endswith(digest) and r.status in (None, 200, 206)
+    ]
 
 
 def test_range_request_on_a_cached_blob(cache_stack: StackFactory, seeded) -> None:

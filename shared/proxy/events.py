@@ -76,9 +76,21 @@ class CacheEvents:
             await self.fill_wanted(target.project.name, target.path, str(digest))
 
     async def want_prefetched(self, redis: Redis, target: Target, digests: list[Digest]) -> None:
-        """Ask for the blobs of a new image in the background, in the order given."""
-        wanted = [str(d) for d in digests if await state.request_fill(redis, d, state.PREFETCH)]
-        if wanted:
+        """Ask for the blobs of a new image in the background, in the order given.
+
+        A blob some fill is downloading already stays in the list, so the prefetch waits
+        for it before starting the next one; a blob another prefetch was given moments
+        ago is left to that one.
+        """
+        wanted: list[str] = []
+        new = False
+        for digest in digests:
+            if await state.request_fill(redis, digest, state.PREFETCH):
+                wanted.append(str(digest))
+                new = True
+            elif await state.being_filled(redis, digest):
+                wanted.append(str(digest))
+        if new:
             await self.prefetch(target.project.name, target.path, wanted)
 
     def close(self) -> None:

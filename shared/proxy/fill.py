@@ -51,6 +51,9 @@ REMOTE_CHECK_SECONDS = 0.05
 # blob exists only in the spool.
 STAGING_DEFERRAL_SECONDS = 30.0
 LEASE_TTL = 10.0
+# How often a prefetch that found a blob being filled by someone else looks whether that
+# download is over.
+HOLDER_POLL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,9 @@ async def fill_blob(
     """Fill `digest` of upstream `repository` into our repository `name`; idempotent.
 
     Returns what happened: "present", "busy" (another holder), "committed". `downloaded`
-    is set once the bytes are in and verified, before they are staged and committed.
+    is set once the bytes are in and verified, before they are staged and committed; a
+    caller that passes it (the prefetch, which downloads one blob at a time) is also made
+    to wait, when another fill holds the blob, until that fill's download is over.
     Raises UpstreamFailure (retryable) or DigestMismatch (permanent).
     """
     # Held by this proxy project already: link it. Held only by another project: fetch it
@@ -142,6 +147,8 @@ async def fill_blob(
         return "present"
     lease = Lease(deps.redis, state.lease_key(digest), ttl=LEASE_TTL)
     if not await lease.acquire():
+        if downloaded is not None:
+            await _holder_downloaded(deps.redis, digest)
         return "busy"
     await state.clear_queued(deps.redis, digest)
     FILLS_IN_FLIGHT.labels(upstream.name).inc()
@@ -160,6 +167,16 @@ async def fill_blob(
         raise
     finally:
         FILLS_IN_FLIGHT.labels(upstream.name).dec()
+
+
+async def _holder_downloaded(redis: Redis, digest: Digest) -> None:
+    """Return once the fill holding `digest` has its bytes in (or has failed, or its holder
+    is gone): the next download then does not split the upstream link with this one, which
+    a client reading the image in order needs first."""
+    while await state.being_filled(redis, digest):
+        if (await state.read_state(redis, digest)).status in state.DOWNLOAD_OVER:
+            return
+        await asyncio.sleep(HOLDER_POLL_SECONDS)
 
 
 async def _fill_under_lease(

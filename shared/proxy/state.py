@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from shared.oci.digest import Digest
 
 QUEUED, FILLING, VERIFIED, COMMITTED, FAILED = "queued", "filling", "verified", "committed", "failed"
+DOWNLOAD_OVER = frozenset({VERIFIED, COMMITTED, FAILED})
 # Where followers read the bytes a fill has made available: its staged segments, or the
 # copy already stored (when the fill only checks that the upstream serves that content).
 FROM_SEGMENTS, FROM_BLOB = "segments", "blob"
@@ -82,6 +83,11 @@ async def mark_remote_follower(redis: Redis, digest: Digest) -> None:
     await redis.set(remote_key(digest), "1", px=REMOTE_TTL_MS)
 
 
+async def being_filled(redis: Redis, digest: Digest) -> bool:
+    """Whether a fill holds the blob's lease now."""
+    return bool(await redis.exists(lease_key(digest)))
+
+
 async def remote_follower(redis: Redis, digest: Digest) -> bool:
     return bool(await redis.exists(remote_key(digest)))
 
@@ -121,7 +127,7 @@ async def request_fill(
     Nobody holds the lease and nobody queued it recently: reset a stale outcome (a past
     failure) so followers wait for the new attempt instead of reading the old verdict.
     """
-    if await redis.exists(lease_key(digest)):
+    if await being_filled(redis, digest):
         return False
     queued = await redis.set(_queued_key(digest, kind), "1", nx=True, px=int(dedupe_seconds * 1000))
     if not queued:

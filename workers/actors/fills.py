@@ -61,9 +61,10 @@ async def fill_blob(project: str, repository: str, digest: str) -> None:
 # image reads them in about that order, so each one downloads at the upstream's full speed
 # just ahead of it (blobs a client asks for first get their own fill at once). The next
 # download starts once the previous one is in and verified; staging and committing carry
-# on meanwhile, and the job ends when every blob is committed. A blob already held, or
-# being filled, is skipped; the upstream closing retries the whole list once it reopens
-# (what is held by then is skipped).
+# on meanwhile, and the job ends when every blob is committed. A blob already held is
+# skipped; one that another fill is downloading (a client asked for it first) counts as
+# the current download until that one is in. The upstream closing retries the whole list
+# once it reopens (what is held by then is skipped).
 @dramatiq.actor(
     actor_name=PREFETCH_ACTOR,
     queue_name=PREFETCH_QUEUE,
