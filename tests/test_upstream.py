@@ -31,6 +31,7 @@ from shared.upstream import (
     parse_challenges,
     parse_retry_after,
 )
+from shared.upstream.early import EarlyBlob
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import SERVICE, DockerHubEmulator
 from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer, sha256
@@ -566,6 +567,77 @@ def test_blob_whole_and_from_offset(hub: DockerHubEmulator, seeded: Seeded) -> N
     ranges = [r.range for r in hub.requests if r.kind == "blob" and r.status in (200, 206)]
     assert ranges == [None, "bytes=1000-"]
     assert hub.pulls() == 0
+
+
+def test_early_blob_get_is_handed_over_from_the_start(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    layer, digest = seeded.layer, seeded.layer_digest
+
+    async def body(client: UpstreamClient) -> None:
+        async with EarlyBlob(client, seeded.repository, digest) as early:
+            # The GET goes out before anyone asks for the stream.
+            await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
+            async with early.open(0) as stream:
+                assert await stream.read() == layer
+
+    run(with_client(upstream_for(hub.url), body))
+    assert [r.range for r in _blob_gets(hub, digest)] == [None]
+
+
+def test_early_blob_get_is_dropped_for_a_resume(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    layer, digest = seeded.layer, seeded.layer_digest
+
+    async def body(client: UpstreamClient) -> None:
+        async with EarlyBlob(client, seeded.repository, digest) as early:
+            await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
+            async with early.open(1000) as stream:
+                assert (stream.offset, stream.total_size) == (1000, len(layer))
+                assert await stream.read() == layer[1000:]
+
+    run(with_client(upstream_for(hub.url), body))
+    assert [r.range for r in _blob_gets(hub, digest)] == [None, "bytes=1000-"]
+
+
+def test_early_blob_failure_is_raised_by_open(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    missing = sha256(b"not there " + secrets.token_bytes(8))
+
+    async def body(client: UpstreamClient) -> None:
+        async with EarlyBlob(client, seeded.repository, missing) as early, early.open(0):
+            raise AssertionError("unreachable")
+
+    assert failure_of(upstream_for(hub.url), body).kind == "not_found"
+
+
+def test_early_blob_not_taken_is_closed(hub: DockerHubEmulator, seeded: Seeded) -> None:
+    """A fill that finds the blob needs nothing leaves the block without opening it."""
+    digest = seeded.layer_digest
+
+    async def body(client: UpstreamClient) -> None:
+        async with EarlyBlob(client, seeded.repository, digest):
+            await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
+        # The client still works, and nothing of the early GET is left pending.
+        async with client.open_blob(seeded.repository, digest) as stream:
+            assert await stream.read() == seeded.layer
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert pending == []
+
+    run(with_client(upstream_for(hub.url), body))
+
+
+async def wait_async(check: Callable[[], object], what: str) -> None:
+    """Poll the emulator's records (another thread's) for up to 10 s."""
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _blob_gets(hub: DockerHubEmulator, digest: str) -> list[Any]:
+    return [
+        r
+        for r in hub.requests
+        if (r.method, r.kind) == ("GET", "blob") and r.path.endswith(digest) and r.status != 401
+    ]
 
 
 def test_unknown_blob_is_not_found(hub: DockerHubEmulator, seeded: Seeded) -> None:

@@ -38,6 +38,7 @@ from shared.proxy.spool import Spool
 from shared.repositories import RepositoryStore, project_of
 from shared.storage import ObjectStore, StorageUnavailable
 from shared.upstream import UpstreamClient, UpstreamFailure
+from shared.upstream.early import EarlyBlob
 
 log = structlog.get_logger("fill")
 
@@ -189,15 +190,17 @@ async def _fill_under_lease(
     downloaded: asyncio.Event | None,
 ) -> str:
     started = time.monotonic()
-    # Asked together: is it stored already, and what did an interrupted fill stage?
-    size, listed = await asyncio.gather(deps.blobs.size(digest), staged_segments(deps.objects, digest))
-    if size is not None:
-        offset = await _verify_only(deps, upstream, repository, digest)
-        resumed_from = 0
-    else:
-        offset, resumed_from = await _fill_and_stage(
-            deps, upstream, lease, repository, digest, listed, downloaded
-        )
+    # Asked together: is it stored already, what did an interrupted fill stage, and the
+    # upstream for the whole blob (what nearly every fill then reads).
+    async with EarlyBlob(upstream, repository, str(digest)) as early:
+        size, listed = await asyncio.gather(deps.blobs.size(digest), staged_segments(deps.objects, digest))
+        if size is not None:
+            offset = await _verify_only(deps, upstream, early, digest)
+            resumed_from = 0
+        else:
+            offset, resumed_from = await _fill_and_stage(
+                deps, upstream, early, lease, digest, listed, downloaded
+            )
     await deps.repositories.link_blob(name, digest, offset)
     await state.write_state(deps.redis, digest, status=state.COMMITTED)
     log.info(
@@ -211,14 +214,14 @@ async def _fill_under_lease(
     return "committed"
 
 
-async def _verify_only(deps: FillDeps, upstream: UpstreamClient, repository: str, digest: Digest) -> int:
+async def _verify_only(deps: FillDeps, upstream: UpstreamClient, early: EarlyBlob, digest: Digest) -> int:
     """Hash what the upstream serves for a blob stored already; followers read the stored copy."""
     await state.write_state(
         deps.redis, digest, status=state.FILLING, staged=0, source=state.FROM_BLOB, spool=None
     )
     hasher = digest.hasher()
     offset = 0
-    async with upstream.open_blob(repository, str(digest)) as stream:
+    async with early.open() as stream:
         await state.write_state(deps.redis, digest, size=stream.total_size)
         async for chunk in stream.iter_chunks(256 * 1024):
             hasher.update(chunk)
@@ -232,8 +235,8 @@ async def _verify_only(deps: FillDeps, upstream: UpstreamClient, repository: str
 async def _fill_and_stage(
     deps: FillDeps,
     upstream: UpstreamClient,
+    early: EarlyBlob,
     lease: Lease,
-    repository: str,
     digest: Digest,
     listed: list[tuple[int, int]],
     downloaded: asyncio.Event | None,
@@ -258,7 +261,7 @@ async def _fill_and_stage(
         )
         stager = _Stager(deps, lease, digest, spooled, staged, offset, segments)
         try:
-            async with upstream.open_blob(repository, str(digest), offset=offset) as stream:
+            async with early.open(offset) as stream:
                 await state.write_state(deps.redis, digest, size=stream.total_size)
                 async for chunk in stream.iter_chunks(256 * 1024):
                     if lease.lost:
