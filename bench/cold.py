@@ -43,6 +43,7 @@ def p3(ctx: Context) -> list[Row]:
             "dist_proxy": (s.dist_proxy.address, f"{dp}:1.0"),
         }
         for name in ctx.order(r, list(pulls)):
+            ctx.settle()
             with CpuMeter(pids(ctx, name)) as meter:
                 seconds = _skopeo_pull(ctx, *pulls[name])
             times[name].append(seconds)
@@ -237,6 +238,7 @@ def p8(ctx: Context) -> list[Row]:
         try:
             for name in ctx.order(r, list(pushes)):
                 dest, creds = pushes[name]
+                ctx.settle()
                 with CpuMeter(pids(ctx, name)) as meter:
                     seconds = ctx.skopeo.copy(f"oci:{layout}:1.0", dest, dest_creds=creds)
                 times[name].append(seconds)

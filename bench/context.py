@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -51,6 +52,12 @@ class Context:
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def settle() -> None:
+        """Write out the dirty pages the previous run left, so its writeback does not land in
+        the next timed run (each cold pull or push writes hundreds of MiB)."""
+        os.sync()
 
     @staticmethod
     def order(round_index: int, targets: Sequence[T]) -> list[T]:

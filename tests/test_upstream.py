@@ -234,6 +234,30 @@ def test_token_flow_and_cache(hub: DockerHubEmulator, seeded: Seeded) -> None:
     assert token_request.identity == "anonymous"
 
 
+def test_a_new_repository_gets_its_token_before_its_first_request(
+    hub: DockerHubEmulator, seeded: Seeded, distribution: Distribution
+) -> None:
+    """Only the first repository costs a 401: the token service it named is asked up
+    front for the next repository's scope."""
+    other = f"library/upstream-{secrets.token_hex(4)}"
+    image = make_image([make_layer(size=1000, seed=other)], label=other)
+    with httpx.Client(base_url=distribution.url, timeout=30) as client:
+        push_image(client, other, image, "latest")
+
+    async def body(client: UpstreamClient) -> None:
+        assert await client.get_manifest(seeded.repository, "latest") is not None
+        assert await client.get_manifest(other, "latest") is not None
+        async with client.open_blob(other, sha256(image.config)) as stream:
+            assert await stream.read() == image.config
+
+    run(with_client(upstream_for(hub.url), body))
+    assert hub.count("GET", "manifest", status=401) == 1
+    assert hub.count("GET", "blob", status=401) == 0
+    assert tokens_issued(hub) == 2
+    scopes = [r.path for r in hub.requests if r.kind == "token"]
+    assert len(scopes) == 2
+
+
 def test_concurrent_requests_share_one_token(hub: DockerHubEmulator, seeded: Seeded) -> None:
     upstream = upstream_for(hub.url)
 

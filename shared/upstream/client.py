@@ -87,6 +87,10 @@ class UpstreamClient:
         # The last Bearer challenge per scope: an expired token is renewed before the
         # request instead of after a 401.
         self._challenges: dict[str, dict[str, str]] = {}
+        # The token service (realm, service) of the last Bearer challenge: a repository seen
+        # for the first time gets its token before its first request, not after a 401 (as
+        # docker and containerd do), which saves a round trip on every new image.
+        self._token_service: dict[str, str] | None = None
         self._basic = False  # the upstream challenged for Basic credentials
         self._connect_timeout = upstream.connect_timeout.total_seconds()
         self._read_timeout = upstream.read_timeout.total_seconds()
@@ -324,9 +328,11 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """A request with the auth dance: cached credentials, else answer one challenge."""
         sent = self._authorization(scope)
-        if sent is None and scope in self._challenges:
-            # We had a token for this scope and it expired: renew it up front.
-            sent = f"Bearer {await self._obtain_token(scope, self._challenges[scope], None)}"
+        # We had a token for this scope and it expired, or this upstream hands out tokens
+        # and this is a new scope: get one up front.
+        challenge = self._challenges.get(scope, self._token_service)
+        if sent is None and challenge is not None:
+            sent = f"Bearer {await self._obtain_token(scope, challenge, None)}"
         request_headers = dict(headers)
         if sent is not None:
             request_headers["Authorization"] = sent
@@ -341,6 +347,7 @@ class UpstreamClient:
             stale = sent[7:] if sent and sent.startswith("Bearer ") else None
             token = await self._obtain_token(scope, bearer, stale)
             self._challenges[scope] = bearer
+            self._token_service = {k: v for k, v in bearer.items() if k in ("realm", "service")}
             request_headers["Authorization"] = f"Bearer {token}"
         elif basic:
             credentials = self._basic_header()
