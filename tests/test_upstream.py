@@ -593,32 +593,27 @@ def test_blob_whole_and_from_offset(hub: DockerHubEmulator, seeded: Seeded) -> N
     assert hub.pulls() == 0
 
 
-def test_early_blob_get_is_handed_over_from_the_start(hub: DockerHubEmulator, seeded: Seeded) -> None:
-    layer, digest = seeded.layer, seeded.layer_digest
-
-    async def body(client: UpstreamClient) -> None:
-        async with EarlyBlob(client, seeded.repository, digest) as early:
-            # The GET goes out before anyone asks for the stream.
-            await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
-            async with early.open(0) as stream:
-                assert await stream.read() == layer
-
-    run(with_client(upstream_for(hub.url), body))
-    assert [r.range for r in _blob_gets(hub, digest)] == [None]
-
-
-def test_early_blob_get_is_dropped_for_a_resume(hub: DockerHubEmulator, seeded: Seeded) -> None:
+@pytest.mark.parametrize(
+    ("offset", "ranges"),
+    [(0, [None]), (1000, [None, "bytes=1000-"])],
+    ids=["handed-over-from-the-start", "dropped-for-a-resume"],
+)
+def test_early_blob_get(
+    hub: DockerHubEmulator, seeded: Seeded, offset: int, ranges: list[str | None]
+) -> None:
+    """The GET goes out before anyone asks for the stream; asked from byte 0 that response
+    is the stream, asked from further on it is dropped and a ranged GET follows."""
     layer, digest = seeded.layer, seeded.layer_digest
 
     async def body(client: UpstreamClient) -> None:
         async with EarlyBlob(client, seeded.repository, digest) as early:
             await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
-            async with early.open(1000) as stream:
-                assert (stream.offset, stream.total_size) == (1000, len(layer))
-                assert await stream.read() == layer[1000:]
+            async with early.open(offset) as stream:
+                assert (stream.offset, stream.total_size) == (offset, len(layer))
+                assert await stream.read() == layer[offset:]
 
     run(with_client(upstream_for(hub.url), body))
-    assert [r.range for r in _blob_gets(hub, digest)] == [None, "bytes=1000-"]
+    assert [r.range for r in _blob_gets(hub, digest)] == ranges
 
 
 def test_early_blob_failure_is_raised_by_open(hub: DockerHubEmulator, seeded: Seeded) -> None:
