@@ -23,6 +23,7 @@ from bench.stack import Stack
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pairs", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, storage)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="seawall-pairs-"))
     try:
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
             ratios = [_round(ctx, r) for r in range(args.rounds)]
         print(f"median Seawall / direct: {statistics.median(ratios):.2f}")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _round(ctx: Context, r: int) -> float:
