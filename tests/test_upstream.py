@@ -19,6 +19,7 @@ import httpx
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from shared.oci.mediatypes import ACCEPT
 from shared.settings import Upstream
@@ -32,6 +33,7 @@ from shared.upstream import (
     parse_retry_after,
 )
 from shared.upstream.early import EarlyBlob
+from shared.upstream.tokens import SharedTokens
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import SERVICE, DockerHubEmulator
 from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer, sha256
@@ -297,6 +299,63 @@ def test_revoked_token_is_replaced_after_401(hub: DockerHubEmulator, seeded: See
     assert tokens_issued(hub) == 2
     assert hub.count("HEAD", "manifest", status=401) == 2
     assert hub.count("HEAD", "manifest", status=200) == 2
+
+
+def shared_clients(
+    upstream: Upstream, redis_url: str, *bodies: Callable[[UpstreamClient], Awaitable[None]]
+) -> None:
+    """Run each body in a client of its own (as separate processes would), all sharing
+    their tokens through one Redis."""
+
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            for body in bodies:
+                async with UpstreamClient(upstream, shared_tokens=SharedTokens(redis, upstream)) as client:
+                    await body(client)
+        finally:
+            await redis.aclose()
+
+    run(scenario())
+
+
+def test_a_token_one_process_got_serves_the_others(
+    hub: DockerHubEmulator, seeded: Seeded, redis_url: str
+) -> None:
+    """The edge gets the manifest, a worker the layer: one token for both, and the worker,
+    which never met the upstream's token service, does not start with a 401."""
+
+    async def edge(client: UpstreamClient) -> None:
+        assert await client.get_manifest(seeded.repository, "latest") is not None
+
+    async def worker(client: UpstreamClient) -> None:
+        async with client.open_blob(seeded.repository, seeded.layer_digest) as stream:
+            assert await stream.read() == seeded.layer
+
+    shared_clients(upstream_for(hub.url), redis_url, edge, worker)
+    assert tokens_issued(hub) == 1
+    assert hub.count("GET", "manifest", status=401) == 1
+    assert hub.count("GET", "blob", status=401) == 0
+    # Another account's clients do not get it.
+    shared_clients(upstream_for(hub.url, name="other", username="someone"), redis_url, edge)
+    assert tokens_issued(hub) == 2
+
+
+def test_a_shared_token_the_upstream_rejects_is_replaced_for_everyone(
+    hub: DockerHubEmulator, seeded: Seeded, redis_url: str
+) -> None:
+    async def head(client: UpstreamClient) -> None:
+        assert await client.head_manifest(seeded.repository, "latest") is not None
+
+    async def revoke_then_head(client: UpstreamClient) -> None:
+        hub.revoke_tokens()
+        await head(client)
+
+    shared_clients(upstream_for(hub.url), redis_url, head, revoke_then_head, head)
+    # The second client was refused the first token and fetched one; the third took that.
+    assert tokens_issued(hub) == 2
+    assert hub.count("HEAD", "manifest", status=401) == 2
+    assert hub.count("HEAD", "manifest", status=200) == 3
 
 
 def test_second_401_is_an_auth_failure(hub: DockerHubEmulator, seeded: Seeded) -> None:

@@ -11,6 +11,7 @@ from shared.oci.errors import RegistryError
 from shared.ratelimit import Governor
 from shared.settings import Settings
 from shared.upstream import RateLimit, UpstreamClient
+from shared.upstream.tokens import SharedTokens
 
 RateLimitHook = Callable[[str, RateLimit], Awaitable[None]]
 
@@ -39,7 +40,10 @@ class UpstreamPool:
                         await hook(upstream_name, rate_limit)
 
                 client = UpstreamClient(
-                    upstream, on_rate_limit=report, governor=Governor(self._redis, upstream)
+                    upstream,
+                    on_rate_limit=report,
+                    governor=Governor(self._redis, upstream),
+                    shared_tokens=SharedTokens(self._redis, upstream),
                 )
                 await client.start()
                 self._clients[name] = client

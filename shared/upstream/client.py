@@ -26,6 +26,7 @@ from shared.settings import Upstream
 from shared.upstream.blobstream import CONTENT_RANGE, BlobStream
 from shared.upstream.failures import UpstreamFailure
 from shared.upstream.headers import RateLimit, parse_challenges, parse_retry_after, parse_rfc3339
+from shared.upstream.tokens import SharedTokens
 
 log = get_logger(__name__)
 USER_AGENT = "seawall/0.1"
@@ -75,9 +76,11 @@ class UpstreamClient:
         *,
         on_rate_limit: Callable[[RateLimit], Awaitable[None]] | None = None,
         governor: Governor | None = None,
+        shared_tokens: SharedTokens | None = None,
     ) -> None:
         self.upstream = upstream
         self._governor = governor
+        self._shared_tokens = shared_tokens
         self.name = upstream.name
         self.base_url = upstream.url.rstrip("/")
         self._on_rate_limit = on_rate_limit
@@ -193,10 +196,26 @@ class UpstreamClient:
             if cached is not None and cached != stale:
                 return cached
             self._tokens.pop(scope, None)
-            value, ttl = await self._fetch_token(challenge, scope)
-            margin = min(TOKEN_MARGIN, ttl / 10)
-            self._tokens[scope] = _Token(value, time.monotonic() + ttl - margin)
+            shared = await self._shared_tokens.get(scope) if self._shared_tokens else None
+            if shared is not None and shared[0] != stale:
+                value, valid_for = shared
+            else:
+                value, ttl = await self._fetch_token(challenge, scope)
+                valid_for = ttl - min(TOKEN_MARGIN, ttl / 10)
+                if self._shared_tokens is not None:
+                    await self._shared_tokens.put(scope, value, valid_for)
+            self._tokens[scope] = _Token(value, time.monotonic() + valid_for)
             return value
+
+    async def _token_from_others(self, scope: str) -> str | None:
+        """A token another process got for `scope`, when this one has not met the upstream's
+        token service yet (a new process: it need not start with a 401)."""
+        shared = await self._shared_tokens.get(scope) if self._shared_tokens else None
+        if shared is None:
+            return None
+        value, valid_for = shared
+        self._tokens[scope] = _Token(value, time.monotonic() + valid_for)
+        return value
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str) -> tuple[str, float]:
         """(token, seconds it stays valid from now) from the challenge's realm."""
@@ -333,6 +352,8 @@ class UpstreamClient:
         challenge = self._challenges.get(scope, self._token_service)
         if sent is None and challenge is not None:
             sent = f"Bearer {await self._obtain_token(scope, challenge, None)}"
+        elif sent is None and (shared := await self._token_from_others(scope)) is not None:
+            sent = f"Bearer {shared}"
         request_headers = dict(headers)
         if sent is not None:
             request_headers["Authorization"] = sent
