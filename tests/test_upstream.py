@@ -13,10 +13,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
+import redis
 from aiohttp import web
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -339,6 +340,26 @@ def test_a_token_one_process_got_serves_the_others(
     # Another account's clients do not get it.
     shared_clients(upstream_for(hub.url, name="other", username="someone"), redis_url, edge)
     assert tokens_issued(hub) == 2
+
+
+def test_an_upstream_without_auth_is_not_looked_up_in_redis_on_every_request(
+    distribution: Distribution, seeded: Seeded, redis_url: str
+) -> None:
+    """Distribution without auth: after its first answer, requests go out without asking
+    Redis for a token (the lookup is one PTTL each)."""
+
+    def pttl_calls() -> int:
+        with redis.Redis.from_url(redis_url) as client:
+            stats = cast(dict[str, Any], client.info("commandstats"))
+        return int(stats.get("cmdstat_pttl", {}).get("calls", 0))
+
+    async def body(client: UpstreamClient) -> None:
+        for _ in range(5):
+            assert await client.head_manifest(seeded.repository, "latest") is not None
+
+    before = pttl_calls()
+    shared_clients(upstream_for(distribution.url), redis_url, body)
+    assert pttl_calls() - before == 1
 
 
 def test_a_shared_token_the_upstream_rejects_is_replaced_for_everyone(

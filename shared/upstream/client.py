@@ -94,6 +94,9 @@ class UpstreamClient:
         # for the first time gets its token before its first request, not after a 401 (as
         # docker and containerd do), which saves a round trip on every new image.
         self._token_service: dict[str, str] | None = None
+        # The upstream answered a request that carried no credentials with something other
+        # than a 401: it serves without tokens, so there is no use asking Redis for one.
+        self._serves_anonymously = False
         self._basic = False  # the upstream challenged for Basic credentials
         self._connect_timeout = upstream.connect_timeout.total_seconds()
         self._read_timeout = upstream.read_timeout.total_seconds()
@@ -352,13 +355,16 @@ class UpstreamClient:
         challenge = self._challenges.get(scope, self._token_service)
         if sent is None and challenge is not None:
             sent = f"Bearer {await self._obtain_token(scope, challenge, None)}"
-        elif sent is None and (shared := await self._token_from_others(scope)) is not None:
-            sent = f"Bearer {shared}"
+        elif sent is None and not self._serves_anonymously:
+            shared = await self._token_from_others(scope)
+            sent = f"Bearer {shared}" if shared is not None else None
         request_headers = dict(headers)
         if sent is not None:
             request_headers["Authorization"] = sent
         response = await self._exchange(method, url, kind=kind, headers=request_headers)
         if response.status != 401:
+            if sent is None:
+                self._serves_anonymously = True
             return response
         challenges = parse_challenges(response.headers.getall("WWW-Authenticate", []))
         await self._discard(response)
