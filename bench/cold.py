@@ -17,7 +17,8 @@ from tests.support.images import write_oci_layout
 MiB = 2**20
 
 
-def _skopeo_pull(ctx: Context, address: str, ref: str) -> float:
+def skopeo_pull(ctx: Context, address: str, ref: str) -> float:
+    """Seconds a skopeo pull of `ref` into a scratch directory took."""
     out = ctx.work / "pulled"
     shutil.rmtree(out, ignore_errors=True)
     try:
@@ -45,7 +46,7 @@ def p3(ctx: Context) -> list[Row]:
         for name in ctx.order(r, list(pulls)):
             ctx.settle()
             with CpuMeter(pids(ctx, name)) as meter:
-                seconds = _skopeo_pull(ctx, *pulls[name])
+                seconds = skopeo_pull(ctx, *pulls[name])
             times[name].append(seconds)
             cpu[name].append(meter.percent)
             ctx.log(f"P3 round {r + 1} {name}: {seconds:.2f}s; CPU {meter.describe()}")

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench import prep
+from bench.cold import skopeo_pull
 from bench.context import Context, Sizes
 from bench.stack import Stack
 
@@ -51,9 +52,7 @@ def _round(ctx: Context, r: int) -> float:
         ("seawall", s.edge.address, f"hub/{repo}:1.0"),
     ):
         ctx.settle()
-        out = ctx.work / "pulled"
-        times[name] = ctx.skopeo.copy(f"docker://{address}/{ref}", f"dir:{out}")
-        shutil.rmtree(out, ignore_errors=True)
+        times[name] = skopeo_pull(ctx, address, ref)
     prep.wait_committed(s.edge.url, f"hub/{repo}", list(image.blobs), timeout=300)
     ratio = times["seawall"] / times["direct"]
     print(f"round {r + 1}: direct {times['direct']:.3f}s, seawall {times['seawall']:.3f}s, ratio {ratio:.2f}")

@@ -13,7 +13,6 @@ import redis
 
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.dockerhub import DockerHubEmulator
-from tests.support.dockerhub_faults import RequestRecord
 from tests.support.images import Image, make_image, make_index, make_layer, sha256
 from tests.support.seed import push_image, push_index
 
@@ -88,6 +87,14 @@ def test_containerd_namespace_query_routes_to_the_mapped_project(cache_stack: St
     assert unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
 
 
+def push_layers(distribution, name: str, count: int, tag: str = "1.0") -> tuple[list[bytes], Image]:
+    """An image of `count` random 2 MB layers, pushed to the upstream as `name:tag`."""
+    layers = [make_layer(size=2_000_000, seed=f"{name}-{n}") for n in range(count)]
+    image = make_image(layers, label=name)
+    push_image(distribution.url, name, image, tag)
+    return layers, image
+
+
 def _pull_in_subprocess(args: tuple[str, str, str, bytes, dict[str, bytes]]) -> None:
     base_url, path, tag, manifest, blobs = args
     image = Image(config=b"", layers=[], manifest=manifest, blobs=blobs)
@@ -101,9 +108,7 @@ def test_concurrent_cold_pulls_reach_the_upstream_once_per_object(
     import multiprocessing
 
     name = repo_name()
-    layers = [make_layer(size=2_000_000, seed=f"{name}-{i}") for i in range(3)]
-    image = make_image(layers, label=name)
-    push_image(distribution.url, name, image, "cold")
+    _, image = push_layers(distribution, name, 3, "cold")
     stack = cache_stack(workers=2)
     second_edge = stack.start_edge()
     urls = [stack.edge.url, second_edge.url]
@@ -210,9 +215,7 @@ def test_prefetch_goes_blob_by_blob_and_a_client_never_waits_behind_it(
     cache_stack: StackFactory, hub: DockerHubEmulator, distribution, repo_name: Callable[[], str]
 ) -> None:
     name = repo_name()
-    layers = [make_layer(size=2_000_000, seed=f"{name}-{n}") for n in range(3)]
-    image = make_image(layers, label=name)
-    push_image(distribution.url, name, image, "1.0")
+    layers, image = push_layers(distribution, name, 3)
     digests = [sha256(layer) for layer in layers]
     for digest in digests:
         hub.throttle_blob(digest, 2 * 1024 * 1024)  # about a second each
@@ -241,9 +244,7 @@ def test_prefetch_waits_for_a_blob_a_client_is_filling_before_the_next_download(
     """A client pulling in order reads the first layer first: the prefetch must not split
     the upstream link with that layer's fill by starting the second one beside it."""
     name = repo_name()
-    layers = [make_layer(size=2_000_000, seed=f"{name}-{n}") for n in range(2)]
-    image = make_image(layers, label=name)
-    push_image(distribution.url, name, image, "1.0")
+    layers, _ = push_layers(distribution, name, 2)
     first, second = (sha256(layer) for layer in layers)
     hub.throttle_blob(first, 2 * 1024 * 1024)  # about a second
     stack = cache_stack()
@@ -254,24 +255,15 @@ def test_prefetch_waits_for_a_blob_a_client_is_filling_before_the_next_download(
             target=lambda: received.append(client.get(f"/v2/hub/{name}/blobs/{first}").content)
         )
         reader.start()
-        wait_for(lambda: _blob_gets(hub, first), 10, "the client's fill of the first layer")
+        wait_for(lambda: hub.blob_gets(first), 10, "the client's fill of the first layer")
         assert client.get(f"/v2/hub/{name}/manifests/1.0", headers={"Accept": ACCEPT}).status_code == 200
         reader.join(30)
-        wait_for(lambda: _blob_gets(hub, second), 30, "the prefetch of the second layer")
-        wait_for(lambda: _blob_gets(hub, first)[0].duration is not None, 10, "the first download's end")
+        wait_for(lambda: hub.blob_gets(second), 30, "the prefetch of the second layer")
+        wait_for(lambda: hub.blob_gets(first)[0].duration is not None, 10, "the first download's end")
     assert received == [layers[0]]
-    [first_get], [second_get] = _blob_gets(hub, first), _blob_gets(hub, second)
+    [first_get], [second_get] = hub.blob_gets(first), hub.blob_gets(second)
     assert first_get.duration is not None
     assert second_get.time >= first_get.time + first_get.duration - 0.05
-
-
-def _blob_gets(hub: DockerHubEmulator, digest: str) -> list[RequestRecord]:
-    """The upstream's GETs of a blob that are sending it or have sent it."""
-    return [
-        r
-        for r in hub.requests
-        if (r.method, r.kind) == ("GET", "blob") and r.path.endswith(digest) and r.status in (None, 200, 206)
-    ]
 
 
 def test_range_request_on_a_cached_blob(cache_stack: StackFactory, seeded) -> None:

@@ -687,13 +687,13 @@ def test_early_blob_get(
 
     async def body(client: UpstreamClient) -> None:
         async with EarlyBlob(client, seeded.repository, digest) as early:
-            await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
+            await wait_async(lambda: hub.blob_gets(digest), "the early GET")
             async with early.open(offset) as stream:
                 assert (stream.offset, stream.total_size) == (offset, len(layer))
                 assert await stream.read() == layer[offset:]
 
     run(with_client(upstream_for(hub.url), body))
-    assert [r.range for r in _blob_gets(hub, digest)] == ranges
+    assert [r.range for r in hub.blob_gets(digest)] == ranges
 
 
 def test_early_blob_failure_is_raised_by_open(hub: DockerHubEmulator, seeded: Seeded) -> None:
@@ -709,10 +709,19 @@ def test_early_blob_failure_is_raised_by_open(hub: DockerHubEmulator, seeded: Se
 def test_early_blob_not_taken_is_closed(hub: DockerHubEmulator, seeded: Seeded) -> None:
     """A fill that finds the blob needs nothing leaves the block without opening it."""
     digest = seeded.layer_digest
+    hub.throttle_blob(digest, 50 * 1024)  # the whole body would take about 6 s
 
     async def body(client: UpstreamClient) -> None:
-        async with EarlyBlob(client, seeded.repository, digest):
-            await wait_async(lambda: _blob_gets(hub, digest), "the early GET")
+        # Kept referenced past the block, so only leaving it (not garbage collection) can
+        # close the response.
+        early = EarlyBlob(client, seeded.repository, digest)
+        async with early:
+            await wait_async(lambda: hub.blob_gets(digest), "the early GET")
+        # The response was closed: the upstream's send ends long before the body would.
+        await wait_async(lambda: hub.blob_gets(digest)[0].duration is not None, "the early GET's end")
+        assert hub.blob_gets(digest)[0].duration < 3
+        del early
+        hub.clear_faults()
         # The client still works, and nothing of the early GET is left pending.
         async with client.open_blob(seeded.repository, digest) as stream:
             assert await stream.read() == seeded.layer
@@ -729,14 +738,6 @@ async def wait_async(check: Callable[[], object], what: str) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _blob_gets(hub: DockerHubEmulator, digest: str) -> list[Any]:
-    return [
-        r
-        for r in hub.requests
-        if (r.method, r.kind) == ("GET", "blob") and r.path.endswith(digest) and r.status != 401
-    ]
 
 
 def test_unknown_blob_is_not_found(hub: DockerHubEmulator, seeded: Seeded) -> None:

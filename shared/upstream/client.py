@@ -199,26 +199,39 @@ class UpstreamClient:
             if cached is not None and cached != stale:
                 return cached
             self._tokens.pop(scope, None)
-            shared = await self._shared_tokens.get(scope) if self._shared_tokens else None
-            if shared is not None and shared[0] != stale:
-                value, valid_for = shared
-            else:
-                value, ttl = await self._fetch_token(challenge, scope)
-                valid_for = ttl - min(TOKEN_MARGIN, ttl / 10)
-                if self._shared_tokens is not None:
-                    await self._shared_tokens.put(scope, value, valid_for)
+            shared = await self._token_from_others(scope, stale)
+            if shared is not None:
+                return shared
+            value, ttl = await self._fetch_token(challenge, scope)
+            valid_for = ttl - min(TOKEN_MARGIN, ttl / 10)
             self._tokens[scope] = _Token(value, time.monotonic() + valid_for)
+            if self._shared_tokens is not None:
+                await self._shared_tokens.put(scope, value, valid_for)
             return value
 
-    async def _token_from_others(self, scope: str) -> str | None:
-        """A token another process got for `scope`, when this one has not met the upstream's
-        token service yet (a new process: it need not start with a 401)."""
+    async def _token_from_others(self, scope: str, stale: str | None = None) -> str | None:
+        """A token another process got for `scope` (not `stale`, one the upstream refused),
+        kept here for as long as it stays valid."""
         shared = await self._shared_tokens.get(scope) if self._shared_tokens else None
-        if shared is None:
+        if shared is None or shared[0] == stale:
             return None
         value, valid_for = shared
         self._tokens[scope] = _Token(value, time.monotonic() + valid_for)
         return value
+
+    async def _bearer_up_front(self, scope: str) -> str | None:
+        """Authorization for a request we hold no credentials for, without waiting for a 401:
+        a token from the token service this upstream named before (an expired token's
+        scope, or a new one), else, while we do not know whether it wants tokens at all (a
+        new process), one another process got."""
+        challenge = self._challenges.get(scope, self._token_service)
+        if challenge is not None:
+            token: str | None = await self._obtain_token(scope, challenge, None)
+        elif not self._serves_anonymously:
+            token = await self._token_from_others(scope)
+        else:
+            token = None
+        return None if token is None else f"Bearer {token}"
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str) -> tuple[str, float]:
         """(token, seconds it stays valid from now) from the challenge's realm."""
@@ -349,15 +362,7 @@ class UpstreamClient:
         headers: dict[str, str],
     ) -> aiohttp.ClientResponse:
         """A request with the auth dance: cached credentials, else answer one challenge."""
-        sent = self._authorization(scope)
-        # We had a token for this scope and it expired, or this upstream hands out tokens
-        # and this is a new scope: get one up front.
-        challenge = self._challenges.get(scope, self._token_service)
-        if sent is None and challenge is not None:
-            sent = f"Bearer {await self._obtain_token(scope, challenge, None)}"
-        elif sent is None and not self._serves_anonymously:
-            shared = await self._token_from_others(scope)
-            sent = f"Bearer {shared}" if shared is not None else None
+        sent = self._authorization(scope) or await self._bearer_up_front(scope)
         request_headers = dict(headers)
         if sent is not None:
             request_headers["Authorization"] = sent

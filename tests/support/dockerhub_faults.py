@@ -224,6 +224,16 @@ class HubState:
         with self._lock:
             return list(self._records)
 
+    def blob_gets(self, digest: str) -> list[RequestRecord]:
+        """GETs of a blob that were not turned away for credentials: in flight, answered or
+        cut off, oldest first."""
+        with self._lock:
+            return [
+                r
+                for r in self._records
+                if (r.method, r.kind) == ("GET", "blob") and r.path.endswith(digest) and r.status != 401
+            ]
+
     def pulls(self, identity: str | None = None) -> int:
         """Pulls charged to `identity` (all identities if None) since the last reset."""
         with self._lock:
