@@ -44,6 +44,12 @@ class S3Settings(BaseModel):
     bucket: str = "seawall"
     secure: bool = False
     region: str | None = None
+    # Bounds on every call: a stalled store must give clients a clear 503 in seconds, not
+    # hang them. `request_timeout` caps a metadata call (stat, small read, listing) made on
+    # a request path, retries included; `read_timeout` a single socket read of a transfer.
+    connect_timeout: Duration = timedelta(seconds=3)
+    read_timeout: Duration = timedelta(seconds=30)
+    request_timeout: Duration = timedelta(seconds=5)
 
 
 class User(BaseModel):
@@ -127,6 +133,51 @@ class DiskCacheSettings(BaseModel):
         return int(self.max_bytes * self.max_blob_fraction)
 
 
+class TLSSettings(BaseModel):
+    """HTTPS on the edge's `listen` address; both files are re-read when they change."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class EdgeLimits(BaseModel):
+    """Per-connection limits that keep slow or abusive clients from holding the edge."""
+
+    # A client must send its request line and headers within this (from connecting, or
+    # from the end of its previous request on a kept-alive connection).
+    header_timeout: Duration = timedelta(seconds=10)
+    # A request body (a blob upload) that sends nothing for this long is cut off.
+    body_idle_timeout: Duration = timedelta(seconds=60)
+    # Idle kept-alive connections are closed after this.
+    keepalive_timeout: Duration = timedelta(seconds=75)
+    # Open connections one client address may hold; `0` means no cap.
+    max_connections_per_client: int = Field(default=512, ge=0)
+
+
+class LoginSettings(BaseModel):
+    """Password checks: run off the event loop, remembered briefly, failures limited."""
+
+    # Threads that run argon2 verifications (each takes ~100 ms of CPU by design).
+    hash_threads: int = Field(default=2, ge=1)
+    # A verified Basic credential is remembered this long (keyed by the stored hash, so a
+    # password change or a removed account invalidates it at once).
+    cache_ttl: Duration = timedelta(minutes=5)
+    # Failed logins allowed per client address and per account within `window`; past
+    # either, logins are answered `429 TOOMANYREQUESTS` with `Retry-After`.
+    failures_per_client: int = Field(default=10, ge=1)
+    failures_per_account: int = Field(default=30, ge=1)
+    window: Duration = timedelta(minutes=5)
+
+
+class ScrubSettings(BaseModel):
+    """Background re-hashing of stored blobs (`seawall scrub` runs it by hand)."""
+
+    # Cron expression for the scheduled scrub; `null` turns it off.
+    schedule: str | None = "30 3 * * *"
+    # Read rate cap, so a scrub never competes with clients for the store.
+    bytes_per_second: ByteSize = ByteSize(32 * 1024**2)
+
+
 class Settings(BaseSettings):
     """Everything Seawall reads at start-up. Loaded once by `load_settings` and passed down."""
 
@@ -157,6 +208,21 @@ class Settings(BaseSettings):
     # Signs registry tokens; unset, the edges share a random one kept in the bucket.
     token_secret: SecretStr | None = None
     disk_cache: DiskCacheSettings = Field(default_factory=DiskCacheSettings)
+    tls: TLSSettings | None = None
+    limits: EdgeLimits = Field(default_factory=EdgeLimits)
+    logins: LoginSettings = Field(default_factory=LoginSettings)
+    scrub: ScrubSettings = Field(default_factory=ScrubSettings)
+    # Where each edge serves `/metrics` (and nothing else); `null` serves no metrics port.
+    metrics_listen: str | None = "127.0.0.1:9190"
+    # Also serve `/metrics` on the registry port, to anyone who can reach it.
+    metrics_on_registry_port: bool = False
+    # Bound on one Redis call from a request path; past it the edge serves from the bucket
+    # (hosted pulls, cached proxy hits) and skips Redis for a few seconds.
+    redis_timeout: Duration = timedelta(seconds=1)
+    # `seawall up` restarts a crashed child after a back-off; more than `restart_limit`
+    # crashes of one child within `restart_window` stop the whole stack.
+    restart_limit: int = Field(default=5, ge=0)
+    restart_window: Duration = timedelta(minutes=5)
 
     @classmethod
     def settings_customise_sources(
