@@ -22,7 +22,7 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +52,14 @@ _TOUCHED_MAX = 100_000
 
 class ContentMismatch(ValueError):
     """The bytes offered for a blob are not that blob: wrong size or wrong digest."""
+
+
+class HashMismatch(ContentMismatch):
+    """The bytes offered for a blob hash to another digest."""
+
+
+# Called with the reason when the bytes a background copy read do not hash to the digest.
+OnCorrupt = Callable[[str], Awaitable[None]]
 
 
 class DiskCache:
@@ -94,6 +102,10 @@ class DiskCache:
             return None
         DISK_CACHE_HITS.inc()
         return file
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether the tier holds the blob (a plain look, not counted as a use)."""
+        return self._file(digest).exists()
 
     def discard(self, digest: Digest) -> None:
         """Remove a cached file that turned out unusable (e.g. not the size the blob has)."""
@@ -165,7 +177,7 @@ class DiskCache:
                 raise ContentMismatch(f"{digest}: {written} bytes, expected {size}")
             actual = hasher.hexdigest()
             if actual != digest.hex:
-                raise ContentMismatch(f"content hashes to {digest.algorithm}:{actual}, not {digest}")
+                raise HashMismatch(f"content hashes to {digest.algorithm}:{actual}, not {digest}")
             await _in_thread(self._commit, fd, tmp, digest)
         except BaseException:
             DISK_CACHE_WRITES.labels("failed").inc()
@@ -182,29 +194,45 @@ class DiskCache:
         self._install(tmp, digest)
 
     def populate_later(
-        self, digest: Digest, size: int, open_chunks: Callable[[], AsyncIterator[bytes]]
+        self,
+        digest: Digest,
+        size: int,
+        open_chunks: Callable[[], AsyncIterator[bytes]],
+        on_corrupt: OnCorrupt | None = None,
     ) -> bool:
         """Populate in the background, at most once at a time per digest in this process.
 
         `open_chunks` is called only if a write starts. False if one is already running
-        or the blob is too big. Failures are logged: the tier is only ever an optimisation.
+        or the blob is too big. Failures are logged: the tier is only ever an optimisation,
+        except bytes that do not hash to the digest, which `on_corrupt` is told about.
         """
         if digest in self._filling:
             return False
         if size > self.max_blob_bytes:
             DISK_CACHE_WRITES.labels("too_big").inc()
             return False
-        task = asyncio.get_running_loop().create_task(self._populate_logged(digest, size, open_chunks))
+        task = asyncio.get_running_loop().create_task(
+            self._populate_logged(digest, size, open_chunks, on_corrupt)
+        )
         self._filling[digest] = task
         task.add_done_callback(lambda _: self._filling.pop(digest, None))
         return True
 
     async def _populate_logged(
-        self, digest: Digest, size: int, open_chunks: Callable[[], AsyncIterator[bytes]]
+        self,
+        digest: Digest,
+        size: int,
+        open_chunks: Callable[[], AsyncIterator[bytes]],
+        on_corrupt: OnCorrupt | None,
     ) -> None:
         started = time.monotonic()
         try:
             await self.populate(digest, size, open_chunks())
+        except HashMismatch as exc:
+            log.error("disk_cache_content_mismatch", digest=str(digest), error=str(exc))
+            if on_corrupt is not None:
+                await on_corrupt(str(exc))
+            return
         except Exception as exc:
             log.warning("disk_cache_write_failed", digest=str(digest), error=str(exc))
             return

@@ -8,11 +8,39 @@ below because a name component cannot start with `_`.
 
 from __future__ import annotations
 
+import secrets
+
 from shared.oci.digest import Digest
+
+
+def unique_suffix() -> str:
+    """A name part no other write uses: an object that may become a committed blob's bytes
+    is written once under a key of its own, so no later or concurrent write (a late chunk,
+    a retried part, a fill that lost its lease) can replace the bytes a blob points to."""
+    return secrets.token_hex(8)
+
+
+def start_of(key: str) -> int:
+    """The first byte of a part or segment, from its key (`<start>` or `<start>.<suffix>`)."""
+    return int(key.rsplit("/", 1)[1].split(".", 1)[0])
 
 
 def blob(digest: Digest) -> str:
     return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def blob_data(digest: Digest) -> str:
+    """A new object for bytes that arrived whole (a monolithic push, a rewritten upload)."""
+    return f"blobdata/{digest.algorithm}/{digest.hex}/{unique_suffix()}"
+
+
+def quarantined(digest: Digest, stamp: str) -> str:
+    """Where a blob whose bytes turned out not to hash to its digest is moved aside."""
+    return f"quarantine/{digest.algorithm}/{digest.hex}/{stamp}"
+
+
+QUARANTINE = "quarantine/"
+BLOBS = "blobs/"
 
 
 def layer_link(name: str, digest: Digest) -> str:
@@ -69,13 +97,20 @@ def upload_info(upload_id: str) -> str:
     return f"uploads/{upload_id}/info"
 
 
-def upload_first_part_sha256(upload_id: str) -> str:
-    return f"uploads/{upload_id}/first-part.sha256"
+def upload_part_sha256(upload_id: str, part_key: str) -> str:
+    """The sha256 of a first part, recorded as it was written (named after that part)."""
+    return f"uploads/{upload_id}/sha256/{part_key.rsplit('/', 1)[1]}"
 
 
 def upload_committed(upload_id: str) -> str:
-    """Written just before the upload's parts become a blob's extents (names the digest)."""
+    """Written when the upload is finished: no chunk is accepted after it; it names the
+    digest and the exact part keys that become the blob's extents."""
     return f"uploads/{upload_id}/committed"
+
+
+def upload_cancelled(upload_id: str) -> str:
+    """Written when a client cancels the upload: a finish that sees it commits nothing."""
+    return f"uploads/{upload_id}/cancelled"
 
 
 # An upload's parts live apart from its session state: once committed they are the
@@ -85,8 +120,9 @@ def upload_parts(upload_id: str) -> str:
 
 
 def upload_part(upload_id: str, start: int) -> str:
-    # Fixed-width offsets so a listing comes back in byte order.
-    return f"{upload_parts(upload_id)}{start:016d}"
+    """A new key for a chunk starting at `start`: fixed-width offsets so a listing comes
+    back in byte order, and a suffix of its own so two writes never share a key."""
+    return f"{upload_parts(upload_id)}{start:016d}.{unique_suffix()}"
 
 
 # A fill's segments, named by their first byte: staged while the fill runs (edges stream
@@ -97,4 +133,5 @@ def fill_segments(digest: Digest) -> str:
 
 
 def fill_segment(digest: Digest, start: int) -> str:
-    return f"{fill_segments(digest)}{start:016d}"
+    """A new key for a segment starting at `start` (unique: see `unique_suffix`)."""
+    return f"{fill_segments(digest)}{start:016d}.{unique_suffix()}"

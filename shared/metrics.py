@@ -16,6 +16,9 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 ERRORS = Counter("seawall_errors_total", "OCI errors returned, by code", ["code"])
+# Basic credential checks by result: `accepted` and `refused` ran argon2, `cached` did not,
+# `limited` were answered 429 without it.
+LOGINS = Counter("seawall_logins_total", "Basic credential checks by result", ["result"])
 BYTES_SERVED = Counter(
     "seawall_bytes_served_total", "Blob and manifest bytes sent to clients", ["project", "kind"]
 )
@@ -71,6 +74,26 @@ FILL_BYTES_FOLLOWED = Counter(
     ["source"],
 )
 
+# Stored blobs whose bytes did not hash to their digest when read back, by where that was
+# noticed (stream: a client read; disk_tier: copying to local disk; link: before sharing
+# a copy with another project; scrub). Each one is moved to quarantine and never served.
+BLOB_CORRUPTIONS = Counter(
+    "seawall_blob_corruption_total",
+    "Stored blobs found not to match their digest (quarantined), by where it was noticed",
+    ["where"],
+)
+SCRUB_BLOBS = Counter(
+    "seawall_scrub_blobs_total", "Blobs re-hashed by the scrub, by result (ok, corrupt, gone)", ["result"]
+)
+SCRUB_BYTES = Counter("seawall_scrub_bytes_total", "Bytes re-hashed by the scrub")
+SCRUB_LAST_SUCCESS = Gauge(
+    "seawall_scrub_last_success_timestamp_seconds",
+    "When the last complete scrub finished (Unix time)",
+    multiprocess_mode="max",
+)
+
+CORRUPTION_PLACES = ("stream", "disk_tier", "link", "scrub")
+
 
 def declare_series(projects: list[str], upstreams: list[str]) -> None:
     """Create the known label combinations at zero, so `rate()` sees their first event."""
@@ -90,6 +113,10 @@ def declare_series(projects: list[str], upstreams: list[str]) -> None:
         DISK_CACHE_WRITES.labels(result)
     for source in ("spool", "segments", "blob"):
         FILL_BYTES_FOLLOWED.labels(source)
+    for where in CORRUPTION_PLACES:
+        BLOB_CORRUPTIONS.labels(where)
+    for result in ("ok", "corrupt", "gone"):
+        SCRUB_BLOBS.labels(result)
 
 
 JOBS = Counter("seawall_jobs_total", "Worker jobs by actor and outcome", ["actor", "result"])

@@ -1,13 +1,25 @@
 """Blob upload sessions kept in the bucket, so any edge replica can continue any upload.
 
-S3 has no append, so each PATCH becomes one part object named by its byte range; the
-session's offset is the end of the last part. Finishing checks the digest (a single part
-was hashed on its way in; several are read back) and commits the parts as the blob's
-extents, so the bytes are not written a second time.
+S3 has no append, so each PATCH becomes one part object; the session's offset is the end
+of the last part. Finishing checks the digest (a single part was hashed on its way in;
+several are read back) and commits the parts as the blob's extents, so the bytes are not
+written a second time.
+
+What a committed digest serves must never change, whatever clients do concurrently:
+- every part is written under a key of its own (`layout.upload_part`), so a chunk that
+  arrives late, or two chunks sent at once, can never replace bytes a blob points to;
+- finishing first writes the commit marker and only then lists the parts; a chunk first
+  writes its part and only then looks for the marker. Whichever way the two interleave,
+  either the listing sees the part or the chunk sees the marker and is refused, so no
+  chunk is acknowledged that the commit left out. Cancelling does the same with its own
+  marker against the commit marker, so a cancel never deletes parts a commit names;
+- two parts that start at the same byte (chunks raced without Content-Range) make the
+  upload invalid rather than letting either win silently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -19,7 +31,7 @@ from shared import layout
 from shared.blobs import BlobStore, Extent, Source, VerifyingSource, source_from_chunks
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.storage import ObjectMissing, ObjectStore
+from shared.storage import ObjectInfo, ObjectMissing, ObjectStore
 
 # Parts this small (a client sending tiny chunks) are rewritten as one object when the
 # upload finishes rather than kept as extents, so reading the blob stays a few requests.
@@ -27,15 +39,48 @@ MIN_EXTENT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+class Part:
+    key: str
+    start: int
+    end: int  # exclusive
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
 class Upload:
     id: str
     name: str
     started: float
-    parts: tuple[tuple[int, int], ...]  # (start, end) byte ranges, end exclusive
+    parts: tuple[Part, ...]
 
     @property
     def offset(self) -> int:
-        return self.parts[-1][1] if self.parts else 0
+        return self.parts[-1].end if self.parts else 0
+
+
+def _unknown(upload_id: str) -> RegistryError:
+    return RegistryError("BLOB_UPLOAD_UNKNOWN", detail={"upload": upload_id[:64]})
+
+
+def _chain(upload_id: str, objects: list[ObjectInfo]) -> tuple[Part, ...]:
+    """The upload's parts in byte order; refused when two cover the same bytes."""
+    parts: list[Part] = []
+    for info in sorted(objects, key=lambda o: (layout.start_of(o.key), o.key)):
+        if info.size == 0:
+            continue  # a chunk that carried nothing
+        start = layout.start_of(info.key)
+        expected = parts[-1].end if parts else 0
+        if start != expected:
+            raise RegistryError(
+                "BLOB_UPLOAD_INVALID",
+                "chunks of this upload were sent concurrently or out of order; start a new upload",
+                detail={"upload": upload_id[:64]},
+            )
+        parts.append(Part(info.key, start, start + info.size))
+    return tuple(parts)
 
 
 class UploadStore:
@@ -51,19 +96,32 @@ class UploadStore:
         return Upload(upload_id, name, started, ())
 
     async def get(self, name: str, upload_id: str) -> Upload:
-        unknown = RegistryError("BLOB_UPLOAD_UNKNOWN", detail={"upload": upload_id[:64]})
+        """An open session of repository `name`; finished, cancelled or foreign ones are unknown."""
         if not upload_id.isalnum() or len(upload_id) != 32:
-            raise unknown
+            raise _unknown(upload_id)
+        info_raw, closed, objects = await asyncio.gather(
+            self._info(upload_id),
+            self._closed(upload_id),
+            self._store.list_objects(layout.upload_parts(upload_id)),
+        )
+        if info_raw is None or closed or info_raw.get("name") != name:
+            raise _unknown(upload_id)
+        return Upload(upload_id, name, float(str(info_raw["started"])), _chain(upload_id, objects))
+
+    async def _info(self, upload_id: str) -> dict[str, object] | None:
         try:
             info = json.loads(await self._store.get_bytes(layout.upload_info(upload_id)))
         except ObjectMissing:
-            raise unknown from None
-        if info.get("name") != name:
-            raise unknown
-        objects = await self._store.list_objects(layout.upload_parts(upload_id))
-        starts = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in objects)
-        parts = tuple((start, start + size) for start, size in starts)
-        return Upload(upload_id, name, float(info["started"]), parts)
+            return None
+        return info if isinstance(info, dict) else None
+
+    async def _closed(self, upload_id: str) -> bool:
+        """Whether the session was finished or cancelled (its markers are written first)."""
+        found = await asyncio.gather(
+            self._store.stat(layout.upload_committed(upload_id)),
+            self._store.stat(layout.upload_cancelled(upload_id)),
+        )
+        return any(info is not None for info in found)
 
     async def append(
         self, upload: Upload, source: Source, length: int | None, start: int | None = None
@@ -79,7 +137,7 @@ class UploadStore:
             return upload
         received = 0
         # The first part is hashed on its way in: an upload sent as one chunk (what docker
-        # and skopeo do) is then committed by a server-side copy, without reading it back.
+        # and skopeo do) is then committed without reading it back.
         hasher = hashlib.sha256() if upload.offset == 0 else None
 
         async def counting(n: int) -> bytes:
@@ -93,8 +151,7 @@ class UploadStore:
                 raise RegistryError("SIZE_INVALID", f"received {received} bytes, expected {length}")
             return chunk
 
-        # The part's size is its length in storage, so a part that failed midway (and
-        # was therefore never completed) leaves no trace in the upload's state.
+        # A part that failed midway was never completed, so it leaves no trace.
         key = layout.upload_part(upload.id, upload.offset)
         await self._store.put_stream(key, counting, -1)
         if received == 0:
@@ -102,52 +159,73 @@ class UploadStore:
             return upload
         if hasher is not None:
             await self._store.put_bytes(
-                layout.upload_first_part_sha256(upload.id), hasher.hexdigest().encode()
+                layout.upload_part_sha256(upload.id, key), hasher.hexdigest().encode()
+            )
+        # Written first, checked second (see the module docstring). A part that arrived
+        # after the session closed is left for the janitor: the commit may have listed it.
+        if await self._info(upload.id) is None or await self._closed(upload.id):
+            raise RegistryError(
+                "BLOB_UPLOAD_UNKNOWN",
+                "the upload was finished or cancelled while this chunk was arriving",
+                detail={"upload": upload.id},
             )
         end = upload.offset + received
-        return Upload(upload.id, upload.name, upload.started, (*upload.parts, (upload.offset, end)))
+        return Upload(upload.id, upload.name, upload.started, (*upload.parts, Part(key, upload.offset, end)))
 
-    async def _iterate_parts(self, upload: Upload) -> AsyncIterator[bytes]:
-        for start, _end in upload.parts:
-            async for chunk in self._store.stream(layout.upload_part(upload.id, start)):
+    async def _iterate_parts(self, parts: tuple[Part, ...]) -> AsyncIterator[bytes]:
+        for part in parts:
+            async for chunk in self._store.stream(part.key):
                 yield chunk
 
     async def finish(self, upload: Upload, digest: Digest) -> int:
-        """Verify the whole upload against `digest` and commit it as a blob."""
-        sizes = [end - start for start, end in upload.parts]
-        if not sizes or any(size < MIN_EXTENT for size in sizes[:-1]):
-            size = await self._blobs.commit(
-                digest, source_from_chunks(self._iterate_parts(upload)), upload.offset
-            )
-            await self.cancel(upload)
+        """Close the session, verify exactly its parts against `digest`, commit them as a blob."""
+        marker = json.dumps({"digest": str(digest)}).encode()
+        await self._store.put_bytes(layout.upload_committed(upload.id), marker)
+        try:
+            if await self._store.stat(layout.upload_cancelled(upload.id)) is not None:
+                raise _unknown(upload.id)
+            # Listed after the marker: every chunk acknowledged so far is here.
+            parts = _chain(upload.id, await self._store.list_objects(layout.upload_parts(upload.id)))
+            size = await self._verify_and_commit(upload, parts, digest)
+        except RegistryError:
+            # The content was refused, so nothing was committed: reopen the session (a
+            # client may PUT again with the right digest). After a storage failure it stays
+            # closed, since a record may have landed: the janitor then keeps what it names.
+            await self._store.delete(layout.upload_committed(upload.id))
+            raise
+        await self._delete_session(upload.id)
+        return size
+
+    async def _verify_and_commit(self, upload: Upload, parts: tuple[Part, ...], digest: Digest) -> int:
+        total = parts[-1].end if parts else 0
+        if not parts or any(part.size < MIN_EXTENT for part in parts[:-1]):
+            size = await self._blobs.commit(digest, source_from_chunks(self._iterate_parts(parts)), total)
+            await self._store.delete_many([p.key for p in parts])
             return size
-        if not await self._first_part_is(upload, digest):
-            verifying = VerifyingSource(
-                source_from_chunks(self._iterate_parts(upload)), digest, upload.offset
-            )
+        if not await self._hashed_on_arrival(upload, parts, digest):
+            verifying = VerifyingSource(source_from_chunks(self._iterate_parts(parts)), digest, total)
             while await verifying(1024 * 1024):
                 pass
-        # The marker tells the janitor, should we stop between the two writes, that the
-        # parts may belong to a blob now (see `purge`).
-        await self._store.put_bytes(layout.upload_committed(upload.id), str(digest).encode())
-        extents = [Extent(layout.upload_part(upload.id, start), end - start) for start, end in upload.parts]
-        if await self._blobs.commit_extents(digest, extents):
-            await self._delete_session(upload.id)
-        else:
-            await self.cancel(upload)  # the blob was already stored: these parts are spare
-        return upload.offset
+        extents = [Extent(part.key, part.size) for part in parts]
+        if not await self._blobs.commit_extents(digest, extents):
+            await self._store.delete_many([p.key for p in parts])  # stored already: a spare copy
+        return total
 
-    async def _first_part_is(self, upload: Upload, digest: Digest) -> bool:
-        """Whether the upload is one part that hashed to `digest` when it was written."""
-        if len(upload.parts) != 1 or digest.algorithm != "sha256":
+    async def _hashed_on_arrival(self, upload: Upload, parts: tuple[Part, ...], digest: Digest) -> bool:
+        """Whether the upload is one part whose sha256, recorded when it was written, is `digest`."""
+        if len(parts) != 1 or digest.algorithm != "sha256":
             return False
         try:
-            recorded = await self._store.get_bytes(layout.upload_first_part_sha256(upload.id))
+            recorded = await self._store.get_bytes(layout.upload_part_sha256(upload.id, parts[0].key))
         except ObjectMissing:
             return False
         return recorded.decode() == digest.hex
 
     async def cancel(self, upload: Upload) -> None:
+        await self._store.put_bytes(layout.upload_cancelled(upload.id), b"")
+        if await self._store.stat(layout.upload_committed(upload.id)) is not None:
+            # Finishing at this moment: its parts may be a blob now. Leave them to it.
+            raise _unknown(upload.id)
         await self._store.delete_many(await self._store.list_keys(layout.upload_parts(upload.id)))
         await self._delete_session(upload.id)
 
@@ -159,30 +237,34 @@ class UploadStore:
         ids = []
         for key in await self._store.list_keys("uploads/", recursive=False):
             upload_id = key.rstrip("/").rsplit("/", 1)[-1]
-            try:
-                info = json.loads(await self._store.get_bytes(layout.upload_info(upload_id)))
-            except ObjectMissing:
+            info = await self._info(upload_id)
+            if info is None:
                 # Filer-backed stores (SeaweedFS) keep the empty directory of a finished or
                 # purged session; only one that still holds objects is an orphan to purge.
                 if await self._store.list_keys(layout.upload(upload_id)):
                     ids.append(upload_id)
                 continue
-            if float(info.get("started", 0)) < older_than:
+            if float(str(info.get("started", 0))) < older_than:
                 ids.append(upload_id)
         return ids
 
     async def purge(self, upload_id: str) -> None:
-        """Remove an abandoned session and its parts, unless the parts became a blob."""
-        try:
-            marker = await self._store.get_bytes(layout.upload_committed(upload_id))
-            committed = Digest.parse(marker.decode())
-        except ObjectMissing:
-            committed = None
+        """Remove an abandoned session and its parts, except the parts a blob is made of."""
+        keep: set[str] = set()
+        committed = await self._committed_digest(upload_id)
         if committed is not None:
             placement = await self._blobs.placement(committed)
-            prefix = layout.upload_parts(upload_id)
-            if placement and placement.extents and placement.extents[0].key.startswith(prefix):
-                await self._delete_session(upload_id)
-                return
-        await self._store.delete_many(await self._store.list_keys(layout.upload_parts(upload_id)))
+            if placement is not None and placement.extents:
+                keep = {extent.key for extent in placement.extents}
+        parts = await self._store.list_keys(layout.upload_parts(upload_id))
+        await self._store.delete_many(key for key in parts if key not in keep)
         await self._delete_session(upload_id)
+
+    async def _committed_digest(self, upload_id: str) -> Digest | None:
+        try:
+            marker = (await self._store.get_bytes(layout.upload_committed(upload_id))).decode()
+        except ObjectMissing:
+            return None
+        # Sessions closed by earlier versions hold the bare digest.
+        text = json.loads(marker)["digest"] if marker.startswith("{") else marker
+        return Digest.parse(str(text))

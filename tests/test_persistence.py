@@ -355,9 +355,11 @@ def test_pushed_parts_become_the_blob_without_being_written_again(
         assert metadata == {"seawall-extents": "3", "seawall-size": str(len(data))}
         record = json.loads(body)
         assert record["size"] == len(data)
-        assert [key for key, _ in record["extents"]] == [
-            layout.upload_part(upload_id, offset) for offset in (0, 5 * mib, 10 * mib)
-        ]
+        # The parts, each under a key of its own that no later write can reuse.
+        names = [key.removeprefix(layout.upload_parts(upload_id)) for key, _ in record["extents"]]
+        assert [name.split(".")[0] for name in names] == [f"{o:016d}" for o in (0, 5 * mib, 10 * mib)]
+        assert all(key.startswith(layout.upload_parts(upload_id)) for key, _ in record["extents"])
+        assert len({name.split(".")[1] for name in names}) == 3
         assert size < 4096  # a record, not a second copy of 11 MiB
 
         # The session is gone, its parts are the blob now.
@@ -391,9 +393,22 @@ def test_small_chunks_are_joined_into_one_object(
     data = b"".join(chunks)
     with client(edge, ALICE) as alice:
         url = _patch_in(alice, "local/extents", chunks)
+        upload_id = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
         assert alice.put(url, params={"digest": sha256(data)}).status_code == 201
         size, metadata, body = _stored(s3_server, s3_settings.bucket, sha256(data))
-        assert (size, metadata, body) == (len(data), {}, data)
+        record = json.loads(body)
+        assert metadata == {"seawall-extents": "1", "seawall-size": str(len(data))}
+        [(key, extent_size)] = record["extents"]
+        assert key.startswith("blobdata/") and extent_size == len(data)
+        response = s3_server.client().get_object(s3_settings.bucket, key)
+        try:
+            assert response.read() == data
+        finally:
+            response.close()
+            response.release_conn()
+        # The small parts are gone: they were joined.
+        minio = s3_server.client()
+        assert list(minio.list_objects(s3_settings.bucket, f"extents/{upload_id}/", recursive=True)) == []
         assert alice.get(f"/v2/local/extents/blobs/{sha256(data)}").content == data
 
 
@@ -433,7 +448,8 @@ def test_janitor_keeps_the_parts_of_a_blob_committed_just_before_a_stop(
             return [o.object_name or "" for o in listing]
 
         assert keys(f"uploads/{upload_id}/") == []
-        assert keys(f"extents/{upload_id}/") == [layout.upload_part(upload_id, 0)]
+        [part] = keys(f"extents/{upload_id}/")
+        assert part.startswith(f"{layout.upload_parts(upload_id)}{0:016d}.")
         assert keys(f"uploads/{abandoned_id}/") == []
         assert keys(f"extents/{abandoned_id}/") == []
         assert alice.get(f"/v2/local/janitor/blobs/{digest}").content == data

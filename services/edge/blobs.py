@@ -121,16 +121,31 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if repo.project.type == "proxy":
             return await _serve_fill(request, repo, digest)
         raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
-    REQUESTS.labels(repo.project.name, "blob", "hit").inc()
     status, offset, length, headers = _blob_headers(request, digest, size)
+    blobs = request.app[keys.BLOBS]
+    cache = request.app.get(keys.DISK_CACHE)
+    in_tier = cache is not None and cache.contains(digest)
+    if not in_tier and await blobs.size(digest) is None:
+        # Linked, but the stored copy is gone (quarantined after failing verification):
+        # a proxy fetches it again, a hosted repository has lost it until it is pushed again.
+        REQUESTS.labels(repo.project.name, "blob", "miss").inc()
+        if repo.project.type == "proxy":
+            return await _serve_fill(request, repo, digest)
+        raise RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+    REQUESTS.labels(repo.project.name, "blob", "hit").inc()
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
-    cache = request.app.get(keys.DISK_CACHE)
     if cache is not None and length and can_sendfile(request):
         sent = await _send_cached(request, cache, digest, size, status, headers, offset, length, repo)
         if sent is not None:
             return sent
-    chunks = request.app[keys.BLOBS].stream(digest, offset, length) if length else _nothing()
+    if not length:
+        chunks = _nothing()
+    elif length == size:
+        # A whole blob is hashed on its way out: bytes that do not match are never completed.
+        chunks = blobs.stream_verified(digest, size)
+    else:
+        chunks = blobs.stream(digest, offset, length)
     return await _send(request, status, headers, length, chunks, repo.project.name)
 
 
@@ -153,7 +168,10 @@ async def _send_cached(
     blobs = request.app[keys.BLOBS]
 
     def copy_to_disk() -> None:
-        cache.populate_later(digest, size, lambda: blobs.stream(digest))
+        cache.populate_later(digest, size, lambda: blobs.stream(digest), on_corrupt=quarantine)
+
+    async def quarantine(reason: str) -> None:
+        await blobs.quarantine(digest, "disk_tier", reason)
 
     path = cache.path(digest)
     if path is None:

@@ -86,8 +86,10 @@ async def _mount(request: web.Request, name: str, digest: Digest, source: str | 
             return False
         if not await repositories.blob_linked(origin.name, digest):
             return False
-    size = await app[keys.BLOBS].size(digest)
-    if size is None:
+    # The stored copy is shared with this repository only once its bytes are known sound.
+    blobs = app[keys.BLOBS]
+    size = await blobs.size(digest)
+    if size is None or not await blobs.held_soundly(digest):
         return False
     await repositories.link_blob(name, digest, size)
     return True

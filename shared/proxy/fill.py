@@ -34,6 +34,7 @@ from shared.oci.digest import Digest
 from shared.proxy import state
 from shared.proxy.events import CacheEvents
 from shared.proxy.leases import Lease, LeaseLost
+from shared.proxy.segments import Segment, contiguous, staged_segments
 from shared.proxy.spool import Spool
 from shared.repositories import RepositoryStore, project_of
 from shared.storage import ObjectStore, StorageUnavailable
@@ -73,33 +74,20 @@ class DigestMismatch(Exception):
     """The upstream's bytes do not hash to the digest asked for; nothing was committed."""
 
 
-async def staged_segments(objects: ObjectStore, digest: Digest) -> list[tuple[int, int]]:
-    """(start, size) of each staged segment, in byte order."""
-    listing = await objects.list_objects(layout.fill_segments(digest))
-    return sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in listing)
-
-
 async def _resume_point(
-    deps: FillDeps, digest: Digest, spooled: int, listed: list[tuple[int, int]]
+    deps: FillDeps, digest: Digest, spooled: int, listed: list[Segment]
 ) -> tuple[list[Extent], int, object]:
     """Where an interrupted fill stands: its staged segments, how far it got, the hash so far.
 
-    The contiguous staged prefix counts (anything after a gap is dropped). A spool file
-    left on this machine that reaches further counts too: its bytes are rehashed, and the
-    part not staged yet is staged again. Otherwise the spool is rewritten from the bucket.
+    The contiguous staged prefix counts. Segments after a gap, or duplicates of a start,
+    are left alone rather than deleted: a fill that lost its lease may still commit them
+    (each fill commits only the keys it wrote or kept). A spool file left on this machine
+    that reaches further counts too: its bytes are rehashed, and the part not staged yet is
+    staged again. Otherwise the spool is rewritten from the bucket.
     """
     hasher = digest.hasher()
-    kept: list[Extent] = []
-    staged = 0
-    stray = []
-    for start, size in listed:
-        key = layout.fill_segment(digest, start)
-        if start != staged or size == 0:
-            stray.append(key)
-            continue
-        kept.append(Extent(key, size))
-        staged += size
-    await deps.objects.delete_many(stray)
+    kept = [Extent(segment.key, segment.size) for segment in contiguous(listed)]
+    staged = sum(extent.size for extent in kept)
     local = os.fstat(spooled).st_size
     if local >= staged:
         position = 0
@@ -193,8 +181,11 @@ async def _fill_under_lease(
     # Asked together: is it stored already, what did an interrupted fill stage, and the
     # upstream for the whole blob (what nearly every fill then reads).
     async with EarlyBlob(upstream, repository, str(digest)) as early:
-        size, listed = await asyncio.gather(deps.blobs.size(digest), staged_segments(deps.objects, digest))
-        if size is not None:
+        # A stored copy counts only if it is sound: an older one is re-hashed first.
+        stored, listed = await asyncio.gather(
+            deps.blobs.held_soundly(digest), staged_segments(deps.objects, digest)
+        )
+        if stored:
             offset = await _verify_only(deps, upstream, early, digest)
             resumed_from = 0
         else:
@@ -238,7 +229,7 @@ async def _fill_and_stage(
     early: EarlyBlob,
     lease: Lease,
     digest: Digest,
-    listed: list[tuple[int, int]],
+    listed: list[Segment],
     downloaded: asyncio.Event | None,
 ) -> tuple[int, int]:
     """Fetch into the spool and the bucket's segments, verify, commit; (size, resumed from)."""

@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from shared import layout
 from shared.blobs import BlobStore
 from shared.metrics import FILL_BYTES_FOLLOWED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.proxy import state
+from shared.proxy.segments import Segment, staged_segments
 from shared.proxy.spool import Spool
 from shared.repositories import RepositoryStore
 from shared.storage import ObjectMissing, ObjectStore
@@ -66,13 +66,13 @@ class _Poll:
 
 
 class _Listing:
-    """The staged segments (start, size) of a fill, as last listed."""
+    """The staged segments of a fill, as last listed."""
 
     def __init__(self) -> None:
-        self.segments: list[tuple[int, int]] = []
+        self.segments: list[Segment] = []
 
     def covers(self, end: int) -> bool:
-        return bool(self.segments) and self.segments[-1][0] + self.segments[-1][1] >= end
+        return bool(self.segments) and max(s.end for s in self.segments) >= end
 
 
 class _SpoolFile:
@@ -231,10 +231,9 @@ class BlobFollower:
                 yield "blob", chunk
             return
         if not listing.covers(releasable):
-            found = await self._objects.list_objects(layout.fill_segments(digest))
-            listing.segments = sorted((int(o.key.rsplit("/", 1)[1]), o.size) for o in found)
+            listing.segments = await staged_segments(self._objects, digest)
         before = offset
-        async for chunk in self._read_staged(digest, listing.segments, offset, releasable):
+        async for chunk in self._read_staged(listing.segments, offset, releasable):
             offset += len(chunk)
             yield "segments", chunk
         if offset == before:
@@ -248,18 +247,15 @@ class BlobFollower:
             self._readers_marked = now
             await state.mark_spool_readers(self._redis, node)
 
-    async def _read_staged(
-        self, digest: Digest, segments: list[tuple[int, int]], offset: int, until: int
-    ) -> AsyncIterator[bytes]:
-        for seg_start, seg_size in segments:
-            seg_end = seg_start + seg_size
-            if seg_end <= offset or seg_start >= until:
-                continue
-            if seg_start > offset:
+    async def _read_staged(self, segments: list[Segment], offset: int, until: int) -> AsyncIterator[bytes]:
+        for segment in segments:
+            if segment.end <= offset or segment.start >= until:
+                continue  # before what is needed, or a second attempt at bytes already read
+            if segment.start > offset:
                 return  # a gap: the listing is behind; read it again next round
-            lo, hi = offset - seg_start, min(seg_end, until) - seg_start
+            lo, hi = offset - segment.start, min(segment.end, until) - segment.start
             try:
-                async for chunk in self._objects.stream(layout.fill_segment(digest, seg_start), lo, hi - lo):
+                async for chunk in self._objects.stream(segment.key, lo, hi - lo):
                     offset += len(chunk)
                     yield chunk
             except ObjectMissing:
