@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -15,6 +18,8 @@ from shared import layout
 from shared.oci.digest import Digest
 from shared.oci.manifest import Descriptor, Manifest
 from shared.storage import ObjectMissing, ObjectStore
+
+log = structlog.get_logger("repositories")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +45,16 @@ class Revision:
 
 
 # Tag and revision lookups are cached in Redis (shared by every replica, written through
-# on every change here); the bucket stays the truth and answers when Redis cannot.
-CACHE_TTL_SECONDS = 3600
+# on every change here); the bucket stays the truth and answers when Redis cannot. An
+# entry lives only briefly: a change made while this process could not reach Redis (or
+# whose write-through Redis lost) leaves the old entry behind, and every edge must see a
+# moved tag or a deleted manifest within 2 s whatever Redis did. The cache still spares
+# the bucket all but one read per entry and interval of a hot repository, cluster-wide.
+CACHE_TTL_MS = 1500
+# Links this process found recently, per repository: a blob the disk tier holds is served
+# on their word when the bucket does not answer in time (see `remembered_size`).
+LINK_MEMORY_SECONDS = 600.0
+LINK_MEMORY_ENTRIES = 50_000
 
 
 def _tag_cache_key(name: str, tag: str) -> str:
@@ -61,6 +74,7 @@ class RepositoryStore:
     def __init__(self, store: ObjectStore, cache: Redis | None = None) -> None:
         self._store = store
         self._cache = cache
+        self._links: OrderedDict[tuple[str, Digest], tuple[int, float]] = OrderedDict()
 
     async def _cached(self, key: str) -> bytes | None:
         if self._cache is None:
@@ -74,12 +88,15 @@ class RepositoryStore:
     async def _remember(self, key: str, value: bytes) -> None:
         if self._cache is not None:
             with contextlib.suppress(RedisError):
-                await self._cache.set(key, value, ex=CACHE_TTL_SECONDS)
+                await self._cache.set(key, value, px=CACHE_TTL_MS)
 
     async def _forget(self, *keys: str) -> None:
+        """Drop entries at once; if Redis cannot be told, they expire within CACHE_TTL_MS."""
         if self._cache is not None and keys:
-            # Failing here would leave a stale entry behind: let the request fail instead.
-            await self._cache.delete(*keys)
+            try:
+                await self._cache.delete(*keys)
+            except RedisError as exc:
+                log.warning("lookup_cache_not_cleared", reason=str(exc), expires_ms=CACHE_TTL_MS)
 
     # -- repositories ------------------------------------------------------------------
     async def register(self, name: str) -> None:
@@ -99,6 +116,7 @@ class RepositoryStore:
         await self.register(name)
         await self._store.put_bytes(layout.layer_link(name, digest), str(size).encode())
         await self._store.put_bytes(layout.project_blob(project_of(name), digest), str(size).encode())
+        self._note_link(name, digest, size)
 
     async def project_holds(self, project: str, digest: Digest) -> bool:
         """Whether any repository of `project` has this blob.
@@ -117,12 +135,37 @@ class RepositoryStore:
         One small read answers both "may this repository serve it" and "how big is it".
         """
         try:
-            return int(await self._store.get_bytes(layout.layer_link(name, digest)))
+            size = int(await self._store.get_bytes(layout.layer_link(name, digest)))
         except ObjectMissing:
+            size = None
+        self._note_link(name, digest, size)
+        return size
+
+    def remembered_size(self, name: str, digest: Digest) -> int | None:
+        """The size of a link this process found or wrote within LINK_MEMORY_SECONDS.
+
+        Only a stand-in for the bucket's answer while the bucket does not give one: every
+        answer it gives replaces it, so a deleted link stops counting as soon as a lookup
+        of it completes (on this process: at once).
+        """
+        found = self._links.get((name, digest))
+        if found is None or time.monotonic() - found[1] > LINK_MEMORY_SECONDS:
             return None
+        return found[0]
+
+    def _note_link(self, name: str, digest: Digest, size: int | None) -> None:
+        key = (name, digest)
+        if size is None:
+            self._links.pop(key, None)
+            return
+        self._links[key] = (size, time.monotonic())
+        self._links.move_to_end(key)
+        if len(self._links) > LINK_MEMORY_ENTRIES:
+            self._links.popitem(last=False)
 
     async def unlink_blob(self, name: str, digest: Digest) -> bool:
         key = layout.layer_link(name, digest)
+        self._note_link(name, digest, None)
         if await self._store.stat(key) is None:
             return False
         await self._store.delete(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
@@ -25,6 +26,9 @@ from shared.storage import StorageUnavailable
 log = structlog.get_logger("edge")
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# How long a blob GET waits for the bucket to confirm a link this process saw recently
+# before serving the disk tier's copy on that memory (a healthy bucket answers in ms).
+LINK_PATIENCE_SECONDS = 0.5
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -55,7 +59,7 @@ def _unsatisfiable(size: int) -> dict[str, str]:
 async def _held_size(request: web.Request, repo: Target, digest: Digest) -> int | None:
     """The blob's size if this repository may serve it from storage."""
     app = request.app
-    linked = await app[keys.REPOSITORIES].linked_size(repo.name, digest)
+    linked = await _linked_size(request, repo, digest)
     if linked is not None:
         return linked
     if repo.project.type == "proxy" and await app[keys.REPOSITORIES].project_holds(repo.project.name, digest):
@@ -66,6 +70,38 @@ async def _held_size(request: web.Request, repo: Target, digest: Digest) -> int 
             await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
         return size
     return None
+
+
+async def _linked_size(request: web.Request, repo: Target, digest: Digest) -> int | None:
+    """The size in the repository's link, as the bucket says.
+
+    A stalled bucket must not stop a blob the disk tier holds: when this process saw the
+    link recently and the bucket has not answered within LINK_PATIENCE_SECONDS (or has
+    failed), the blob is served on that memory. The lookup goes on, and its answer
+    replaces the memory, so a deleted link stops being served as soon as the bucket
+    answers again.
+    """
+    repositories = request.app[keys.REPOSITORIES]
+    remembered = repositories.remembered_size(repo.name, digest)
+    cache = request.app.get(keys.DISK_CACHE)
+    if remembered is None or cache is None:
+        return await repositories.linked_size(repo.name, digest)
+    lookup = asyncio.ensure_future(repositories.linked_size(repo.name, digest))
+    lookup.add_done_callback(_retrieve)  # it may outlive this request
+    done, _ = await asyncio.wait({lookup}, timeout=LINK_PATIENCE_SECONDS)
+    if done and lookup.exception() is None:
+        return lookup.result()
+    if not cache.contains(digest):
+        return await lookup
+    reason = "no answer in time" if not done else str(lookup.exception())
+    log.warning("link_unconfirmed", repository=repo.name, digest=str(digest), reason=reason)
+    return remembered
+
+
+def _retrieve(lookup: asyncio.Future[int | None]) -> None:
+    """Take a finished lookup's error, so one nobody awaited is not reported as never retrieved."""
+    if not lookup.cancelled():
+        lookup.exception()
 
 
 def _blob_headers(request: web.Request, digest: Digest, size: int) -> tuple[int, int, int, dict[str, str]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from redis import Redis as BlockingRedis
 from redis.asyncio import Redis
 
 from shared.oci.digest import Digest
@@ -36,9 +37,16 @@ def wake_key(queue: str) -> str:
     return f"seawall:wake:{queue}"
 
 
-def make_broker(redis_url: str) -> RedisBroker:
-    """A broker for publishing only (the workers build theirs with middleware)."""
-    return RedisBroker(url=redis_url, namespace="seawall")  # type: ignore[no-untyped-call]
+def make_broker(redis_url: str, timeout: float | None = None) -> RedisBroker:
+    """A broker for publishing only (the workers build theirs with middleware).
+
+    `timeout` bounds connecting and each reply (the edge passes `redis_timeout`, so a
+    stalled Redis fails a cache miss with a RedisError instead of holding it).
+    """
+    if timeout is None:
+        return RedisBroker(url=redis_url, namespace="seawall")  # type: ignore[no-untyped-call]
+    client = BlockingRedis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return RedisBroker(client=client, namespace="seawall")  # type: ignore[no-untyped-call]
 
 
 class CacheEvents:

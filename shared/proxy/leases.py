@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -42,7 +43,9 @@ class Lease:
         return bool(await self.redis.eval(_RENEW, 1, self.key, self.holder, str(self.ttl_ms)))
 
     async def release(self) -> None:
-        await self.redis.eval(_RELEASE, 1, self.key, self.holder)
+        """Give the lease up; if Redis cannot be told, it lapses by its TTL instead."""
+        with contextlib.suppress(RedisError):
+            await self.redis.eval(_RELEASE, 1, self.key, self.holder)
 
     @contextlib.asynccontextmanager
     async def heartbeat(self) -> AsyncIterator[Lease]:
@@ -51,7 +54,11 @@ class Lease:
         async def beat() -> None:
             while True:
                 await asyncio.sleep(self.ttl_ms / 3000)
-                if not await self.renew():
+                try:
+                    renewed = await self.renew()
+                except RedisError:
+                    renewed = False  # unprovable is as good as lost: another may take it
+                if not renewed:
                     self.lost = True
                     return
 

@@ -86,11 +86,28 @@ class ManifestCache:
         held = await self._local(target.name, digest)
         if held:
             return CachedManifest(*held, HIT)
-        return await self._fetch(target, digest, tag=None)
+        try:
+            return await self._fetch(target, digest, tag=None)
+        except RedisError as exc:
+            raise _redis_unavailable(target, str(digest), exc) from None
 
     async def _by_tag(self, target: Target, tag: str) -> CachedManifest:
         tagged = await self._repositories.resolve_tag(target.name, tag)
         held = await self._local(target.name, tagged)
+        try:
+            return await self._revalidate(target, tag, tagged, held)
+        except RedisError as exc:
+            # Without Redis there is no freshness marker, no quota governor and no fetch
+            # lease, so the upstream is not asked: what is held is served, marked stale.
+            if held:
+                log.warning("serving_stale_manifest", repository=target.name, tag=tag, reason=str(exc))
+                return CachedManifest(*held, STALE)
+            raise _redis_unavailable(target, tag, exc) from None
+
+    async def _revalidate(
+        self, target: Target, tag: str, tagged: Digest | None, held: tuple[Revision, bytes] | None
+    ) -> CachedManifest:
+        """Answer a tag we may hold: locally while fresh, else as the upstream's HEAD says."""
         if held and await self._is_fresh(target, tag):
             return CachedManifest(*held, HIT)
 
@@ -128,11 +145,8 @@ class ManifestCache:
         return result
 
     async def _is_fresh(self, target: Target, tag: str) -> bool:
-        # Redis is disposable: without it every tag is simply due for revalidation.
-        try:
-            return bool(await self._redis.exists(_fresh_key(target.name, tag)))
-        except RedisError:
-            return False
+        """Whether the tag was confirmed within its TTL (RedisError when Redis cannot say)."""
+        return bool(await self._redis.exists(_fresh_key(target.name, tag)))
 
     async def _mark_fresh(self, target: Target, tag: str) -> None:
         ttl_ms = int(target.project.tag_ttl.total_seconds() * 1000)
@@ -206,5 +220,18 @@ class ManifestCache:
         # An index's platform manifests are fetched only when a client asks for one: each
         # costs a pull. An image's config and layers are free to fetch, so prefetch them.
         if not manifest.is_index:
-            await self._prefetch(target, [descriptor.digest for descriptor in manifest.blobs])
+            try:
+                await self._prefetch(target, [descriptor.digest for descriptor in manifest.blobs])
+            except RedisError as exc:
+                # The manifest is stored: the client gets it, and its layers are filled
+                # when asked for.
+                log.warning("prefetch_not_requested", repository=target.name, reason=str(exc))
         return CachedManifest(revision, fetched.body, MISS)
+
+
+def _redis_unavailable(target: Target, reference: str, exc: RedisError) -> RegistryError:
+    return RegistryError(
+        "UNAVAILABLE",
+        f"{target.path}:{reference} is not cached, and fetching it needs Redis, which is unavailable",
+        detail={"reason": str(exc)[:200]},
+    )
