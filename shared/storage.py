@@ -4,6 +4,16 @@ The SDK is synchronous (urllib3), so every call runs on a dedicated thread pool 
 the edge's concurrency; the default asyncio executor has only a handful of threads.
 Vendor errors are translated here: a missing key is `ObjectMissing`, anything else the
 store could not do is `StorageUnavailable`.
+
+A stalled store must cost a client seconds, not minutes. Every connection attempt is
+bounded by `s3.connect_timeout` and every socket read by `s3.read_timeout`; a read that
+timed out is never retried (it would only repeat the stall). Metadata calls (stat, whole
+reads of small objects, small writes, deletes, listings) go through a second client whose
+reads wait at most `s3.request_timeout`, and each such call as a whole (queueing for a
+thread and retries included) gets the same deadline: past it, StorageUnavailable, which
+clients see as 503 UNAVAILABLE. Transfers (streamed reads, multipart parts, large writes)
+have no overall deadline, only the socket bounds, so a long one on a healthy store runs
+to its end.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +49,21 @@ READ_AHEAD = 2
 PART_SIZE = 5 * 1024 * 1024
 PARALLEL_PARTS = 6
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchUpload", "ResourceNotFound"}
+# Writes up to this size are metadata (links, tags, records, markers): bounded like reads.
+SMALL_WRITE = 256 * 1024
+
+
+def _retries() -> urllib3.Retry:
+    """A refused connection or a 502-504 is tried again, quickly; a stalled read never is."""
+    return urllib3.Retry(
+        total=2,
+        connect=1,
+        read=0,
+        other=0,
+        status=2,
+        backoff_factor=0.1,
+        status_forcelist=[502, 503, 504],
+    )
 
 
 class ObjectMissing(LookupError):
@@ -71,42 +97,66 @@ class ObjectStore:
 
     def __init__(self, settings: S3Settings, *, max_connections: int = 64) -> None:
         self.bucket = settings.bucket
-        self._client = Minio(
+        connect = settings.connect_timeout.total_seconds()
+        read = settings.read_timeout.total_seconds()
+        self.request_timeout = settings.request_timeout.total_seconds()
+        # Transfers: streamed reads, multipart parts, large writes.
+        self._client = self._minio(settings, max_connections, urllib3.Timeout(connect=connect, read=read))
+        # Metadata calls, whose answers are small and quick on a healthy store.
+        self._quick = self._minio(
+            settings, max_connections, urllib3.Timeout(connect=connect, read=min(read, self.request_timeout))
+        )
+        self._pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="s3")
+
+    @staticmethod
+    def _minio(settings: S3Settings, max_connections: int, timeout: urllib3.Timeout) -> Minio:
+        return Minio(
             settings.endpoint,
             access_key=settings.access_key,
             secret_key=settings.secret_key.get_secret_value(),
             secure=settings.secure,
             region=settings.region,
-            http_client=urllib3.PoolManager(
-                maxsize=max_connections,
-                timeout=urllib3.Timeout(connect=5, read=60),
-                retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
-            ),
+            http_client=urllib3.PoolManager(maxsize=max_connections, timeout=timeout, retries=_retries()),
         )
-        self._pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="s3")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client._http.clear()
+        self._quick._http.clear()
 
     async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A transfer: bounded by the socket timeouts only."""
+        return await self._call(None, func, *args, **kwargs)
+
+    async def _ask(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A metadata call: answered within `request_timeout`, or StorageUnavailable."""
+        return await self._call(self.request_timeout, func, *args, **kwargs)
+
+    async def _call(self, deadline: float | None, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, partial(func, *args, **kwargs))
+            # A call past its deadline is abandoned, not stopped: its thread ends with the
+            # socket timeouts, and one still queued for a thread never starts.
+            async with asyncio.timeout(deadline) as scope:
+                return await loop.run_in_executor(self._pool, partial(func, *args, **kwargs))
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 raise ObjectMissing(exc.object_name or "") from None
             raise StorageUnavailable(f"object store error {exc.code}: {exc.message}") from exc
+        except TimeoutError as exc:
+            if scope.expired():
+                raise StorageUnavailable(f"object store did not answer within {deadline:.1f}s") from None
+            raise StorageUnavailable(f"object store unreachable: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise StorageUnavailable(f"object store unreachable: {exc}") from exc
 
     async def ensure_bucket(self) -> None:
-        if not await self._run(self._client.bucket_exists, self.bucket):
+        if not await self._ask(self._quick.bucket_exists, self.bucket):
             try:
-                await self._run(self._client.make_bucket, self.bucket)
+                await self._ask(self._quick.make_bucket, self.bucket)
             except StorageUnavailable:
                 # Another process created it between our check and our call.
-                if not await self._run(self._client.bucket_exists, self.bucket):
+                if not await self._ask(self._quick.bucket_exists, self.bucket):
                     raise
 
     async def shared_secret(self, key: str) -> bytes:
@@ -120,7 +170,7 @@ class ObjectStore:
 
     async def stat(self, key: str) -> ObjectInfo | None:
         try:
-            result = await self._run(self._client.stat_object, self.bucket, key)
+            result = await self._ask(self._quick.stat_object, self.bucket, key)
         except ObjectMissing:
             return None
         metadata = {
@@ -131,17 +181,17 @@ class ObjectStore:
         return ObjectInfo(key, int(result.size or 0), metadata)
 
     async def get_bytes(self, key: str) -> bytes:
-        """Read a small object (manifests, links) whole."""
+        """Read a small object (manifests, links) whole, within `request_timeout`."""
 
         def fetch() -> bytes:
-            response = self._client.get_object(self.bucket, key)
+            response = self._quick.get_object(self.bucket, key)
             try:
                 return bytes(response.read())
             finally:
                 response.close()
                 response.release_conn()
 
-        return await self._run(fetch)
+        return await self._ask(fetch)
 
     async def put_bytes(
         self,
@@ -151,8 +201,13 @@ class ObjectStore:
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
     ) -> None:
-        await self._run(
-            self._client.put_object,
+        """Write an object whole; a small one (SMALL_WRITE) within `request_timeout`."""
+        if len(data) <= SMALL_WRITE:
+            call, client = self._ask, self._quick
+        else:
+            call, client = self._run, self._client
+        await call(
+            client.put_object,
             self.bucket,
             key,
             io.BytesIO(data),
@@ -185,7 +240,7 @@ class ObjectStore:
             await self.put_bytes(key, first, content_type=content_type, metadata=metadata)
             return
         client = self._client
-        upload_id = await self._run(client._create_multipart_upload, self.bucket, key, headers)
+        upload_id = await self._ask(self._quick._create_multipart_upload, self.bucket, key, headers)
         uploads: dict[int, asyncio.Future[str]] = {}
         try:
             number, data = 1, first
@@ -207,7 +262,7 @@ class ObjectStore:
                 future.cancel()
             await asyncio.gather(*uploads.values(), return_exceptions=True)
             with contextlib.suppress(StorageUnavailable, ObjectMissing):
-                await self._run(client._abort_multipart_upload, self.bucket, key, upload_id)
+                await self._ask(self._quick._abort_multipart_upload, self.bucket, key, upload_id)
             raise
 
     async def stream(
@@ -253,7 +308,7 @@ class ObjectStore:
             response.release_conn()
 
     async def delete(self, key: str) -> None:
-        await self._run(self._client.remove_object, self.bucket, key)
+        await self._ask(self._quick.remove_object, self.bucket, key)
 
     async def copy(self, source: str, destination: str) -> None:
         """A server-side copy of one object (for objects up to 5 GiB, S3's CopyObject limit)."""
@@ -261,33 +316,44 @@ class ObjectStore:
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         def remove(batch: list[str]) -> None:
-            errors = list(self._client.remove_objects(self.bucket, (DeleteObject(k) for k in batch)))
+            errors = list(self._quick.remove_objects(self.bucket, (DeleteObject(k) for k in batch)))
             failed = [e for e in errors if e.code not in _MISSING_CODES]
             if failed:
                 raise StorageUnavailable(f"could not delete {failed[0].name}: {failed[0].message}")
 
         batch = list(keys)
         if batch:
-            await self._run(remove, batch)
+            await self._ask(remove, batch)
 
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
-        """Every object under `prefix`, with its size, in key order."""
+        """Every object under `prefix`, with its size, in key order (within `request_timeout`)."""
 
         def objects() -> list[ObjectInfo]:
-            listing = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            listing = self._quick.list_objects(self.bucket, prefix=prefix, recursive=True)
             return [ObjectInfo(o.object_name, int(o.size or 0), {}) for o in listing if o.object_name]
 
-        return await self._run(objects)
+        return await self._ask(objects)
 
     async def list_keys(
-        self, prefix: str, *, recursive: bool = True, start_after: str | None = None
+        self,
+        prefix: str,
+        *,
+        recursive: bool = True,
+        start_after: str | None = None,
+        limit: int | None = None,
     ) -> list[str]:
-        """Every key under `prefix` (directories end with `/` when not recursive)."""
+        """The keys under `prefix` in order, the first `limit` of them if given (directories
+        end with `/` when not recursive).
+
+        Like every listing, answered within `request_timeout`: a walk over a whole large
+        bucket goes page by page (`limit`, then `start_after` the last key).
+        """
 
         def names() -> list[str]:
-            objects = self._client.list_objects(
+            objects = self._quick.list_objects(
                 self.bucket, prefix=prefix, recursive=recursive, start_after=start_after
             )
-            return [o.object_name for o in objects if o.object_name]
+            found = (o.object_name for o in objects if o.object_name)
+            return list(itertools.islice(found, limit))
 
-        return await self._run(names)
+        return await self._ask(names)
