@@ -470,6 +470,8 @@ def test_manifest_tag_shaped_like_a_digest_is_unknown_not_stored(
         "items=0-5",
         "bytes=0-1,5-6",
         "bytes=1-2-3",
+        "bytes=" + "9" * 5000 + "-",
+        "bytes=-0" + "0" * 5000,
     ],
 )
 def test_unsatisfiable_or_malformed_range_is_416(
@@ -491,6 +493,9 @@ def test_unsatisfiable_or_malformed_range_is_416(
         ("bytes=95-500", 95, 99),
         ("bytes=-500", 0, 99),
         ("bytes=0-99", 0, 99),
+        ("bytes=0-" + "9" * 5000, 0, 99),
+        ("bytes=-" + "9" * 5000, 0, 99),
+        ("bytes=" + "0" * 5000 + "7-8", 7, 8),
     ],
 )
 def test_valid_range_is_206_with_the_bytes(
@@ -627,6 +632,18 @@ INVALID_MANIFESTS: dict[str, Any] = {
     "unknown-media-type": lambda doc, raw: (
         canonical({**doc, "mediaType": "text/plain"}),
         "text/plain",
+    ),
+    "nested-too-deeply": lambda doc, raw: (
+        b'{"schemaVersion": 2, "layers": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        OCI_MANIFEST,
+    ),
+    "layer-size-differs-from-the-blob": lambda doc, raw: (
+        canonical({**doc, "layers": [{**doc["layers"][0], "size": doc["layers"][0]["size"] + 1}]}),
+        OCI_MANIFEST,
+    ),
+    "config-size-differs-from-the-blob": lambda doc, raw: (
+        canonical({**doc, "config": {**doc["config"], "size": 1}}),
+        OCI_MANIFEST,
     ),
 }
 
@@ -962,7 +979,7 @@ def test_unsupported_method_is_405_envelope(
 # --------------------------------------------------------------------------- pagination
 
 
-@pytest.mark.parametrize("n", ["abc", "-1", "1.5", "0x10", " 3"])
+@pytest.mark.parametrize("n", ["abc", "-1", "1.5", "0x10", " 3", "²", "٣", "9" * 5000])
 def test_tags_list_with_malformed_n_is_400(http: httpx.Client, image: Image, n: str, repo: str) -> None:
     assert_error(http.get(f"/v2/{repo}/tags/list", params={"n": n}), 400, "PAGINATION_INVALID")
     assert_error(http.get("/v2/_catalog", params={"n": n}), 400, "PAGINATION_INVALID")

@@ -25,7 +25,17 @@ from shared.storage import StorageUnavailable
 
 log = structlog.get_logger("edge")
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+# Any offset with more digits is past the end of every blob; int() of thousands of digits
+# is refused by Python, so such numbers are never converted.
+_MAX_DIGITS = 18
+
+
+def _offset(text: str) -> int:
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 # How long a blob GET waits for the bucket to confirm a link this process saw recently
 # before serving the disk tier's copy on that memory (a healthy bucket answers in ms).
 LINK_PATIENCE_SECONDS = 0.5
@@ -41,10 +51,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             "RANGE_INVALID", f"unsupported Range {header[:100]!r}", headers=_unsatisfiable(size)
         )
     if not match[1]:  # suffix range: the last N bytes
-        start, end = max(size - int(match[2]), 0), size - 1
+        start, end = max(size - _offset(match[2]), 0), size - 1
     else:
-        start = int(match[1])
-        end = min(int(match[2]), size - 1) if match[2] else size - 1
+        start = _offset(match[1])
+        end = min(_offset(match[2]), size - 1) if match[2] else size - 1
     if start > end or start >= size:
         raise RegistryError(
             "RANGE_INVALID", f"range {header[:100]!r} is outside the blob", headers=_unsatisfiable(size)

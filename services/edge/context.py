@@ -9,7 +9,7 @@ from services.edge import keys
 from shared.access import Action
 from shared.blobs import Source
 from shared.oci.errors import RegistryError
-from shared.routing import Target, resolve
+from shared.routing import ProjectUnknown, Target, resolve
 
 
 def target(request: web.Request, action: Action, name: str | None = None) -> Target:
@@ -20,8 +20,13 @@ def target(request: web.Request, action: Action, name: str | None = None) -> Tar
         # aiohttp decodes `%2F` in path parameters, which would turn `local%2Fapp` into
         # `local/app`: an encoded slash is never a separator, and no component holds one.
         raise RegistryError("NAME_INVALID", f"invalid repository name {requested[:300]!r}")
-    resolved = resolve(app[keys.SETTINGS], requested, request.query.get("ns"))
-    app[keys.ACCESS].require(request.get(keys.USER), resolved.project, action)
+    access, user = app[keys.ACCESS], request.get(keys.USER)
+    try:
+        resolved = resolve(app[keys.SETTINGS], requested, request.query.get("ns"))
+    except ProjectUnknown:
+        # Told apart from a private project the caller may not use, this would list them.
+        raise access.refusal(user, action) from None
+    access.require(user, resolved.project, action)
     if action is not Action.PULL and resolved.project.type == "proxy":
         raise RegistryError(
             "DENIED" if action is Action.PUSH else "UNSUPPORTED",
@@ -46,6 +51,6 @@ def content_length(request: web.Request) -> int | None:
     raw = request.headers.get("Content-Length")
     if raw is None:
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
         raise RegistryError("SIZE_INVALID", "Content-Length must be a non-negative integer")
     return int(raw)

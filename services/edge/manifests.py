@@ -97,18 +97,26 @@ async def _read_manifest_body(request: web.Request, limit: int) -> bytes:
 
 
 async def _check_references(repositories: RepositoryStore, name: str, manifest: Manifest) -> None:
-    """Every blob and child manifest must already be in the repository; the subject need not."""
+    """Every blob and child manifest must already be in the repository, with the size the
+    descriptor gives (a client trusts that size when it pulls); the subject need not."""
     blobs = manifest.blobs
     children = manifest.manifests
     found = await asyncio.gather(
-        *(repositories.blob_linked(name, b.digest) for b in blobs),
+        *(repositories.linked_size(name, b.digest) for b in blobs),
         *(repositories.revision(name, c.digest) for c in children),
     )
-    for descriptor, present in zip([*blobs, *children], found, strict=True):
-        if not present:
+    sizes = [f if isinstance(f, int) or f is None else f.size for f in found]
+    for descriptor, size in zip([*blobs, *children], sizes, strict=True):
+        if size is None:
             raise RegistryError(
                 "MANIFEST_BLOB_UNKNOWN",
                 f"{descriptor.digest} is not in repository {name}",
+                detail={"digest": str(descriptor.digest)},
+            )
+        if size != descriptor.size:
+            raise RegistryError(
+                "MANIFEST_INVALID",
+                f"the descriptor of {descriptor.digest} gives size {descriptor.size}, the content has {size}",
                 detail={"digest": str(descriptor.digest)},
             )
 

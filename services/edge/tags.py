@@ -20,7 +20,7 @@ def paginate(request: web.Request, items: list[str]) -> tuple[list[str], dict[st
     raw_n = request.query.get("n")
     if raw_n is None or raw_n == "":
         return items, {}
-    if not raw_n.isdigit():
+    if not (raw_n.isascii() and raw_n.isdigit()) or len(raw_n) > 9:
         raise RegistryError("PAGINATION_INVALID", "n must be a non-negative integer")
     n = int(raw_n)
     page = items[:n]

@@ -16,7 +16,7 @@ from shared.oci.errors import RegistryError
 from shared.repositories import project_of
 from shared.uploads import Upload
 
-_CONTENT_RANGE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/\d+|/\*)?$")
+_CONTENT_RANGE = re.compile(r"^(?:bytes )?([0-9]{1,19})-([0-9]{1,19})(?:/[0-9]{1,19}|/\*)?$")
 
 
 def _upload_headers(name: str, upload: Upload) -> dict[str, str]:

@@ -97,6 +97,9 @@ def parse_manifest(raw: bytes, content_type: str | None) -> Manifest:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RegistryError("MANIFEST_INVALID", f"manifest is not valid JSON: {exc}") from None
+    except RecursionError:
+        # Thousands of nested arrays: valid JSON, but deeper than any manifest could be.
+        raise RegistryError("MANIFEST_INVALID", "manifest JSON is nested too deeply") from None
     if not isinstance(document, dict):
         raise RegistryError("MANIFEST_INVALID", "manifest must be a JSON object")
     if document.get("schemaVersion") != 2:

@@ -268,7 +268,7 @@ class UpstreamClient:
             )
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if not isinstance(document, dict):
             raise self._failure("auth", "token endpoint answered with something other than JSON")
@@ -446,7 +446,7 @@ class UpstreamClient:
                 return f": {first.get('code', '')} {first.get('message', '')}".rstrip()
             if isinstance(document, dict) and document.get("details"):
                 return f": {str(document['details'])[:200]}"
-        except (ValueError, AttributeError, IndexError, TypeError):
+        except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
             pass
         text = body[:200].decode("utf-8", "replace").strip()
         return f": {text}" if text else ""
@@ -507,7 +507,7 @@ class UpstreamClient:
             return response.content_type == "application/json"
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return isinstance(document, dict) and isinstance(document.get("errors"), list)
 
@@ -693,7 +693,7 @@ class UpstreamClient:
 def _sniff_media_type(body: bytes) -> str | None:
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     media_type = document.get("mediaType") if isinstance(document, dict) else None
     return media_type if isinstance(media_type, str) else None
