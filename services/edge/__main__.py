@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import click
-from aiohttp import web
+import asyncio
 
-from services.edge.app import create_app
+import click
+
+from services.edge.server import serve
 from shared.eventloop import use_uvloop
 from shared.logging import configure_logging, get_logger
 from shared.settings import load_settings
@@ -19,14 +20,7 @@ def main(config: str | None) -> None:
     use_uvloop()
     log = get_logger("edge")
     log.info("edge_starting", listen=settings.listen)
-    web.run_app(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        print=None,
-        access_log=None,
-        reuse_port=settings.edge_processes > 1,
-    )
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -36,11 +38,18 @@ def target(request: web.Request, action: Action, name: str | None = None) -> Tar
 
 
 def body_source(request: web.Request) -> Source:
-    """The request body as a byte source; a client that stops short is SIZE_INVALID."""
+    """The request body as a byte source; a client that stops short is SIZE_INVALID, one
+    that sends nothing for `limits.body_idle_timeout` is cut off (BLOB_UPLOAD_INVALID)."""
+    idle = request.app[keys.SETTINGS].limits.body_idle_timeout.total_seconds()
 
     async def read(n: int) -> bytes:
         try:
-            return await request.content.read(n)
+            async with asyncio.timeout(idle):
+                return await request.content.read(n)
+        except TimeoutError:
+            raise RegistryError(
+                "BLOB_UPLOAD_INVALID", f"request body stalled: nothing received for {idle:g} s"
+            ) from None
         except (HttpProcessingError, ConnectionError) as exc:
             raise RegistryError("SIZE_INVALID", f"request body ended early: {exc}") from None
 

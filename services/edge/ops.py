@@ -1,4 +1,4 @@
-"""Operational endpoints: Prometheus metrics, liveness and readiness."""
+"""Operational endpoints: Prometheus metrics (own address or registry port), liveness, readiness."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from shared.metrics import QUOTA_LIMIT, QUOTA_REMAINING
 from shared.ratelimit import Governor
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def exposition(app: web.Application) -> web.Response:
+    """The Prometheus exposition of this process, with quota gauges read from `app`'s Redis."""
     # Quota gauges are read from the shared bucket at scrape time: a process only learns
     # of spending when it spends, so its own values would go stale as the bucket refills.
-    app = request.app
     for upstream in app[keys.SETTINGS].upstreams:
         status = await Governor(app[keys.REDIS], upstream).status()
         if status.limit is not None and status.remaining is not None:
@@ -26,6 +26,22 @@ async def metrics(request: web.Request) -> web.Response:
     response = web.Response(body=generate_latest())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """`/metrics` on the registry port (only with `metrics_on_registry_port: true`)."""
+    return await exposition(request.app)
+
+
+def metrics_app(registry: web.Application) -> web.Application:
+    """The app of `metrics_listen`: `/metrics` and nothing else, for the registry app's process."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        return await exposition(registry)
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape, name="metrics")
+    return app
 
 
 async def healthz(request: web.Request) -> web.Response:

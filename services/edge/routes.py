@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.edge import auth, blobs, catalog, manifests, ops, referrers, tags, uploads
+from services.edge import auth, blobs, catalog, keys, manifests, ops, referrers, tags, uploads
 
 # Repository names contain slashes, so `name` is greedy and each route ends with the
 # fixed segment that tells the resources apart (distribution's route regexps do the same).
@@ -34,6 +34,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete(f"/v2/{NAME}/blobs/{{digest}}", blobs.delete_blob, name="blob_delete")
     r.add_get("/token", auth.issue_token, name="token")
     r.add_post("/token", auth.issue_token, name="token_post")
-    r.add_get("/metrics", ops.metrics, name="metrics")
+    if app[keys.SETTINGS].metrics_on_registry_port:
+        # Off by default: metrics (project names, counters) go to `metrics_listen`.
+        r.add_get("/metrics", ops.metrics, name="metrics")
     r.add_get("/healthz", ops.healthz, name="healthz")
     r.add_get("/readyz", ops.readyz, name="readyz")
