@@ -26,6 +26,7 @@ from minio import Minio
 from minio.error import MinioException
 from pydantic import SecretStr
 
+from services import weed_security
 from shared.settings import S3Settings
 
 HOST = "127.0.0.1"
@@ -277,7 +278,15 @@ def _admin_port(taken: Sequence[int]) -> int:
 
 
 class S3Server(ManagedProcess):
-    """SeaweedFS `weed mini` with every port chosen free, serving S3 on 127.0.0.1."""
+    """SeaweedFS `weed mini` on free ports of 127.0.0.1, where only S3 opens without its keys.
+
+    Any local user can reach 127.0.0.1, so no port may serve data on trust: S3 wants a
+    signature; the master's and the filer's HTTP APIs are off; the volume server serves and
+    stores a needle only with a JWT signed by this data dir's key; every gRPC port demands a
+    certificate from this data dir's CA; the admin server has no UI. weed's files and sockets
+    are its owner's alone. `ports`: master, master gRPC, volume, volume gRPC, filer, filer
+    gRPC, S3, S3 gRPC, WebDAV (off), admin, admin gRPC.
+    """
 
     def __init__(
         self, binary: Path, data_dir: Path, log_path: Path, access_key: str, secret_key: str
@@ -289,11 +298,17 @@ class S3Server(ManagedProcess):
         self.endpoint = f"{HOST}:{self.port}"
         self.access_key = access_key
         self.secret_key = secret_key
-        store = data_dir / "s3"
-        (store / "log").mkdir(parents=True, exist_ok=True)
+        self.store = store = data_dir / "s3"
+        weed_security.lock_down(store)
+        (store / "log").mkdir(mode=0o700, exist_ok=True)
+        weed_security.write_config(store)
+        _private_file(log_path)
         argv = [
-            # glog files would otherwise pile up in /tmp; a stray security.toml in the
-            # working or home directory must not switch on TLS or JWTs.
+            # The umask before anything else: weed creates volumes, indexes, metadata and
+            # sockets as it goes, and none of them is for other users.
+            "/bin/sh", "-c", f'umask {weed_security.UMASK:03o} && exec "$@"', "weed",
+            # glog files would otherwise pile up in /tmp; weed looks for security.toml in
+            # -config_dir first, so the store's own wins over any in the working or home dir.
             str(binary), f"-logdir={store / 'log'}", f"-config_dir={store}",
             "mini",
             f"-dir={store}",
@@ -308,10 +323,15 @@ class S3Server(ManagedProcess):
             "-metricsPort=0", "-s3.metricsPort=0",
             # Telemetry would call out to the internet.
             "-master.telemetry=false",
-            *_socket_flag(store),
+            # The master's and the filer's HTTP APIs: S3 reaches both over gRPC, and the
+            # master's would hand a volume token for any file id to whoever asks.
+            "-disableHttp",
+            *_socket_flags(store),
         ]  # fmt: skip
+        # WEED_* variables override security.toml: none from our environment may loosen it.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("WEED_")}
         # weed mini turns these into its admin S3 identity; the minio SDK signs with them.
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+        env |= {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
         super().__init__("s3", argv, log_path, env)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -365,10 +385,25 @@ class S3Server(ManagedProcess):
         return True
 
 
-def _socket_flag(store: Path) -> list[str]:
-    """Keep weed's S3 unix socket in the data dir, which /tmp would otherwise collect."""
-    path = store / "s3.sock"
-    return [f"-s3.localSocket={path}"] if len(str(path)) <= _MAX_SOCKET_PATH else []
+def _socket_flags(store: Path) -> list[str]:
+    """Keep weed's S3 and filer HTTP unix sockets in the data dir instead of /tmp.
+
+    In /tmp they would pile up, and another user could take a socket's name first and
+    receive what the S3 gateway sends to the filer.
+    """
+    paths = {component: store / f"{component}.sock" for component in ("s3", "filer")}
+    return [
+        f"-{component}.localSocket={path}"
+        for component, path in paths.items()
+        if len(str(path)) <= _MAX_SOCKET_PATH
+    ]
+
+
+def _private_file(path: Path) -> None:
+    """Create path (or keep it) readable and writable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
 
 
 def start_s3(
