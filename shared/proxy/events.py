@@ -80,7 +80,7 @@ class CacheEvents:
 
     async def want(self, redis: Redis, target: Target, digest: Digest) -> None:
         """Ask for a fill a client waits for, unless one is running or was asked for moments ago."""
-        if await state.request_fill(redis, digest, state.CLIENT):
+        if await state.request_fill(redis, digest, target.project.name, state.CLIENT):
             await self.fill_wanted(target.project.name, target.path, str(digest))
 
     async def want_prefetched(self, redis: Redis, target: Target, digests: list[Digest]) -> None:
@@ -93,7 +93,7 @@ class CacheEvents:
         wanted: list[str] = []
         new = False
         for digest in digests:
-            if await state.request_fill(redis, digest, state.PREFETCH):
+            if await state.request_fill(redis, digest, target.project.name, state.PREFETCH):
                 wanted.append(str(digest))
                 new = True
             elif await state.being_filled(redis, digest):

@@ -130,16 +130,20 @@ async def fill_blob(
     held, size = await asyncio.gather(
         deps.repositories.project_holds(project_of(name), digest), deps.blobs.size(digest)
     )
+    project = project_of(name)
     if held and size is not None:
         await deps.repositories.link_blob(name, digest, size)
+        await state.entitle(deps.redis, digest, project)
         await state.write_state(deps.redis, digest, status=state.COMMITTED, size=size, staged=size)
         return "present"
     lease = Lease(deps.redis, state.lease_key(digest), ttl=LEASE_TTL)
     if not await lease.acquire():
-        if downloaded is not None:
-            await _holder_downloaded(deps.redis, digest)
+        await state.clear_queued(deps.redis, digest, project)
+        await _join_other_fill(deps, upstream, name, repository, digest, downloaded)
         return "busy"
-    await state.clear_queued(deps.redis, digest)
+    await state.clear_queued(deps.redis, digest, project)
+    # This fill's bytes come from this project's upstream: its clients may follow it.
+    await state.entitle(deps.redis, digest, project)
     FILLS_IN_FLIGHT.labels(upstream.name).inc()
     try:
         async with lease.heartbeat():
@@ -156,6 +160,42 @@ async def fill_blob(
         raise
     finally:
         FILLS_IN_FLIGHT.labels(upstream.name).dec()
+
+
+async def _join_other_fill(
+    deps: FillDeps,
+    upstream: UpstreamClient,
+    name: str,
+    repository: str,
+    digest: Digest,
+    downloaded: asyncio.Event | None,
+) -> None:
+    """Another fill (perhaps for another project) holds the blob: let this project's clients
+    follow it only once this project's own upstream serves the blob in `repository` (a HEAD,
+    which costs no pull), then link the blob here when that fill has committed it."""
+    project = project_of(name)
+    redis = deps.redis
+    if not await state.entitled(redis, digest, project):
+        try:
+            size = await upstream.head_blob(repository, str(digest))
+        except UpstreamFailure as failure:
+            error = failure.to_registry_error("BLOB_UNKNOWN")
+            await state.refuse(redis, digest, project, error.code, error.message)
+            raise
+        if size is None:
+            message = f"{digest} is not in {repository} on upstream {upstream.name}"
+            await state.refuse(redis, digest, project, "BLOB_UNKNOWN", message)
+            raise UpstreamFailure("not_found", message, upstream=upstream.name, status=404)
+        await state.entitle(redis, digest, project)
+    if downloaded is not None:
+        await _holder_downloaded(redis, digest)
+        downloaded.set()
+    # The holder is another process: only its lease says when it is done.
+    while await state.being_filled(redis, digest):  # noqa: ASYNC110
+        await asyncio.sleep(HOLDER_POLL_SECONDS * 10)
+    stored = await deps.blobs.size(digest)
+    if stored is not None:
+        await deps.repositories.link_blob(name, digest, stored)
 
 
 async def _holder_downloaded(redis: Redis, digest: Digest) -> None:

@@ -112,10 +112,27 @@ class BlobFollower:
         self._readers_marked = 0.0
 
     async def _committed_size(self, project: str, digest: Digest) -> int | None:
-        """The blob's size once this project holds it (a copy held elsewhere does not count)."""
-        if not await self._repositories.project_holds(project, digest):
+        """The blob's size once this project holds it (a copy held elsewhere does not count,
+        unless this project's upstream vouched for it and its fill's link is on its way)."""
+        if not await self._repositories.project_holds(project, digest) and not await state.entitled(
+            self._redis, digest, project
+        ):
             return None
         return await self._blobs.size(digest)
+
+    async def _may_follow(self, project: str, digest: Digest) -> bool:
+        """Whether this project's clients may read the running fill's bytes: the fill is
+        for this project, or this project's upstream vouched for the blob, or the project
+        holds the stored copy (a fill for another project is only hashing what it serves).
+        Otherwise raise this project's refusal, if its upstream gave one."""
+        if await state.entitled(self._redis, digest, project):
+            return True
+        if await self._repositories.project_holds(project, digest):
+            return True
+        refused = await state.refusal(self._redis, digest, project)
+        if refused is not None:
+            raise RegistryError(refused[0], refused[1], detail={"digest": str(digest)})
+        return False
 
     async def wait_for_size(
         self, project: str, digest: Digest, rerequest: Callable[[], Awaitable[None]], within: float
@@ -128,7 +145,7 @@ class BlobFollower:
             fill = await state.read_state(self._redis, digest)
             if fill.status == state.FAILED:
                 raise failure_error(fill, digest)
-            if fill.size is not None:
+            if fill.size is not None and await self._may_follow(project, digest):
                 return fill.size
             if fill.status in (None, state.COMMITTED):
                 size = await self._committed_size(project, digest)
@@ -160,6 +177,7 @@ class BlobFollower:
         next_rerequest = last_progress + REREQUEST_SECONDS
         poll = _Poll()
         marked_remote = False
+        allowed = False
         try:
             while offset < end:
                 fill = await state.read_state(self._redis, digest)
@@ -172,7 +190,8 @@ class BlobFollower:
                     return
                 if fill.status == state.FAILED:
                     raise failure_error(fill, digest)
-                filling = fill.status in (state.FILLING, state.VERIFIED)
+                allowed = allowed or await self._may_follow(project, digest)
+                filling = allowed and fill.status in (state.FILLING, state.VERIFIED)
                 fd = spooled.fd(fill) if filling else None
                 if filling and fd is None and fill.source == state.FROM_SEGMENTS and not marked_remote:
                     await state.mark_remote_follower(self._redis, digest)
@@ -180,7 +199,8 @@ class BlobFollower:
                 # Every byte but the last may go before verification; the last one only after.
                 limit = end if fill.status == state.VERIFIED else min(end, size - 1)
                 before = offset
-                async for source, chunk in self._available(digest, fill, fd, offset, limit, listing):
+                available = self._available(digest, fill, fd, offset, limit, listing) if allowed else None
+                async for source, chunk in available or _nothing():
                     offset += len(chunk)
                     FILL_BYTES_FOLLOWED.labels(source).inc(len(chunk))
                     yield chunk
@@ -260,3 +280,8 @@ class BlobFollower:
                     yield chunk
             except ObjectMissing:
                 return  # deleted (a fill that failed): the caller reads the state again
+
+
+async def _nothing() -> AsyncIterator[tuple[str, bytes]]:
+    return
+    yield ("", b"")

@@ -6,6 +6,7 @@ from the segments already staged in the bucket.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -115,28 +116,75 @@ async def spool_readers_active(redis: Redis, node: str) -> bool:
 CLIENT, PREFETCH = "client", "prefetch"
 
 
-def _queued_key(digest: Digest, kind: str) -> str:
-    return f"seawall:fill:{digest}:queued:{kind}"
+def _queued_key(digest: Digest, kind: str, project: str) -> str:
+    return f"seawall:fill:{digest}:queued:{kind}:{project}"
 
 
 async def request_fill(
-    redis: Redis, digest: Digest, kind: str = CLIENT, dedupe_seconds: float = 30.0
+    redis: Redis, digest: Digest, project: str, kind: str = CLIENT, dedupe_seconds: float = 30.0
 ) -> bool:
-    """Mark a fill as wanted; True when the caller should enqueue it (nobody else did).
+    """Mark a fill as wanted for `project`; True when the caller should enqueue it.
 
-    Nobody holds the lease and nobody queued it recently: reset a stale outcome (a past
-    failure) so followers wait for the new attempt instead of reading the old verdict.
+    A fill running for this project, or one queued for it moments ago, makes a new one
+    needless. A fill running for another project does not: this project's own upstream
+    must vouch for the blob before its clients may read that fill (see `entitled`).
+    Nobody holds the lease: reset a stale outcome (a past failure) so followers wait for
+    the new attempt instead of reading the old verdict.
     """
-    if await being_filled(redis, digest):
+    filling = await being_filled(redis, digest)
+    if filling and await entitled(redis, digest, project):
         return False
-    queued = await redis.set(_queued_key(digest, kind), "1", nx=True, px=int(dedupe_seconds * 1000))
+    queued = await redis.set(_queued_key(digest, kind, project), "1", nx=True, px=int(dedupe_seconds * 1000))
     if not queued:
         return False
-    state = await read_state(redis, digest)
-    if state.status != COMMITTED:
-        await write_state(redis, digest, status=QUEUED, error_code=None, error=None)
+    await redis.delete(_refusal_key(digest, project))
+    if not filling:
+        state = await read_state(redis, digest)
+        if state.status != COMMITTED:
+            await write_state(redis, digest, status=QUEUED, error_code=None, error=None)
     return True
 
 
-async def clear_queued(redis: Redis, digest: Digest) -> None:
-    await redis.delete(_queued_key(digest, CLIENT), _queued_key(digest, PREFETCH))
+async def clear_queued(redis: Redis, digest: Digest, project: str) -> None:
+    await redis.delete(_queued_key(digest, CLIENT, project), _queued_key(digest, PREFETCH, project))
+
+
+# A fill's state is shared by every project that wants the digest, but its bytes may be
+# read only by projects whose own upstream serves that blob: the project the fill runs
+# for, and each one whose upstream answered a HEAD for it in its own repository. The
+# blob's content is the same for all (it is addressed by its digest); the right to read
+# it is not, or a digest alone would open another project's blob.
+def _entitled_key(digest: Digest) -> str:
+    return f"seawall:fill:{digest}:projects"
+
+
+def _refusal_key(digest: Digest, project: str) -> str:
+    return f"seawall:fill:{digest}:refused:{project}"
+
+
+REFUSAL_TTL_SECONDS = 60
+
+
+async def entitle(redis: Redis, digest: Digest, project: str) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.sadd(_entitled_key(digest), project)
+        pipe.expire(_entitled_key(digest), _STATE_TTL)
+        await pipe.execute()
+
+
+async def entitled(redis: Redis, digest: Digest, project: str) -> bool:
+    return bool(await redis.sismember(_entitled_key(digest), project))
+
+
+async def refuse(redis: Redis, digest: Digest, project: str, code: str, message: str) -> None:
+    """This project's upstream did not vouch for the blob: its followers fail with `code`."""
+    value = json.dumps({"code": code, "message": message})
+    await redis.set(_refusal_key(digest, project), value, ex=REFUSAL_TTL_SECONDS)
+
+
+async def refusal(redis: Redis, digest: Digest, project: str) -> tuple[str, str] | None:
+    raw = await redis.get(_refusal_key(digest, project))
+    if raw is None:
+        return None
+    found = json.loads(raw)
+    return str(found["code"]), str(found["message"])

@@ -626,6 +626,31 @@ class UpstreamClient:
         return digest_with("sha256") or ""
 
     # ------------------------------------------------------------------------ blobs
+    async def head_blob(self, repository: str, digest: str) -> int | None:
+        """The size of a blob the upstream serves in `repository`, None on 404 (free on
+        Docker Hub: no pull is counted). Bounded by the upstream's head_timeout."""
+        what = f"HEAD blob {repository}@{digest}"
+        try:
+            async with asyncio.timeout(self._head_timeout):
+                response = await self._send(
+                    "HEAD",
+                    self._url(repository, "blobs", digest),
+                    kind="blob",
+                    scope=self._scope(repository),
+                    headers={"Accept": "*/*"},
+                )
+                try:
+                    if response.status == 404:
+                        return None
+                    if response.status != 200:
+                        await self._raise_for_status(response, what)
+                    length = response.headers.get("Content-Length", "")
+                    return int(length) if length.isascii() and length.isdigit() else 0
+                finally:
+                    response.release()
+        except TimeoutError as exc:
+            raise self._failure("timeout", f"{what}: no answer within {self._head_timeout:g} s") from exc
+
     @asynccontextmanager
     async def open_blob(self, repository: str, digest: str, *, offset: int = 0) -> AsyncIterator[BlobStream]:
         """Stream a blob from `offset` (with `Range: bytes=<offset>-` when offset > 0).
