@@ -20,6 +20,14 @@ class Target:
     path: str  # the repository within the project (for a proxy: the upstream's name)
 
 
+class ProjectUnknown(RegistryError):
+    """No project serves the name. The edge answers it as it answers a private project
+    the caller may not use, so that callers cannot tell which private projects exist."""
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__("NAME_UNKNOWN", f"no project named {project_name[:300]!r}")
+
+
 def resolve(settings: Settings, requested: str, namespace: str | None = None) -> Target:
     validate_name(requested)
     if namespace:
@@ -33,13 +41,13 @@ def resolve(settings: Settings, requested: str, namespace: str | None = None) ->
         return _target(settings, project.name, rest, None)
     if settings.mirror.default:
         return _target(settings, settings.mirror.default, requested, None)
-    raise RegistryError("NAME_UNKNOWN", f"no project named {head!r}")
+    raise ProjectUnknown(head)
 
 
 def _target(settings: Settings, project_name: str, path: str, namespace: str | None) -> Target:
     project = settings.project(project_name)
     if project is None:  # settings validation makes this unreachable for mirror targets
-        raise RegistryError("NAME_UNKNOWN", f"no project named {project_name!r}")
+        raise ProjectUnknown(project_name)
     if project.type == "proxy":
         path = upstream_path(settings, project, path)
     return Target(project, f"{project.name}/{path}", path)

@@ -27,11 +27,13 @@ from shared import layout
 from shared.settings import S3Settings
 from shared.tokens import TOKEN_TTL, TokenSigner
 from tests.fixtures import servers
-from tests.fixtures.edge import USERS, EdgeServer, build_settings
+from tests.fixtures.edge import PROJECTS, USERS, EdgeServer, build_settings
 from tests.support.images import OCI_MANIFEST, Image, make_image, sha256
 
 PUBLIC = "local/app"
 PRIVATE = "private/secret"
+# A private project only alice may use: bob is an authenticated caller without a grant.
+VAULT = {"name": "vault", "type": "hosted", "public": False, "pull": ["alice"], "push": ["alice"]}
 CHALLENGE = re.compile(r'^Bearer realm="http://127\.0\.0\.1:\d+/token",service="seawall"$')
 
 
@@ -55,6 +57,9 @@ BAD_CREDENTIALS = [
     "forged-token",
     "expired-token",
     "tampered-token",
+    "non-ascii-token",
+    "non-ascii-basic",
+    "latin1-token",
 ]
 
 
@@ -85,7 +90,7 @@ def assert_refused(response: httpx.Response, status: int, code: str, secret: byt
 class Caller:
     """Requests to the edge with one fixed Authorization header (or none)."""
 
-    def __init__(self, url: str, authorization: str | None) -> None:
+    def __init__(self, url: str, authorization: str | bytes | None) -> None:
         headers = {"Authorization": authorization} if authorization else {}
         self.client = httpx.Client(base_url=url, headers=headers, timeout=30)
 
@@ -111,9 +116,19 @@ def edge(
     redis_server: RedisServer, module_s3: S3Settings, user_hashes: dict[str, str]
 ) -> Iterator[EdgeServer]:
     """One edge and bucket for the module: each SeaweedFS bucket reserves volumes of its
-    own, and every case here only reads, is refused, or re-pushes the same two images."""
+    own, and every case here only reads, is refused, or re-pushes the same two images.
+
+    Its login limits are out of reach: the cases here send hundreds of wrong passwords from
+    one address on purpose (the limits have tests of their own, in test_logins.py)."""
     redis_url = f"redis://127.0.0.1:{redis_server.port}/{next(servers._databases)}"
-    with EdgeServer(build_settings(redis_url, module_s3, user_hashes)) as server:
+    settings = build_settings(
+        redis_url,
+        module_s3,
+        user_hashes,
+        projects=[*PROJECTS, VAULT],
+        logins={"failures_per_client": 1_000_000, "failures_per_account": 1_000_000},
+    )
+    with EdgeServer(settings) as server:
         yield server
 
 
@@ -138,7 +153,7 @@ def token_secret(edge: EdgeServer, s3_server: S3Server, module_s3: S3Settings) -
         response.release_conn()
 
 
-def bad_credentials(edge: EdgeServer, secret: bytes) -> dict[str, str]:
+def bad_credentials(edge: EdgeServer, secret: bytes, hashes: dict[str, str]) -> dict[str, str | bytes]:
     """Authorization headers that must be refused, whatever they are presented to."""
     alice_token = issue_token(edge, ALICE)
     payload, _, signature = alice_token.partition(".")
@@ -154,14 +169,21 @@ def bad_credentials(edge: EdgeServer, secret: bytes) -> dict[str, str]:
         "not-base64": "Basic !!!not-base64!!!",
         "unknown-scheme": "Digest username=alice",
         "garbage-token": "Bearer some.jwt.token",
-        "forged-token": "Bearer " + TokenSigner(os.urandom(32)).issue("alice"),
-        "expired-token": "Bearer " + TokenSigner(secret).issue("alice", now=time.time() - 2 * TOKEN_TTL),
+        "forged-token": "Bearer " + TokenSigner(os.urandom(32)).issue("alice", hashes["alice"]),
+        "expired-token": "Bearer "
+        + TokenSigner(secret).issue("alice", hashes["alice"], now=time.time() - 2 * TOKEN_TTL),
         "tampered-token": f"Bearer {longer}.{signature}",
+        # Header bytes that are no ASCII at all, as UTF-8 and as a lone Latin-1 byte.
+        "non-ascii-token": f"Bearer {payload}.{signature[:-1]}é".encode(),
+        "non-ascii-basic": b"Basic " + base64.b64encode(b"alice:x")[:-2] + "é=".encode(),
+        "latin1-token": b"Bearer " + payload.encode() + b"." + signature.encode()[:-1] + b"\xff",
     }
 
 
 @pytest.fixture
-def callers(edge: EdgeServer, token_secret: bytes) -> Iterator[dict[str, Caller]]:
+def callers(
+    edge: EdgeServer, token_secret: bytes, user_hashes: dict[str, str]
+) -> Iterator[dict[str, Caller]]:
     made = {
         "anonymous": Caller(edge.url, None),
         "alice": Caller(edge.url, ALICE),
@@ -170,7 +192,10 @@ def callers(edge: EdgeServer, token_secret: bytes) -> Iterator[dict[str, Caller]
         "anonymous-token": Caller(edge.url, "Bearer " + issue_token(edge)),
         "alice-token": Caller(edge.url, "Bearer " + issue_token(edge, ALICE)),
         "bob-token": Caller(edge.url, "Bearer " + issue_token(edge, BOB)),
-        **{name: Caller(edge.url, header) for name, header in bad_credentials(edge, token_secret).items()},
+        **{
+            name: Caller(edge.url, header)
+            for name, header in bad_credentials(edge, token_secret, user_hashes).items()
+        },
     }
     assert set(BAD_CREDENTIALS) <= set(made)
     yield made
@@ -416,11 +441,13 @@ def test_following_the_challenge_yields_a_working_token(edge: EdgeServer, stored
     assert httpx.get(f"{edge.url}/v2/{PUBLIC}/blobs/{sha256(data)}").content == data
 
 
-def test_token_endpoint_checks_credentials(edge: EdgeServer, token_secret: bytes) -> None:
+def test_token_endpoint_checks_credentials(
+    edge: EdgeServer, token_secret: bytes, user_hashes: dict[str, str]
+) -> None:
     signer = TokenSigner(token_secret)
-    assert signer.verify(issue_token(edge)) is None
-    assert signer.verify(issue_token(edge, ALICE)) == "alice"
-    assert signer.verify(issue_token(edge, EMPTY)) is None
+    assert signer.verify(issue_token(edge), user_hashes) is None
+    assert signer.verify(issue_token(edge, ALICE), user_hashes) == "alice"
+    assert signer.verify(issue_token(edge, EMPTY), user_hashes) is None
     # The OAuth2 password grant (containerd) checks the same credentials.
     granted = httpx.post(
         f"{edge.url}/token",
@@ -432,13 +459,16 @@ def test_token_endpoint_checks_credentials(edge: EdgeServer, token_secret: bytes
         },
     )
     assert granted.status_code == 200, granted.text
-    assert signer.verify(granted.json()["access_token"]) == "bob"
+    assert signer.verify(granted.json()["access_token"], user_hashes) == "bob"
     refused = [
         httpx.get(f"{edge.url}/token", headers={"Authorization": basic("alice", "wrong")}),
         httpx.get(f"{edge.url}/token", headers={"Authorization": basic("mallory", USERS["alice"])}),
         httpx.post(f"{edge.url}/token", data={"grant_type": "password", "username": "bob", "password": "x"}),
         # A token cannot be traded for another (which could outlive it).
-        httpx.get(f"{edge.url}/token", headers={"Authorization": "Bearer " + signer.issue("alice")}),
+        httpx.get(
+            f"{edge.url}/token",
+            headers={"Authorization": "Bearer " + signer.issue("alice", user_hashes["alice"])},
+        ),
     ]
     for response in refused:
         assert response.status_code == 401, response.text
@@ -471,3 +501,40 @@ def test_empty_basic_credentials_are_anonymous(callers: dict[str, Caller], image
     assert_refused(empty.get(f"/v2/{PRIVATE}/manifests/v1"), 401, "UNAUTHORIZED")
     assert_refused(empty.request("POST", f"/v2/{PUBLIC}/blobs/uploads/"), 401, "UNAUTHORIZED")
     assert_refused(empty.request("DELETE", f"/v2/{PUBLIC}/manifests/v1"), 401, "UNAUTHORIZED")
+
+
+# --------------------------------------------------------------------------- project names
+
+
+def test_a_missing_project_is_refused_exactly_like_a_private_one(
+    callers: dict[str, Caller], images: dict[str, Image]
+) -> None:
+    """A caller who may not use a project cannot tell it from one that does not exist:
+    same status, code, message and challenge, and no project named in the answer."""
+    image = images[PRIVATE]
+    # `private/secret` holds an image; `vault` exists but grants only alice; `private`
+    # alone names a project but no repository in it.
+    cases = {
+        "anonymous": [PRIVATE, "vault/secret", "private"],
+        "empty": [PRIVATE, "vault/secret"],
+        "anonymous-token": [PRIVATE, "vault/secret"],
+        "bob": ["vault/secret"],
+        "bob-token": ["vault/secret"],
+    }
+    for name, existing in cases.items():
+        caller = callers[name]
+        for repo in existing:
+            missing = repo.replace("private", "nothere").replace("vault", "nothere")
+            asked = [(method, path, {}) for method, path, _ in pull_requests(repo, image)]
+            asked += [*push_requests(repo), ("DELETE", f"/v2/{repo}/manifests/v1", {})]
+            for method, path, kwargs in asked:
+                other = path.replace(f"/v2/{repo}/", f"/v2/{missing}/", 1)
+                exists = caller.request(method, path, **kwargs)
+                absent = caller.request(method, other, **kwargs)
+                assert exists.status_code in (401, 403), (name, method, path, exists.text)
+                assert exists.status_code == absent.status_code, (name, method, path)
+                assert exists.content == absent.content, (name, method, path)
+                assert exists.headers.get("WWW-Authenticate") == absent.headers.get("WWW-Authenticate")
+                for project in (b"private", b"vault", b"nothere"):
+                    assert project not in exists.content
+                    assert project not in absent.content

@@ -67,8 +67,12 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
         secret = settings.token_secret.get_secret_value().encode()
     else:
         secret = await app[keys.STORE].shared_secret(TOKEN_SECRET_KEY)
-    app[keys.ACCESS] = Access(settings, TokenSigner(secret))
-    yield
+    access = Access(settings, TokenSigner(secret))
+    app[keys.ACCESS] = access
+    try:
+        yield
+    finally:
+        access.close()
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:

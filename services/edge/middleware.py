@@ -96,6 +96,11 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Check Basic credentials once per request; handlers check grants per project."""
-    request[keys.USER] = request.app[keys.ACCESS].authenticate(request.headers.get("Authorization"))
+    """Check credentials once per request; handlers check grants per project.
+
+    Failed logins are limited by `request.remote`, the peer address: X-Forwarded-For is
+    whatever the client wants it to be.
+    """
+    access = request.app[keys.ACCESS]
+    request[keys.USER] = await access.authenticate(request.headers.get("Authorization"), request.remote)
     return await handler(request)
