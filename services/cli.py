@@ -185,5 +185,26 @@ def warm(config: Path | None, references: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@_CONFIG_OPTION
+@click.option(
+    "--rate",
+    default=None,
+    help="Read at most this many bytes per second (e.g. 200MiB; 0: no cap). Default: scrub.bytes_per_second.",
+)
+def scrub(config: Path | None, rate: str | None) -> None:
+    """Re-hash every stored blob; quarantine and list those that do not match their digest.
+
+    Exits 0 when every blob is sound, 2 when some were quarantined.
+    """
+    from services.scrub import run_scrub
+
+    settings = _load_or_exit(config)
+    try:
+        sys.exit(asyncio.run(run_scrub(settings, rate)))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 if __name__ == "__main__":
     main()

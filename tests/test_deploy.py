@@ -281,10 +281,15 @@ def test_compose_prometheus_loads_the_rules_and_scrapes_the_seawall_ports(
         for job in prometheus["scrape_configs"]
     }
     edge_port = settings_file["listen"].rsplit(":", 1)[1]
+    edge_metrics_port = settings_file["metrics_listen"].rsplit(":", 1)[1]
     worker_port = settings_file["worker_metrics_listen"].rsplit(":", 1)[1]
-    assert targets["seawall-edge"] == [f"edge:{edge_port}"]
+    # The edge's metrics have a port of their own, reached on the compose network only.
+    assert settings_file["metrics_listen"].startswith("0.0.0.0:")
+    assert settings_file.get("metrics_on_registry_port", False) is False
+    assert targets["seawall-edge"] == [f"edge:{edge_metrics_port}"]
     assert targets["seawall-worker"] == [f"worker:{worker_port}"]
     assert f"{edge_port}:{edge_port}" in compose["services"]["edge"]["ports"]
+    assert not any(edge_metrics_port in str(p) for p in compose["services"]["edge"]["ports"])
 
 
 def test_compose_grafana_provisions_the_datasource_and_dashboard(compose: dict[str, Any]) -> None:
@@ -389,6 +394,12 @@ def test_k8s_config_validates(
         if kind == "Deployment"
     }
     assert settings.listen_port in ports["seawall-edge"]
+    assert settings.metrics_listen is not None
+    assert not settings.metrics_on_registry_port
+    metrics_port = int(settings.metrics_listen.rsplit(":", 1)[1])
+    assert metrics_port in ports["seawall-edge"]
+    edge_pod = k8s_objects[("Deployment", "seawall-edge")]["spec"]["template"]
+    assert int(edge_pod["metadata"]["annotations"]["prometheus.io/port"]) == metrics_port
     assert settings.worker_metrics_listen is not None
     assert int(settings.worker_metrics_listen.rsplit(":", 1)[1]) in ports["seawall-worker"]
 
@@ -658,6 +669,8 @@ def test_alerts_cover_the_runbook() -> None:
         "SeawallLowHitRatio",
         "SeawallHigh5xxRate",
         "SeawallEdgeDown",
+        "SeawallStoredBlobCorrupt",
+        "SeawallScrubOverdue",
     ]:
         assert name in rules, f"alerts.yml has no {name}"
     assert rules["SeawallQuotaNearlyExhausted"]["for"] == "10m"
@@ -747,10 +760,13 @@ RULE_TESTS = [
             series("up", "1 1 0x5", **EDGE),
             # A counter that appears at 1 (its first increment) is still caught.
             series("seawall_digest_mismatch_total", "_ _ _ 1 1 1", source="upstream", **EDGE),
+            # Declared at zero, so the first quarantined blob is an increase.
+            series("seawall_blob_corruption_total", "0 0 0 1 1 1", where="stream", **EDGE),
         ],
         "alert_rule_test": [
             firing("SeawallEdgeDown", "5m", {"severity": "critical", **EDGE}),
             firing("SeawallDigestMismatch", "5m", {"severity": "critical", "source": "upstream"}),
+            firing("SeawallStoredBlobCorrupt", "5m", {"severity": "critical", "where": "stream"}),
         ],
     },
     {

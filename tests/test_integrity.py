@@ -8,7 +8,6 @@ registry's back (found by a client's read, by sharing a copy, or by the scrub).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import socket
@@ -24,6 +23,7 @@ from shared.metrics import BLOB_CORRUPTIONS, CORRUPTION_PLACES
 from shared.oci.digest import Digest
 from shared.settings import S3Settings
 from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer
+from tests.support.bucket import damage, objects, write
 from tests.support.images import sha256
 
 ALICE = ("alice", USERS["alice"])
@@ -81,23 +81,6 @@ def _start(http: httpx.Client, repo: str) -> str:
 def _wait_for_handler() -> None:
     # The edge has read the headers, found the session and begun storing the chunk.
     time.sleep(0.5)
-
-
-def _objects(s3_server: S3Server, bucket: str, prefix: str) -> list[str]:
-    return [o.object_name or "" for o in s3_server.client().list_objects(bucket, prefix, recursive=True)]
-
-
-def _read(s3_server: S3Server, bucket: str, key: str) -> bytes:
-    response = s3_server.client().get_object(bucket, key)
-    try:
-        return bytes(response.read())
-    finally:
-        response.close()
-        response.release_conn()
-
-
-def _write(s3_server: S3Server, bucket: str, key: str, data: bytes, **kwargs: object) -> None:
-    s3_server.client().put_object(bucket, key, io.BytesIO(data), len(data), **kwargs)  # type: ignore[arg-type]
 
 
 def _corruptions() -> float:
@@ -183,20 +166,11 @@ def test_a_wrong_digest_on_an_upload_of_several_large_parts_commits_nothing(
         assert refused.status_code == 400, refused.text
         assert refused.json()["errors"][0]["code"] == "DIGEST_INVALID"
         assert alice.head(f"/v2/local/multipart/blobs/{wrong}").status_code == 404
-        assert _objects(s3_server, s3_settings.bucket, layout.blob(Digest.parse(wrong))) == []
+        assert objects(s3_server, s3_settings.bucket, layout.blob(Digest.parse(wrong))) == []
         # The session stays usable: the right digest commits it.
         done = alice.put(location, params={"digest": sha256(data)})
         assert done.status_code == 201, done.text
         assert alice.get(f"/v2/local/multipart/blobs/{sha256(data)}").content == data
-
-
-def _damage(s3_server: S3Server, bucket: str, digest: str) -> tuple[str, bytes]:
-    """Overwrite the bytes of a stored blob behind the registry's back (same length)."""
-    record = json.loads(_read(s3_server, bucket, layout.blob(Digest.parse(digest))))
-    [(key, size)] = record["extents"]
-    damaged = os.urandom(size)
-    _write(s3_server, bucket, key, damaged)
-    return key, damaged
 
 
 def test_stored_bytes_that_do_not_match_their_digest_are_never_served_and_are_quarantined(
@@ -209,7 +183,7 @@ def test_stored_bytes_that_do_not_match_their_digest_are_never_served_and_are_qu
             alice.post("/v2/local/rot/blobs/uploads/", params={"digest": digest}, content=data).status_code
             == 201
         )
-    _, damaged = _damage(s3_server, s3_settings.bucket, digest)
+    _, damaged = damage(s3_server, s3_settings.bucket, digest)
     before = _corruptions()
 
     with _client(edge_factory(disk_cache={"max_bytes": 0})) as alice:
@@ -218,7 +192,7 @@ def test_stored_bytes_that_do_not_match_their_digest_are_never_served_and_are_qu
             alice.get(f"/v2/local/rot/blobs/{digest}").read()
         assert BLOB_CORRUPTIONS.labels("stream")._value.get() >= 1
         assert _corruptions() == before + 1
-        quarantined = _objects(s3_server, s3_settings.bucket, f"quarantine/sha256/{digest[7:]}/")
+        quarantined = objects(s3_server, s3_settings.bucket, f"quarantine/sha256/{digest[7:]}/")
         assert len(quarantined) == 1
         gone = alice.get(f"/v2/local/rot/blobs/{digest}")
         assert gone.status_code == 404
@@ -243,7 +217,7 @@ def test_the_disk_tier_does_not_serve_or_keep_a_damaged_blob(
             alice.post("/v2/local/tier/blobs/uploads/", params={"digest": digest}, content=data).status_code
             == 201
         )
-        _damage(s3_server, s3_settings.bucket, digest)
+        damage(s3_server, s3_settings.bucket, digest)
         with pytest.raises(httpx.HTTPError):
             alice.get(f"/v2/local/tier/blobs/{digest}").read()
         deadline = time.monotonic() + 10
@@ -263,9 +237,9 @@ def test_an_older_record_is_verified_before_its_copy_is_shared_with_another_proj
     digest = sha256(data)
     parsed = Digest.parse(digest)
     extent = "extents/00000000000000000000000000000000/0000000000000000"
-    _write(s3_server, s3_settings.bucket, extent, os.urandom(len(data)))
+    write(s3_server, s3_settings.bucket, extent, os.urandom(len(data)))
     record = json.dumps({"size": len(data), "extents": [[extent, len(data)]]}).encode()
-    _write(
+    write(
         s3_server,
         s3_settings.bucket,
         layout.blob(parsed),
@@ -273,8 +247,8 @@ def test_an_older_record_is_verified_before_its_copy_is_shared_with_another_proj
         metadata={"seawall-extents": "1", "seawall-size": str(len(data))},
     )
     link = str(len(data)).encode()
-    _write(s3_server, s3_settings.bucket, layout.layer_link("local/old", parsed), link)
-    _write(s3_server, s3_settings.bucket, layout.project_blob("local", parsed), link)
+    write(s3_server, s3_settings.bucket, layout.layer_link("local/old", parsed), link)
+    write(s3_server, s3_settings.bucket, layout.project_blob("local", parsed), link)
 
     with _client(bucket_edge) as alice:
         assert (

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -219,32 +218,6 @@ def test_restart_and_redis_flush_lose_nothing(settings: Settings, redis_url: str
 # --------------------------------------------------------------------------- upload janitor
 
 
-@pytest.fixture
-def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, s3_settings: S3Settings) -> Iterator[None]:
-    """Point the worker runtime (settings from SEAWALL_* variables) at this test's bucket."""
-    from workers import runtime
-
-    monkeypatch.delenv("SEAWALL_CONFIG", raising=False)
-    env = {
-        "SEAWALL_REDIS_URL": redis_url,
-        "SEAWALL_S3__ENDPOINT": s3_settings.endpoint,
-        "SEAWALL_S3__ACCESS_KEY": s3_settings.access_key,
-        "SEAWALL_S3__SECRET_KEY": s3_settings.secret_key.get_secret_value(),
-        "SEAWALL_S3__BUCKET": s3_settings.bucket,
-        "SEAWALL_UPLOAD_EXPIRY": "1h",
-        "SEAWALL_LOG_LEVEL": "warning",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    runtime.settings.cache_clear()
-    runtime.stores.cache_clear()
-    yield
-    if runtime.stores.cache_info().currsize:
-        runtime.stores().objects.close()
-    runtime.stores.cache_clear()
-    runtime.settings.cache_clear()
-
-
 def _age(s3_server: S3Server, bucket: str, upload_id: str, seconds: float) -> None:
     """Backdate an upload session's start, as if it had been abandoned `seconds` ago."""
     minio = s3_server.client()
@@ -395,11 +368,12 @@ def test_small_chunks_are_joined_into_one_object(
         url = _patch_in(alice, "local/extents", chunks)
         upload_id = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
         assert alice.put(url, params={"digest": sha256(data)}).status_code == 201
-        size, metadata, body = _stored(s3_server, s3_settings.bucket, sha256(data))
+        _size, metadata, body = _stored(s3_server, s3_settings.bucket, sha256(data))
         record = json.loads(body)
         assert metadata == {"seawall-extents": "1", "seawall-size": str(len(data))}
         [(key, extent_size)] = record["extents"]
-        assert key.startswith("blobdata/") and extent_size == len(data)
+        assert key.startswith("blobdata/")
+        assert extent_size == len(data)
         response = s3_server.client().get_object(s3_settings.bucket, key)
         try:
             assert response.read() == data

@@ -1,0 +1,77 @@
+"""`seawall scrub`: re-hash every stored blob by hand, with a progress bar and a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ByteSize, TypeAdapter, ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from shared.blobs import BlobStore
+from shared.scrub import count_blobs, scrub
+from shared.settings import S3Settings, Settings
+from shared.storage import ObjectStore
+
+EMBEDDED_S3_FILE = "embedded-s3.json"
+
+
+def embedded_s3_file(data_dir: Path) -> Path:
+    """Where a running `seawall up` leaves its embedded S3's endpoint and keys (owner-only)."""
+    return data_dir / EMBEDDED_S3_FILE
+
+
+def s3_settings(settings: Settings) -> S3Settings:
+    """The configured store, else the embedded one of a running `seawall up`."""
+    if settings.s3 is not None:
+        return settings.s3
+    found = embedded_s3_file(settings.data_dir)
+    if not found.is_file():
+        raise ValueError("no s3 configured and no running `seawall up` found in data_dir")
+    return S3Settings.model_validate(json.loads(found.read_text()))
+
+
+def parse_rate(rate: str | None, default: int) -> int:
+    if rate is None:
+        return default
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(rate))
+    except ValidationError:
+        raise ValueError(f"invalid --rate {rate!r}: use e.g. 200MiB, 50MB or 0") from None
+
+
+async def run_scrub(settings: Settings, rate: str | None, console: Console | None = None) -> int:
+    """Scrub the bucket; 0 when every blob is sound, 2 when some were quarantined."""
+    bytes_per_second = parse_rate(rate, int(settings.scrub.bytes_per_second))
+    console = console or Console(stderr=True)
+    store = ObjectStore(s3_settings(settings))
+    try:
+        blobs = BlobStore(store)
+        total = await count_blobs(store)
+        columns = (
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(f"scrubbing {total} blobs", total=None)
+            report = await scrub(
+                store,
+                blobs,
+                bytes_per_second=bytes_per_second,
+                progress=lambda n: progress.advance(task, n),
+            )
+    finally:
+        store.close()
+    # Plain lines (no wrapping), so scripts can read the report.
+    print(
+        f"blobs {report.blobs}  bytes {report.bytes}  sound {report.ok}  "
+        f"quarantined {len(report.corrupt)}  gone meanwhile {report.gone}  "
+        f"seconds {report.seconds:.1f}"
+    )
+    for digest in report.corrupt:
+        print(f"quarantined {digest}")
+    return 2 if report.corrupt else 0
