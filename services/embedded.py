@@ -341,6 +341,11 @@ class S3Server(ManagedProcess):
             for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 path.unlink(missing_ok=True)
 
+    @property
+    def grpc_ports(self) -> list[int]:
+        """The gRPC ports of master, volume, filer, S3 and admin."""
+        return [self.ports[i] for i in (1, 3, 5, 7, 10)]
+
     def client(self) -> Minio:
         """A minio client for this server that fails fast instead of retrying."""
         http = urllib3.PoolManager(
@@ -429,4 +434,13 @@ def start_s3(
     server.wait_ready(
         lambda: server.answers_http() and server.answers_s3(), timeout, f"s3 on {server.endpoint}"
     )
+    # weed does not fail on TLS settings it cannot load: it serves gRPC in the clear. Better
+    # not to run at all than to run open to every local user.
+    in_clear = [port for port in server.grpc_ports if weed_security.serves_grpc_in_clear(HOST, port)]
+    if in_clear:
+        server.stop()
+        raise ServerStartError(
+            f"s3 did not start: weed serves gRPC without TLS on ports {in_clear}\n"
+            f"--- {server.log_path} ---\n{server.log_tail()}"
+        )
     return server

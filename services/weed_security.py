@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import stat
 import tomllib
 from datetime import UTC, datetime, timedelta
@@ -30,11 +31,29 @@ GRPC_COMPONENTS = (
     "master", "volume", "filer", "s3", "admin", "worker", "client", "msg_broker", "msg_agent", "mq",
 )  # fmt: skip
 
+# HTTP/2's client preface followed by an empty SETTINGS frame: what a gRPC client sends first.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 # x509.KeyUsage's flags, all of which it wants spelled out.
 KEY_USAGES = (
     "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
     "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
 )  # fmt: skip
+
+
+def serves_grpc_in_clear(host: str, port: int) -> bool:
+    """Whether host:port answers an HTTP/2 client preface sent in the clear, as gRPC without TLS does."""
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                received = sock.recv(9 - len(head))
+                if not received:
+                    break
+                head += received
+    except OSError:  # refused, reset or silent: nobody served us
+        return False
+    return len(head) == 9 and head[3] == 0x04  # a frame header, and the frame a SETTINGS one
 
 
 def lock_down(store: Path) -> None:
@@ -107,10 +126,10 @@ def _existing_keys(path: Path) -> dict[str, str]:
 
 
 def _certificates(tls_dir: Path) -> tuple[Path, Path, Path]:
-    """CA certificate, certificate and key for weed's gRPC; issued anew when missing or expiring."""
+    """CA certificate, certificate and key for weed's gRPC; issued anew unless all three fit."""
     ca, cert, key = tls_dir / "ca.pem", tls_dir / "weed.pem", tls_dir / "weed.key"
     tls_dir.mkdir(mode=0o700, exist_ok=True)
-    if not (ca.is_file() and key.is_file() and _valid_until(cert) > datetime.now(UTC) + CERT_RENEWAL):
+    if not _usable(ca, cert, key):
         ca_pem, cert_pem, key_pem = _issue()
         _write_private(key, key_pem)
         _write_private(cert, cert_pem)
@@ -118,13 +137,32 @@ def _certificates(tls_dir: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-def _valid_until(cert: Path) -> datetime:
+def _usable(ca: Path, cert: Path, key: Path) -> bool:
+    """Whether cert is signed by ca, belongs to key and is not about to expire.
+
+    weed does not fail on a TLS setup it cannot load: it serves gRPC without TLS instead.
+    So a pair left mismatched (say by a crash between two writes) must not reach it.
+    """
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_private_key,
+    )
 
     try:
-        return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
-    except (OSError, ValueError):
-        return datetime.min.replace(tzinfo=UTC)
+        authority = x509.load_pem_x509_certificate(ca.read_bytes())
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+        private = load_pem_private_key(key.read_bytes(), password=None)
+        certificate.verify_directly_issued_by(authority)
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    spki = (Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    return bool(
+        private.public_key().public_bytes(*spki) == certificate.public_key().public_bytes(*spki)
+        and certificate.not_valid_after_utc > datetime.now(UTC) + CERT_RENEWAL
+    )
 
 
 def _issue() -> tuple[bytes, bytes, bytes]:

@@ -380,6 +380,8 @@ def test_restart_reuses_the_keys_and_locks_down_an_older_data_dir(stored: Stored
     for path in [store, *store.rglob("*")]:
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() else 0o644)
+    # A key that no longer fits its certificate (weed would fall back to gRPC in the clear).
+    (store / "tls" / "weed.key").write_bytes((store / "tls" / "weed.key").read_bytes()[:-40])
     with start_s3(tmp_path) as second:
         assert _read(second.client(), "kept") == b"kept bytes"
         assert (store / "security.toml").read_bytes() == keys
@@ -389,3 +391,6 @@ def test_restart_reuses_the_keys_and_locks_down_an_older_data_dir(stored: Stored
         assert refused.value.code in ("InvalidAccessKeyId", "AccessDenied")
         assert stat.S_IMODE(store.stat().st_mode) == 0o700
         assert _shared_with_others(store) == []
+        wait_until(lambda: len(_listening_ports(second.pid)) >= 10, 30, "all of weed's ports")
+        ports = _listening_ports(second.pid) - {second.port}
+        assert [port for port in sorted(ports) if _plain_http2_accepted(port)] == []
