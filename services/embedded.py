@@ -27,6 +27,7 @@ from minio.error import MinioException
 from pydantic import SecretStr
 
 from services import weed_security
+from shared import lifetime
 from shared.settings import S3Settings
 
 HOST = "127.0.0.1"
@@ -117,6 +118,8 @@ class ManagedProcess:
         argv: Sequence[str],
         log_path: Path,
         env: Mapping[str, str] | None = None,
+        *,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -125,6 +128,8 @@ class ManagedProcess:
         with log_path.open("wb") as log:
             # A session of its own: Ctrl-C in a terminal reaches only the supervisor,
             # which then stops children in order, and stop() can signal the whole group.
+            # That also means nothing stops the child if its parent is killed outright, so
+            # on Linux the kernel sends it SIGTERM when the parent exits, however it exits.
             self.process = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -132,6 +137,8 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
+                preexec_fn=lifetime.end_with_this_process(signal.SIGTERM),
             )
 
     @property

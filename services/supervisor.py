@@ -1,13 +1,24 @@
-"""Runs the all-in-one stack: embedded servers, edge, workers and scheduler, stopped together."""
+"""Runs the all-in-one stack: embedded servers, edge, workers and scheduler, under one supervisor.
+
+A child that exits is restarted after a back-off that doubles with each of its recent
+crashes; everything stops on SIGINT or SIGTERM, or once one child crashed more than
+`restart_limit` times within `restart_window`. The children end with the supervisor even
+when it is killed outright (see ManagedProcess), and a lock on the data directory keeps a
+second `seawall up` from starting servers on the same store.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -33,6 +44,9 @@ _COLOURS = {
     "seawall": "bold",
 }
 _POLL = 0.2
+LOCK_FILE = "seawall-up.lock"
+# How long a new `seawall up` waits for the apps of a killed one to exit.
+LOCK_WAIT = 20.0
 
 
 class Printer:
@@ -84,41 +98,188 @@ class _Follower(threading.Thread):
             self.printer.line(self.label, pending.decode(errors="replace").rstrip())
 
 
-class Supervisor:
-    """Owns every process of the stack: Seawall's own first, then the servers they use."""
+# A crashed child is restarted after BACKOFF_FIRST seconds, doubled for each of its other
+# crashes within the restart window, at most BACKOFF_MAX.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
 
-    def __init__(self, printer: Printer, log_dir: Path) -> None:
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """More than `limit` crashes of one child within `window` seconds stop the stack."""
+
+    limit: int
+    window: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RestartPolicy:
+        return cls(settings.restart_limit, settings.restart_window.total_seconds())
+
+    def delay(self, crashes: int) -> float:
+        """The back-off before the restart that follows the `crashes`-th recent crash."""
+        return min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** (crashes - 1))
+
+
+# A child's start: the process, and the variables it gives the apps (the embedded servers'
+# addresses and keys).
+Launch = Callable[[], tuple[ManagedProcess, dict[str, str]]]
+
+
+@dataclass
+class Child:
+    """One process of the stack: how to start it again, and when it crashed lately."""
+
+    name: str
+    launch: Launch
+    server: bool  # an embedded server: stopped after the apps, and its address matters to them
+    process: ManagedProcess | None = None
+    follower: _Follower | None = None
+    crashes: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None  # monotonic time of the pending restart, if it crashed
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    """Owns every process of the stack: starts, restarts and stops them.
+
+    Restarts happen on the thread that calls `tend` (the main one), which is also the one
+    the kernel watches to end the children when the supervisor dies.
+    """
+
+    def __init__(
+        self,
+        printer: Printer,
+        log_dir: Path,
+        policy: RestartPolicy,
+        env: Mapping[str, str],
+        keep_fds: tuple[int, ...] = (),
+    ) -> None:
         self.printer = printer
         self.log_dir = log_dir
-        self.servers: list[ManagedProcess] = []
-        self.apps: list[ManagedProcess] = []
-        self.followers: list[_Follower] = []
+        self.policy = policy
+        # What the apps are started with; the servers' variables are added as they start.
+        self.env = dict(env)
+        self.keep_fds = keep_fds
+        self.children: list[Child] = []
 
-    def _follow(self, child: ManagedProcess) -> None:
-        follower = _Follower(child.name, child.log_path, self.printer)
-        follower.start()
-        self.followers.append(follower)
+    def start_server(self, name: str, launch: Launch) -> None:
+        """Start an embedded server now (ServerStartError if it does not come up)."""
+        child = Child(name, launch, server=True)
+        self.children.append(child)
+        self._launch(child)
 
-    def adopt_server(self, server: ManagedProcess) -> None:
-        self.servers.append(server)
-        self._follow(server)
+    def spawn(self, name: str, argv: list[str]) -> None:
+        """Start one of Seawall's own processes, with the environment as it is at each start."""
 
-    def spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
-        app = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env)
-        self.apps.append(app)
-        self._follow(app)
+        def launch() -> tuple[ManagedProcess, dict[str, str]]:
+            log = self.log_dir / f"{name}.log"
+            return ManagedProcess(name, argv, log, self.env, pass_fds=self.keep_fds), {}
 
-    def first_dead(self) -> ManagedProcess | None:
-        return next((child for child in [*self.servers, *self.apps] if not child.running()), None)
+        child = Child(name, launch, server=False)
+        self.children.append(child)
+        self._launch(child)
+
+    def _launch(self, child: Child) -> dict[str, str]:
+        """Start the child and follow its log; the variables it changed for the apps."""
+        process, exported = child.launch()
+        child.process = process
+        child.restart_at = None
+        child.follower = _Follower(child.name, process.log_path, self.printer)
+        child.follower.start()
+        changed = {key: value for key, value in exported.items() if self.env.get(key) != value}
+        self.env.update(exported)
+        return changed
+
+    def tend(self) -> str | None:
+        """Notice children that exited and make due restarts; a reason to stop everything, or None."""
+        for child in self.children:
+            reason = self._tend(child)
+            if reason is not None:
+                return reason
+        return None
+
+    def _tend(self, child: Child) -> str | None:
+        process = child.process
+        if child.restart_at is None:
+            if process is None or process.running():
+                return None
+            self._bury(child)
+            return self._crashed(child, f"{child.name} {_exit_description(process.process.returncode)}")
+        if time.monotonic() < child.restart_at:
+            return None
+        if process is not None and process.log_path.exists():
+            # Its log stays beside the new one (which starts empty) for a look at the crash.
+            process.log_path.replace(process.log_path.with_name(process.log_path.name + ".1"))
+        try:
+            changed = self._launch(child)
+        except (ServerStartError, OSError) as exc:
+            for line in str(exc).splitlines():
+                self.printer.info(line)
+            return self._crashed(child, f"{child.name} did not restart")
+        assert child.process is not None
+        self.printer.info(f"{child.name} restarted (pid {child.process.pid})")
+        if child.server and changed:
+            self._restart_apps(child.name)
+        return None
+
+    def _bury(self, child: Child) -> None:
+        """After a child's exit: kill what it left in its process group, print its last words."""
+        if child.process is not None:
+            child.process.stop()
+        if child.follower is not None:
+            child.follower.finish.set()
+            child.follower.join(timeout=5)
+
+    def _crashed(self, child: Child, what: str) -> str | None:
+        now = time.monotonic()
+        child.crashes.append(now)
+        while child.crashes and child.crashes[0] <= now - self.policy.window:
+            child.crashes.popleft()
+        count = len(child.crashes)
+        window = f"{self.policy.window:g}s"
+        if count > self.policy.limit:
+            return (
+                f"{what}; {child.name} crashed {count} times within {window} "
+                f"(restart_limit {self.policy.limit}): stopping everything"
+            )
+        delay = self.policy.delay(count)
+        child.restart_at = now + delay
+        self.printer.info(
+            f"{what}; restarting it in {delay:g}s "
+            f"(crash {count} of at most {self.policy.limit} within {window})"
+        )
+        return None
+
+    def _restart_apps(self, server: str) -> None:
+        """The apps learn a server's address from their environment: restart those running."""
+        apps = [c for c in self.children if not c.server and c.restart_at is None]
+        self.printer.info(f"{server} has a new address: restarting {', '.join(c.name for c in apps)}")
+        for child in apps:
+            self._bury(child)
+            self._launch(child)
 
     def stop_all(self) -> None:
         # Apps stop before the servers so they can finish work against Redis and S3;
-        # within each group the (seconds-long) graceful stops run side by side.
-        for group in (self.apps, self.servers):
-            _stop_together(group)
-        for follower in self.followers:
-            follower.finish.set()
-            follower.join(timeout=5)
+        # within each group the (seconds-long) graceful stops run side by side. A child
+        # waiting for its restart was stopped already (its process group killed).
+        for servers in (False, True):
+            _stop_together(
+                [
+                    child.process
+                    for child in self.children
+                    if child.server == servers and child.process is not None and child.restart_at is None
+                ]
+            )
+        for child in self.children:
+            if child.follower is not None:
+                child.follower.finish.set()
+                child.follower.join(timeout=5)
 
 
 def _stop_together(children: list[ManagedProcess]) -> None:
@@ -160,27 +321,50 @@ def embedded_redis_file(data_dir: Path) -> Path:
     return data_dir / "embedded-redis-url"
 
 
-def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -> dict[str, str]:
-    """Start Redis and S3 where the settings name none; return the variables that point at them."""
-    env: dict[str, str] = {}
+def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -> None:
+    """Start Redis and S3 where the settings name none; their variables go to the apps."""
+    printer = supervisor.printer
     if settings.redis_url is None:
-        redis = start_redis(data_dir, log_path=supervisor.log_dir / "redis.log")
-        supervisor.adopt_server(redis)
-        supervisor.printer.info(f"embedded redis at {redis.url}")
-        env["SEAWALL_REDIS_URL"] = redis.url
-        # So `seawall quota` and `seawall warm` find the embedded Redis of a running stack.
-        embedded_redis_file(data_dir).write_text(redis.url)
+        port: int | None = None
+
+        def launch_redis() -> tuple[ManagedProcess, dict[str, str]]:
+            nonlocal port
+            # A restarted Redis takes the port it had: the apps reconnect to the same URL
+            # and carry on (Redis holds nothing they cannot do without).
+            redis = start_redis(data_dir, port=port, log_path=supervisor.log_dir / "redis.log")
+            port = redis.port
+            printer.info(f"embedded redis at {redis.url}")
+            # So `seawall quota` and `seawall warm` find the embedded Redis of a running stack.
+            embedded_redis_file(data_dir).write_text(redis.url)
+            return redis, {"SEAWALL_REDIS_URL": redis.url}
+
+        supervisor.start_server("redis", launch_redis)
     if settings.s3 is None:
-        s3 = start_s3(data_dir, log_path=supervisor.log_dir / "s3.log")
-        supervisor.adopt_server(s3)
-        s3.ensure_bucket(S3Settings().bucket)
-        supervisor.printer.info(f"embedded s3 at http://{s3.endpoint}")
-        env |= {
-            "SEAWALL_S3__ENDPOINT": s3.endpoint,
-            "SEAWALL_S3__ACCESS_KEY": s3.access_key,
-            "SEAWALL_S3__SECRET_KEY": s3.secret_key,
-        }
-    return env
+        keys: dict[str, str] = {}
+
+        def launch_s3() -> tuple[ManagedProcess, dict[str, str]]:
+            # A restarted S3 keeps its keys and data, but its ports are chosen anew: when
+            # they differ, the supervisor restarts the apps with the new endpoint.
+            s3 = start_s3(
+                data_dir,
+                access_key=keys.get("access"),
+                secret_key=keys.get("secret"),
+                log_path=supervisor.log_dir / "s3.log",
+            )
+            keys.update(access=s3.access_key, secret=s3.secret_key)
+            try:
+                s3.ensure_bucket(S3Settings().bucket)
+            except Exception as exc:
+                s3.stop()
+                raise ServerStartError(f"s3 did not start: creating the bucket failed: {exc}") from exc
+            printer.info(f"embedded s3 at http://{s3.endpoint}")
+            return s3, {
+                "SEAWALL_S3__ENDPOINT": s3.endpoint,
+                "SEAWALL_S3__ACCESS_KEY": s3.access_key,
+                "SEAWALL_S3__SECRET_KEY": s3.secret_key,
+            }
+
+        supervisor.start_server("s3", launch_s3)
 
 
 def client_address(settings: Settings) -> str:
@@ -208,14 +392,13 @@ def announce(settings: Settings, printer: Printer) -> None:
 
 
 def _supervise(settings: Settings, supervisor: Supervisor, stop: threading.Event) -> int:
-    """Wait for a stop request (exit 0) or the death of any child (exit 1)."""
+    """Tend the children until a stop request (exit 0) or a child crashing too often (exit 1)."""
     host, port = client_address(settings).rsplit(":", 1)
     announced = False
     while not stop.wait(_POLL):
-        dead = supervisor.first_dead()
-        if dead is not None:
-            code = dead.process.returncode
-            supervisor.printer.info(f"{dead.name} exited with code {code}; stopping everything")
+        reason = supervisor.tend()
+        if reason is not None:
+            supervisor.printer.info(reason)
             return 1
         if not announced and port_open(host, int(port)):
             announce(settings, supervisor.printer)
@@ -224,24 +407,92 @@ def _supervise(settings: Settings, supervisor: Supervisor, stop: threading.Event
     return 0
 
 
-def run_stack(settings: Settings, config_file: Path | None, printer: Printer | None = None) -> int:
-    """Run the whole stack in the foreground until Ctrl-C, SIGTERM or a child's death."""
-    data_dir = settings.data_dir.resolve()
-    supervisor = Supervisor(printer or Printer(), data_dir / "logs")
-    with stop_on_signals() as stop:
+class DataDirBusy(RuntimeError):
+    """Another `seawall up` (or what is left of one) uses the data directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_data_dir(data_dir: Path, printer: Printer) -> int:
+    """Lock data_dir for this `seawall up`: the open lock file (to pass to the apps), or DataDirBusy.
+
+    The apps inherit the lock, so it is free only once the supervisor and its apps are
+    all gone: a new `seawall up` after a killed one waits for the old apps to exit
+    instead of starting a second SeaweedFS on the same store.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline: float | None = None
+    while True:
         try:
-            env = {**os.environ, **start_embedded(settings, supervisor, data_dir)}
-            if stop.is_set():
-                return 0  # asked to stop while the embedded servers were starting
-            env["PYTHONUNBUFFERED"] = "1"  # children's lines should show as they are written
-            if config_file is not None:
-                env["SEAWALL_CONFIG"] = str(config_file.resolve())
-            for name, argv in child_commands(settings, config_file and config_file.resolve()):
-                supervisor.spawn(name, argv, env)
-            return _supervise(settings, supervisor, stop)
-        except (ServerStartError, FileNotFoundError) as exc:
-            supervisor.printer.info(f"error: {exc}")
-            return 1
-        finally:
-            supervisor.stop_all()
-            supervisor.printer.info("all processes stopped")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if holder is not None and _alive(holder):
+                os.close(fd)
+                raise DataDirBusy(
+                    f"another `seawall up` (pid {holder}) is running with data_dir {data_dir}"
+                ) from None
+            if deadline is None:
+                printer.info(f"waiting for the processes of a stopped `seawall up` to leave {data_dir}")
+                deadline = time.monotonic() + LOCK_WAIT
+            elif time.monotonic() > deadline:
+                os.close(fd)
+                raise DataDirBusy(
+                    f"processes of an earlier `seawall up` still hold {path} after {LOCK_WAIT:g}s"
+                ) from None
+            time.sleep(_POLL)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid of the `seawall up` that took the lock, as it wrote it."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def run_stack(settings: Settings, config_file: Path | None, printer: Printer | None = None) -> int:
+    """Run the whole stack in the foreground until Ctrl-C, SIGTERM or a child crashing too often."""
+    data_dir = settings.data_dir.resolve()
+    printer = printer or Printer()
+    try:
+        lock = lock_data_dir(data_dir, printer)
+    except DataDirBusy as exc:
+        printer.info(f"error: {exc}")
+        return 1
+    try:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # children's lines show as they are written
+        if config_file is not None:
+            env["SEAWALL_CONFIG"] = str(config_file.resolve())
+        policy = RestartPolicy.from_settings(settings)
+        supervisor = Supervisor(printer, data_dir / "logs", policy, env, keep_fds=(lock,))
+        with stop_on_signals() as stop:
+            try:
+                start_embedded(settings, supervisor, data_dir)
+                if stop.is_set():
+                    return 0  # asked to stop while the embedded servers were starting
+                for name, argv in child_commands(settings, config_file and config_file.resolve()):
+                    supervisor.spawn(name, argv)
+                return _supervise(settings, supervisor, stop)
+            except (ServerStartError, FileNotFoundError) as exc:
+                printer.info(f"error: {exc}")
+                return 1
+            finally:
+                supervisor.stop_all()
+                printer.info("all processes stopped")
+    finally:
+        os.close(lock)

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.edge",
     "tests.fixtures.clients",
     "tests.fixtures.proxy",
+    "tests.fixtures.stack",
 ]

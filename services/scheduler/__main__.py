@@ -1,17 +1,28 @@
-"""Run the scheduler: `python -m services.scheduler --config seawall.yaml`."""
+"""Run the scheduler: `python -m services.scheduler --config seawall.yaml`.
+
+Redis may stall or restart under it. Every call is bounded by `redis_timeout`; a tick
+whose lease check fails is logged, fires nothing and the next tick tries again, so the
+scheduler never exits because of Redis. A firing that fell due while the lease could not
+be confirmed is made on the first tick that confirms it (the jobs are idempotent, so the
+rare second firing by a scheduler that took over meanwhile costs nothing but the work).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import click
 import dramatiq
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
-from services.scheduler.leader import LeaderLease
+from services.scheduler.leader import LeaderLease, Lease
 from services.scheduler.schedule import MAINTENANCE, Trigger
 from shared.logging import configure_logging, get_logger
 from shared.proxy.events import MAINTENANCE_QUEUE
@@ -19,6 +30,21 @@ from shared.settings import Settings, load_settings
 
 log = get_logger("scheduler")
 TICK_SECONDS = 5.0
+# Idle pooled connections are checked with a PING before use after this long.
+HEALTH_CHECK_SECONDS = 30
+
+
+def connect(settings: Settings) -> Redis:
+    """A client whose every call ends within `redis_timeout`, and fails rather than retries."""
+    assert settings.redis_url is not None
+    timeout = settings.redis_timeout.total_seconds()
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=HEALTH_CHECK_SECONDS,
+    )
 
 
 def enqueue(trigger: Trigger) -> None:
@@ -31,23 +57,73 @@ def enqueue(trigger: Trigger) -> None:
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    assert settings.redis_url is not None
-    redis = Redis.from_url(settings.redis_url)
-    lease = LeaderLease(redis)
-    last = datetime.now(UTC)
+async def fire(trigger: Trigger) -> bool:
+    """Enqueue the trigger's job (on a thread: the broker's client blocks); False if Redis failed."""
+    try:
+        await asyncio.to_thread(enqueue, trigger)
+    except (RedisError, OSError) as exc:
+        log.warning("trigger_not_enqueued", trigger=trigger.name, error=str(exc) or type(exc).__name__)
+        return False
+    return True
+
+
+class Leadership:
+    """Whether this scheduler leads, as the last lease check found; a log line at each change."""
+
+    def __init__(self, lease: LeaderLease) -> None:
+        self.lease = lease
+        self.standing: Lease | None = None  # None: the last check got no answer from Redis
+
+    async def check(self) -> Lease | None:
+        previous = self.standing
+        try:
+            found = await self.lease.hold()
+        except (RedisError, OSError) as exc:
+            self.standing = None
+            # Neither fire nor assume another scheduler does: the next tick asks again.
+            log.warning(
+                "leader_lease_unconfirmed",
+                error=str(exc) or type(exc).__name__,
+                led=previous is not None and previous.ours,
+            )
+            return None
+        self.standing = found
+        if found is Lease.TAKEN:
+            log.info("leader_lease_taken")
+        elif found is Lease.RENEWED and previous is None:
+            log.info("leader_lease_kept")  # through a Redis outage
+        elif found is Lease.ELSEWHERE and previous is not Lease.ELSEWHERE:
+            log.info("leader_lease_held_elsewhere", led=previous is not None and previous.ours)
+        return found
+
+    async def step_down(self) -> None:
+        try:
+            await self.lease.release()
+        except (RedisError, OSError) as exc:
+            # The lease expires on its own within its TTL.
+            log.warning("leader_lease_not_released", error=str(exc) or type(exc).__name__)
+
+
+async def run(settings: Settings, stop: asyncio.Event, triggers: Sequence[Trigger] = MAINTENANCE) -> None:
+    redis = connect(settings)
+    leadership = Leadership(LeaderLease(redis))
+    # Each trigger fires for times after this; it moves on once a tick has dealt with them.
+    since = dict.fromkeys((t.name for t in triggers), datetime.now(UTC))
     try:
         while not stop.is_set():
             now = datetime.now(UTC)
-            if await lease.hold():
-                for trigger in MAINTENANCE:
-                    if trigger.due_between(last, now):
-                        enqueue(trigger)
-            last = now
+            standing = await leadership.check()
+            if standing is not None:
+                for trigger in triggers:
+                    due = trigger.due_between(since[trigger.name], now)
+                    if due and standing.ours and not await fire(trigger):
+                        continue  # still due: the next tick tries again
+                    since[trigger.name] = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
     finally:
-        await lease.release()
+        if leadership.standing is not Lease.ELSEWHERE:
+            await leadership.step_down()
         await redis.aclose()
 
 
@@ -60,7 +136,8 @@ def main(config: str | None) -> None:
         raise click.ClickException("the scheduler needs redis_url (or start it with `seawall up`)")
     from workers.broker import setup_broker
 
-    setup_broker(settings)
+    # The scheduler only enqueues: its broker's calls are bounded like its own.
+    setup_broker(settings, read_timeout=settings.redis_timeout.total_seconds())
 
     async def main_loop() -> None:
         stop = asyncio.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 
 from redis.asyncio import Redis
@@ -13,6 +14,24 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class Lease(enum.Enum):
+    """What one `hold` found."""
+
+    TAKEN = "taken"  # it was free (first start, expired, or Redis lost it): ours now
+    RENEWED = "renewed"  # ours already, and extended
+    ELSEWHERE = "elsewhere"  # another scheduler holds it
+
+    @property
+    def ours(self) -> bool:
+        return self is not Lease.ELSEWHERE
 
 
 class LeaderLease:
@@ -22,16 +41,14 @@ class LeaderLease:
         self._ttl = ttl_ms
         self.holder = uuid.uuid4().hex
 
-    async def hold(self) -> bool:
-        """Take the lease if free, renew it if ours; True while we lead."""
+    async def hold(self) -> Lease:
+        """Take the lease if free, renew it if ours. Redis errors propagate: the caller
+        cannot tell then whether it leads."""
         if await self._redis.set(self._key, self.holder, nx=True, px=self._ttl):
-            return True
-        return bool(await self._redis.eval(_RENEW, 1, self._key, self.holder, str(self._ttl)))
+            return Lease.TAKEN
+        if await self._redis.eval(_RENEW, 1, self._key, self.holder, str(self._ttl)):
+            return Lease.RENEWED
+        return Lease.ELSEWHERE
 
     async def release(self) -> None:
-        await self._redis.eval(
-            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
-            1,
-            self._key,
-            self.holder,
-        )
+        await self._redis.eval(_RELEASE, 1, self._key, self.holder)

