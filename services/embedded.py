@@ -298,6 +298,12 @@ class S3Server(ManagedProcess):
     def __init__(
         self, binary: Path, data_dir: Path, log_path: Path, access_key: str, secret_key: str
     ) -> None:
+        self.store = store = data_dir / "s3"
+        weed_security.lock_down(store)
+        (store / "log").mkdir(mode=0o700, exist_ok=True)
+        weed_security.write_config(store)
+        _private_file(log_path)
+        # Ports last: another process may take a free port until weed binds it.
         ports = free_ports(9)
         admin = _admin_port(ports)
         self.ports = [*ports, admin, admin + 10000]
@@ -305,11 +311,6 @@ class S3Server(ManagedProcess):
         self.endpoint = f"{HOST}:{self.port}"
         self.access_key = access_key
         self.secret_key = secret_key
-        self.store = store = data_dir / "s3"
-        weed_security.lock_down(store)
-        (store / "log").mkdir(mode=0o700, exist_ok=True)
-        weed_security.write_config(store)
-        _private_file(log_path)
         argv = [
             # The umask before anything else: weed creates volumes, indexes, metadata and
             # sockets as it goes, and none of them is for other users.
