@@ -5,10 +5,13 @@ Each test starts a Redis of its own: pausing the session's would stall other tes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,11 @@ import redis
 from dramatiq import Worker
 
 from services.embedded import ManagedProcess, RedisServer, redis_binary, start_redis, wait_until
-from workers.broker import WakeableRedisBroker
+from services.scheduler.__main__ import run
+from services.scheduler.schedule import Trigger
+from shared.proxy.events import MAINTENANCE_QUEUE
+from shared.settings import Settings
+from workers.broker import WakeableRedisBroker, connection_pool
 
 LEASE_KEY = "seawall:scheduler:leader"
 QUEUE = "outage-test"
@@ -101,6 +108,42 @@ def test_scheduler_keeps_its_lease_through_a_redis_stall_and_retakes_it_after_a_
             wait_until(lambda: lease_holder(client) == holder, 15, "the lease taken again")
             assert scheduler.running(), log_of(scheduler)
             assert log_of(scheduler).count("leader_lease_taken") == 2
+
+
+@pytest.mark.slow
+def test_scheduler_fires_nothing_while_it_cannot_confirm_its_lease(own_redis: RedisServer) -> None:
+    settings = Settings(redis_url=own_redis.url, redis_timeout="1s")
+    broker = WakeableRedisBroker(namespace="seawall", connection_pool=connection_pool(own_redis.url, 1.0))  # type: ignore[no-untyped-call]
+    every_second = Trigger("every-second", "* * * * * *", "noop")
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    scheduler = threading.Thread(
+        target=loop.run_until_complete, args=(run(settings, stop, broker, [every_second], tick=0.5),)
+    )
+    scheduler.start()
+    client = redis.Redis.from_url(own_redis.url)
+    fired = f"seawall:{MAINTENANCE_QUEUE}.msgs"
+
+    def fired_since(moment: float) -> list[float]:
+        """When the messages enqueued after `moment` (a time.time()) were made."""
+        made = [json.loads(data)["message_timestamp"] / 1000 for data in client.hvals(fired)]
+        return [at for at in made if at > moment]
+
+    try:
+        wait_until(lambda: len(fired_since(0)) >= 1, 10, "a first firing")
+        stalled = time.time()
+        with paused(own_redis):
+            time.sleep(3)
+        resumed = time.time()
+        wait_until(lambda: len(fired_since(resumed)) >= 1, 10, "a firing after the stall")
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        scheduler.join(15)
+        loop.close()
+        broker.close()
+    # A tick that confirmed the lease just before the stall may fire at its very start.
+    assert [at for at in fired_since(stalled + 0.2) if at < resumed] == []
+    client.close()
 
 
 @pytest.mark.slow

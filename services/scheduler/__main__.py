@@ -47,8 +47,7 @@ def connect(settings: Settings) -> Redis:
     )
 
 
-def enqueue(trigger: Trigger) -> None:
-    broker = dramatiq.get_broker()
+def enqueue(broker: dramatiq.Broker, trigger: Trigger) -> None:
     broker.enqueue(
         dramatiq.Message(
             queue_name=MAINTENANCE_QUEUE, actor_name=trigger.actor, args=(), kwargs={}, options={}
@@ -57,10 +56,10 @@ def enqueue(trigger: Trigger) -> None:
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 
 
-async def fire(trigger: Trigger) -> bool:
+async def fire(broker: dramatiq.Broker, trigger: Trigger) -> bool:
     """Enqueue the trigger's job (on a thread: the broker's client blocks); False if Redis failed."""
     try:
-        await asyncio.to_thread(enqueue, trigger)
+        await asyncio.to_thread(enqueue, broker, trigger)
     except (RedisError, OSError) as exc:
         log.warning("trigger_not_enqueued", trigger=trigger.name, error=str(exc) or type(exc).__name__)
         return False
@@ -104,7 +103,14 @@ class Leadership:
             log.warning("leader_lease_not_released", error=str(exc) or type(exc).__name__)
 
 
-async def run(settings: Settings, stop: asyncio.Event, triggers: Sequence[Trigger] = MAINTENANCE) -> None:
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    broker: dramatiq.Broker,
+    triggers: Sequence[Trigger] = MAINTENANCE,
+    tick: float = TICK_SECONDS,
+) -> None:
+    """Check the lease and fire what is due, every `tick` seconds until `stop` is set."""
     redis = connect(settings)
     leadership = Leadership(LeaderLease(redis))
     # Each trigger fires for times after this; it moves on once a tick has dealt with them.
@@ -116,11 +122,11 @@ async def run(settings: Settings, stop: asyncio.Event, triggers: Sequence[Trigge
             if standing is not None:
                 for trigger in triggers:
                     due = trigger.due_between(since[trigger.name], now)
-                    if due and standing.ours and not await fire(trigger):
+                    if due and standing.ours and not await fire(broker, trigger):
                         continue  # still due: the next tick tries again
                     since[trigger.name] = now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+                await asyncio.wait_for(stop.wait(), tick)
     finally:
         if leadership.standing is not Lease.ELSEWHERE:
             await leadership.step_down()
@@ -137,7 +143,7 @@ def main(config: str | None) -> None:
     from workers.broker import setup_broker
 
     # The scheduler only enqueues: its broker's calls are bounded like its own.
-    setup_broker(settings, read_timeout=settings.redis_timeout.total_seconds())
+    broker = setup_broker(settings, read_timeout=settings.redis_timeout.total_seconds())
 
     async def main_loop() -> None:
         stop = asyncio.Event()
@@ -145,7 +151,7 @@ def main(config: str | None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info("scheduler_started", triggers=[t.name for t in MAINTENANCE])
-        await run(settings, stop)
+        await run(settings, stop, broker)
 
     asyncio.run(main_loop())
 
