@@ -17,10 +17,13 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
+import pytest
 
-from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer
+from shared.settings import S3Settings
+from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer, build_settings
 
 ALICE = ("alice", USERS["alice"])
 ALICE_HEADER = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
@@ -29,6 +32,25 @@ FULL_REQUEST = b"GET /healthz HTTP/1.1\r\nHost: seawall\r\n\r\n"
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def edge_factory(
+    request: pytest.FixtureRequest, redis_url: str, s3_settings: S3Settings, user_hashes: dict[str, str]
+) -> Iterator[EdgeFactory]:
+    """This module's edges, on asyncio and on uvloop (which `python -m services.edge` runs):
+    their transports and TLS are different code."""
+    started: list[EdgeServer] = []
+
+    def start(**overrides: Any) -> EdgeServer:
+        settings = build_settings(redis_url, s3_settings, user_hashes, **overrides)
+        server = EdgeServer(settings, loop=request.param).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def edge_connection_fds(port: int) -> int:

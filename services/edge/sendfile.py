@@ -62,6 +62,8 @@ async def send_file(
     response.content_length = length
     await response.prepare(request)
     transport = request.transport
+    if transport is not None and transport.get_extra_info("sslcontext") is not None:
+        return await _send_encrypted(request, response, fd, offset, length, on_sent)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if transport is None or sock is None:
         return response  # the client is already gone
@@ -83,6 +85,37 @@ async def send_file(
         return response
     finally:
         os.close(out)
+    await response.write_eof()
+    return response
+
+
+async def _send_encrypted(
+    request: web.Request,
+    response: web.StreamResponse,
+    fd: int,
+    offset: int,
+    length: int,
+    on_sent: OnSent,
+) -> web.StreamResponse:
+    """Over TLS the body goes through aiohttp's writer: bytes written to the socket itself
+    would bypass the encryption (and break the connection)."""
+    sent = 0
+    try:
+        while sent < length:
+            chunk = os.pread(fd, min(COPY_BUFFER, length - sent), offset + sent)
+            if not chunk:
+                raise EOFError(f"file ended {length - sent} bytes early")
+            await response.write(chunk)
+            sent += len(chunk)
+            on_sent(len(chunk))
+    except ConnectionError as exc:
+        log.info("blob_client_gone", path=request.path, reason=str(exc))
+        return response
+    except (OSError, EOFError) as exc:
+        log.warning("blob_send_aborted", path=request.path, reason=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response
 
