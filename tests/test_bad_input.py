@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import secrets
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -984,3 +986,29 @@ def test_tags_list_with_malformed_n_is_400(http: httpx.Client, image: Image, n: 
     assert_error(http.get(f"/v2/{repo}/tags/list", params={"n": n}), 400, "PAGINATION_INVALID")
     assert_error(http.get("/v2/_catalog", params={"n": n}), 400, "PAGINATION_INVALID")
     assert http.get(f"/v2/{repo}/tags/list", params={"n": "1"}).json()["tags"] == ["v1"]
+
+
+# --------------------------------------------------------------------------- clients that leave
+
+
+def test_clients_that_hang_up_before_the_answer_cause_no_internal_error(
+    edge: EdgeServer, http: httpx.Client, repo: str
+) -> None:
+    """Dozens of GETs whose connection is reset at once: the edge may find the client gone
+    when it writes the headers, which is not a server error."""
+    data = os.urandom(2 * 1024 * 1024)
+    push_blob(http, repo, data)
+    host, port = edge.address.rsplit(":", 1)
+    request = f"GET /v2/{repo}/blobs/{sha256(data)} HTTP/1.1\r\nHost: {edge.address}\r\n\r\n".encode()
+    for _ in range(3):
+        sockets = []
+        for _ in range(30):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            # Close with a reset, not a FIN: the edge's next write fails at once.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(request)
+            sockets.append(sock)
+        for sock in sockets:
+            sock.close()
+        time.sleep(0.5)
+    assert http.get(f"/v2/{repo}/blobs/{sha256(data)}").content == data

@@ -86,6 +86,10 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
                 RegistryError("UNSUPPORTED", f"{request.method} is not supported on {request.path[:200]}")
             )
         raise
+    except ConnectionResetError:
+        # The client hung up before or while we answered: there is no one to answer.
+        log.debug("client_gone", path=request.path, method=request.method)
+        raise
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return error_response(RegistryError("INTERNAL"))
