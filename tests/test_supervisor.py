@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,14 @@ import httpx
 import pytest
 import redis
 
-from services.embedded import free_port, port_open, redis_binary, wait_until, weed_binary
+from services.embedded import (
+    ManagedProcess,
+    free_port,
+    port_open,
+    redis_binary,
+    wait_until,
+    weed_binary,
+)
 from shared.proxy.events import MAINTENANCE_QUEUE, make_broker
 from tests.fixtures.edge import PROJECTS, USERS
 from tests.fixtures.stack import (
@@ -275,3 +283,29 @@ def test_a_child_crashing_again_and_again_stops_the_stack(
     assert "all processes stopped" in up.output()
     assert tree, up.output()
     assert [pid for pid in tree if alive(pid)] == []
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        # `seawall up` killed: the kernel may send the parent-death signal more than once.
+        (signal.SIGTERM, signal.SIGTERM),
+        # Dramatiq's main process killed outright: its worker processes must not run on.
+        (signal.SIGKILL,),
+    ],
+    ids=["sigterm-twice", "sigkill"],
+)
+def test_worker_processes_end_with_dramatiqs_main_process(
+    signals: tuple[signal.Signals, ...], redis_url: str, tmp_path: Path
+) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SEAWALL_")}
+    env |= {"SEAWALL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "2", "--threads", "1"]
+    with ManagedProcess("worker", argv, tmp_path / "worker.log", env) as main:
+        wait_until(lambda: main.log_tail().count(WORKER_READY) == 2, 60, "both worker processes")
+        workers = descendants(main.pid)
+        assert len(workers) == 2, main.log_tail()
+        for sig in signals:
+            os.kill(main.pid, sig)
+        wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the worker processes to exit")
+        main.process.wait(30)
