@@ -6,12 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from services.edge import keys
 from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
-from shared import diskcache
+from shared import diskcache, redisguard
 from shared.access import Access
 from shared.blobs import BlobStore
 from shared.layout import TOKEN_SECRET_KEY
@@ -79,7 +78,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     if settings.redis_url is None:
         raise RuntimeError("no Redis configured: set redis_url in seawall.yaml or run `seawall up`")
-    redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+    # Every call bounded by `redis_timeout`, and Redis skipped for a moment after a failure:
+    # what needs it degrades (see shared/redisguard.py) instead of holding requests.
+    redis = redisguard.connect(settings.redis_url, settings.redis_timeout.total_seconds())
     try:
         app[keys.REDIS] = redis
         yield
@@ -91,7 +92,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
     """The pull-through cache: upstream clients, cache-miss events, fill followers."""
     settings = app[keys.SETTINGS]
     redis = app[keys.REDIS]
-    events = CacheEvents(make_broker(settings.redis_url or ""))
+    events = CacheEvents(make_broker(settings.redis_url or "", settings.redis_timeout.total_seconds()))
     upstreams = UpstreamPool(settings, redis)
     try:
         app[keys.EVENTS] = events

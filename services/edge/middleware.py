@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from services.edge import keys
 from shared.metrics import ERRORS, REQUEST_SECONDS
@@ -78,6 +79,10 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except StorageUnavailable as exc:
         log.error("storage_unavailable", error=str(exc), path=request.path)
         return error_response(RegistryError("UNAVAILABLE", "object storage is unavailable"))
+    except RedisError as exc:
+        # What can do without Redis already has (shared/redisguard.py); this needed it.
+        log.warning("redis_needed", error=str(exc), path=request.path)
+        return error_response(RegistryError("UNAVAILABLE", "Redis is unavailable"))
     except web.HTTPException as exc:
         if exc.status == 404:
             return error_response(RegistryError("NOT_FOUND", f"no such endpoint {request.path[:200]}"))
