@@ -224,6 +224,36 @@ def test_crashed_children_are_restarted_and_the_registry_answers_again(
     assert up.count("restarting it in") == 3, up.output()
 
 
+def test_a_crashed_s3_comes_back_with_its_data_and_the_apps_follow_it(
+    tmp_config: Callable[..., Path], hosted_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    listen = hosted_config["listen"]
+    up = start(tmp_config(hosted_config), up_process, listen)
+    image = make_image([make_layer({"s3.txt": b"s3"})], label="s3-restart")
+    push_image(f"http://{listen}", "local/app", image, tag="v1", auth=ALICE)
+    apps = {name: up.child(CHILDREN[name]) for name in ("edge", "worker", "scheduler")}
+    s3 = up.child(CHILDREN["s3"])
+    assert s3 is not None
+
+    os.kill(s3, signal.SIGKILL)
+    # Its ports are chosen anew, so the apps are restarted with the new endpoint.
+    wait_until(lambda: up.count("s3 restarted") == 1, 60, "a new s3")
+    wait_until(lambda: up.count(WORKER_READY) >= 2, 60, "the restarted worker")
+    wait_until(lambda: v2_status(listen) == 401, 60, "the restarted edge")
+    endpoints = [line.split("embedded s3 at ", 1)[1] for line in up.lines if "embedded s3 at " in line]
+    assert len(endpoints) == 2, up.output()
+    assert endpoints[0] != endpoints[1]
+    assert "s3 has a new address: restarting edge, worker, scheduler" in up.output()
+    assert all(up.child(CHILDREN[name]) not in (None, pid) for name, pid in apps.items())
+
+    assert pulled(listen, "local/app", "v1", image)
+    again = make_image([make_layer({"after.txt": b"after"})], label="after-s3-restart")
+    push_image(f"http://{listen}", "local/app", again, tag="v2", auth=ALICE)
+    assert pulled(listen, "local/app", "v2", again)
+    assert up.count("restarting it in") == 1, up.output()
+    assert up.process.poll() is None
+
+
 def test_the_stack_rides_out_redis_paused_for_10s(
     tmp_config: Callable[..., Path], hosted_config: dict[str, Any], up_process: list[SeawallUp]
 ) -> None:
