@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from services.edge import keys
 from services.edge.context import target
@@ -149,7 +150,7 @@ async def _send(
         async for chunk in chunks:
             await response.write(chunk)
             BYTES_SERVED.labels(project, "blob").inc(len(chunk))
-    except (RegistryError, StorageUnavailable) as exc:
+    except (RegistryError, StorageUnavailable, RedisError) as exc:
         log.warning("blob_stream_aborted", path=request.path, reason=str(exc))
         if request.transport is not None:
             request.transport.abort()

@@ -92,9 +92,10 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
             )
         raise
     except ConnectionResetError:
-        # The client hung up before or while we answered: there is no one to answer.
+        # The client hung up before or while we answered: there is no one to answer. The
+        # server drops a response it cannot write without logging it as an error.
         log.debug("client_gone", path=request.path, method=request.method)
-        raise
+        return web.Response(status=499, reason="Client Closed Request")
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return error_response(RegistryError("INTERNAL"))
