@@ -166,21 +166,22 @@ def start_upload(http: httpx.Client, repo: str) -> str:
     return str(response.headers["Docker-Upload-UUID"])
 
 
-def error_count(http: httpx.Client, code: str) -> float:
+def error_count(edge: EdgeServer, code: str) -> float:
     """How many `code` errors the edge (in this process) has answered, from /metrics."""
-    text = http.get("/metrics").text
+    assert edge.metrics_url is not None
+    text = httpx.get(f"{edge.metrics_url}/metrics", timeout=60).text
     match = re.search(rf'^seawall_errors_total\{{code="{code}"\}} (\S+)$', text, re.MULTILINE)
     return float(match[1]) if match else 0.0
 
 
-def wait_for_errors(http: httpx.Client, code: str, above: float, timeout: float = 15.0) -> None:
+def wait_for_errors(edge: EdgeServer, code: str, above: float, timeout: float = 15.0) -> None:
     """Wait until the edge has finished a request that failed with `code`.
 
     A client that hangs up gets no answer, so the metric is how the test learns that the
     handler has given up (and whatever it was writing has been aborted).
     """
     deadline = time.monotonic() + timeout
-    while error_count(http, code) <= above:
+    while error_count(edge, code) <= above:
         assert time.monotonic() < deadline, f"the edge never answered {code}"
         time.sleep(0.05)
 
@@ -250,11 +251,11 @@ def http(edge: EdgeServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(autouse=True)
-def never_internal(http: httpx.Client) -> Iterator[None]:
+def never_internal(edge: EdgeServer) -> Iterator[None]:
     """No case may end in a 500, not even one whose answer the client never reads."""
-    before = error_count(http, "INTERNAL")
+    before = error_count(edge, "INTERNAL")
     yield
-    assert error_count(http, "INTERNAL") == before
+    assert error_count(edge, "INTERNAL") == before
 
 
 @pytest.fixture
@@ -761,12 +762,12 @@ def test_monolithic_upload_shorter_than_its_content_length_stores_nothing(
         "\r\n"
     ).encode() + sent
     bucket.snapshot()
-    errors = error_count(http, "SIZE_INVALID")
+    errors = error_count(edge, "SIZE_INVALID")
     answer = half_closed_exchange(edge, request)
     # The edge cannot answer a client that hung up; if it did answer, it refused.
     status = status_of(answer)
     assert status is None or 400 <= status < 500, answer[:300]
-    wait_for_errors(http, "SIZE_INVALID", errors)
+    wait_for_errors(edge, "SIZE_INVALID", errors)
     bucket.assert_unchanged(http)
     assert_error(http.head(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
     assert repo not in catalog(http)
@@ -787,10 +788,10 @@ def test_manifest_shorter_than_its_content_length_stores_nothing(
         "\r\n"
     ).encode() + built.manifest
     bucket.snapshot()
-    errors = error_count(http, "SIZE_INVALID")
+    errors = error_count(edge, "SIZE_INVALID")
     status = status_of(half_closed_exchange(edge, request))
     assert status is None or 400 <= status < 500
-    wait_for_errors(http, "SIZE_INVALID", errors)
+    wait_for_errors(edge, "SIZE_INVALID", errors)
     bucket.assert_unchanged(http)
     assert http.get(f"/v2/{repo}/tags/list").json()["tags"] == ["v1"]
 
@@ -810,10 +811,10 @@ def test_patch_shorter_than_its_content_length_stores_no_part(
         "\r\n"
     ).encode() + sent
     bucket.snapshot()
-    errors = error_count(http, "SIZE_INVALID")
+    errors = error_count(edge, "SIZE_INVALID")
     status = status_of(half_closed_exchange(edge, request))
     assert status is None or 400 <= status < 500
-    wait_for_errors(http, "SIZE_INVALID", errors)
+    wait_for_errors(edge, "SIZE_INVALID", errors)
     bucket.assert_unchanged(http, {upload: repo})
     assert http.get(f"/v2/{repo}/blobs/uploads/{upload}").headers["Range"] == "0-0"
     # The session is intact: the real chunk is accepted at offset 0.

@@ -94,7 +94,8 @@ def get(
 
 
 def metric(edge: EdgeServer, name: str, labels: str = "") -> float:
-    text = get(edge, "/metrics").text
+    assert edge.metrics_url is not None
+    text = httpx.get(f"{edge.metrics_url}/metrics", timeout=60).text
     match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name}{labels} is not exported"
     return float(match[1])

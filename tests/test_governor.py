@@ -82,7 +82,7 @@ def test_uncached_pulls_beyond_the_quota_never_reach_the_upstream(
     for name in names[:5]:
         assert get_manifest(stack.edge.url, name).status_code == 200
     assert hub.count("GET", "manifest") == 5
-    metrics = httpx.get(f"{stack.edge.url}/metrics").text
+    metrics = httpx.get(f"{stack.edge.metrics_url}/metrics").text
     assert 'seawall_quota_denied_total{priority="client",upstream="hub"} 5.0' in metrics
     assert 'seawall_quota_remaining{upstream="hub"} 0.0' in metrics
 
@@ -97,7 +97,11 @@ def test_two_edges_and_two_workers_share_one_bucket(
         "edge-2",
         [sys.executable, "-m", "services.edge", "--config", str(stack.config_path)],
         tmp_path / "edge-2.log",
-        env={**os.environ, "SEAWALL_LISTEN": f"127.0.0.1:{port}"},
+        env={
+            **os.environ,
+            "SEAWALL_LISTEN": f"127.0.0.1:{port}",
+            "SEAWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+        },
     )
     try:
         other_edge.wait_ready(lambda: port_open("127.0.0.1", port), 30, "second edge")

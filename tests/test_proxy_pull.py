@@ -312,9 +312,9 @@ def test_worker_metrics_count_fills_and_upstream_bytes(
     assert "dramatiq_messages_total" in text
 
 
-def _followed(edge_url: str) -> dict[str, float]:
+def _followed(metrics_url: str | None) -> dict[str, float]:
     """seawall_fill_follow_bytes_total by source, as an edge exposes it."""
-    text = httpx.get(f"{edge_url}/metrics", timeout=10).text
+    text = httpx.get(f"{metrics_url}/metrics", timeout=10).text
     found = {}
     for line in text.splitlines():
         if line.startswith("seawall_fill_follow_bytes_total{"):
@@ -337,10 +337,10 @@ def test_edge_beside_the_worker_streams_the_spool_and_another_node_the_bucket(
     for data in (near, far):
         hub.throttle_blob(digests[data], 4 * 1024 * 1024)  # a fill of ~1.5 s: edges follow it
 
-    before = _followed(stack.edge.url)
+    before = _followed(stack.edge.metrics_url)
     with httpx.Client(base_url=stack.edge.url, timeout=60) as client:
         assert client.get(f"/v2/hub/{name}/blobs/{digests[near]}").content == near
-    after_near = _followed(stack.edge.url)
+    after_near = _followed(stack.edge.metrics_url)
     # In-process edges share one metrics registry: compare what each pull added. (A
     # follower may find the blob committed before its last reads: it then reads the
     # remaining bytes from the stored blob.)
@@ -349,7 +349,7 @@ def test_edge_beside_the_worker_streams_the_spool_and_another_node_the_bucket(
 
     with httpx.Client(base_url=other_node.url, timeout=60) as client:
         assert client.get(f"/v2/hub/{name}/blobs/{digests[far]}").content == far
-    after_far = _followed(stack.edge.url)
+    after_far = _followed(stack.edge.metrics_url)
     assert len(far) / 2 < after_far["segments"] - after_near["segments"] <= len(far)
     assert after_far["spool"] == after_near["spool"]
 

@@ -19,6 +19,7 @@ import pytest
 import trustme
 from cryptography import x509
 
+from services.edge.server import EdgeSites
 from services.edge.tls import CERT_POLL_SECONDS
 from shared.settings import S3Settings
 from tests.fixtures.clients import Skopeo, output
@@ -214,3 +215,13 @@ def test_a_broken_replacement_keeps_the_served_certificate(
     while served_serial(edge, tls_files) != fixed:
         assert time.monotonic() < deadline, "the repaired certificate was not served"
         time.sleep(0.2)
+
+
+def test_an_http_public_url_with_tls_is_refused(
+    redis_url: str, s3_settings: S3Settings, user_hashes: dict[str, str], tls_files: TLSFiles
+) -> None:
+    settings = build_settings(
+        redis_url, s3_settings, user_hashes, tls=tls_files.settings(), public_url="http://registry.test"
+    )
+    with pytest.raises(ValueError, match="https"):
+        EdgeSites(settings)
