@@ -4,9 +4,11 @@ a crash loop stopping the stack, and nothing left behind when `seawall up` is ki
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from services.embedded import (
     wait_until,
     weed_binary,
 )
+from services.supervisor import LOCK_FILE, DataDirBusy, Printer, lock_data_dir
 from shared.proxy.events import MAINTENANCE_QUEUE, make_broker
 from tests.fixtures.edge import PROJECTS, USERS
 from tests.fixtures.stack import (
@@ -178,6 +181,18 @@ def test_a_second_up_on_the_same_data_dir_starts_nothing(
     assert redis_file.read_text() == first_redis
     assert v2_status(stack_config["listen"]) == 200
     assert first.process.poll() is None
+
+
+def test_up_started_again_after_a_killed_one_serves_from_the_same_data_dir(
+    tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
+) -> None:
+    config = tmp_config(stack_config)
+    start(config, up_process, stack_config["listen"]).kill()
+    # Same data_dir, same ports.
+    second = start(config, up_process, stack_config["listen"])
+    assert "error" not in second.output()
+    second.process.send_signal(signal.SIGTERM)
+    assert second.wait() == 0, second.output()
 
 
 def test_crashed_children_are_restarted_and_the_registry_answers_again(
@@ -339,3 +354,49 @@ def test_worker_processes_end_with_dramatiqs_main_process(
             os.kill(main.pid, sig)
         wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the worker processes to exit")
         main.process.wait(30)
+
+
+def _hold_lock(data_dir: Path, pid_on_record: int, seconds: float) -> subprocess.Popen[bytes]:
+    """A process holding data_dir's lock for a while, the lock file naming pid_on_record."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.ftruncate(fd, 0); os.pwrite(fd, sys.argv[2].encode(), 0)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(float(sys.argv[3]))\n"
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", code, str(data_dir / LOCK_FILE), str(pid_on_record), str(seconds)]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == b"locked\n"
+    return holder
+
+
+def test_the_data_dir_lock_waits_for_the_processes_of_a_killed_up(tmp_path: Path) -> None:
+    # The `seawall up` on record is gone; one of its apps still holds the lock for a second.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    holder = _hold_lock(tmp_path / "data", gone.pid, 1.5)
+    output = io.StringIO()
+    fd = lock_data_dir(tmp_path / "data", Printer(output))
+    try:
+        # It found the lock held, waited, and took it once the holder let go.
+        assert "waiting for the processes of a stopped `seawall up`" in output.getvalue()
+        assert (tmp_path / "data" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    finally:
+        os.close(fd)
+        holder.wait()
+
+
+def test_the_data_dir_lock_refuses_at_once_while_its_up_runs(tmp_path: Path) -> None:
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = _hold_lock(tmp_path / "data", running.pid, 30)
+    try:
+        with pytest.raises(DataDirBusy, match=f"another `seawall up` \\(pid {running.pid}\\) is running"):
+            lock_data_dir(tmp_path / "data", Printer(io.StringIO()))
+    finally:
+        for process in (holder, running):
+            process.kill()
+            process.wait()
