@@ -13,7 +13,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 DEPS := docker-registry:docker-registry skopeo:skopeo dockerd:docker.io podman:podman \
 	ctr:containerd redis-server:redis-server wrk:wrk
 
-.PHONY: venv deps run test bench lint
+.PHONY: venv deps run test bench lint soak
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ run: venv
 
 test: venv deps
 	$(BIN)/pytest
+
+# The long soak: 200 clients for 60 s against an edge process; its memory may grow < 20%.
+soak: venv deps
+	SEAWALL_SOAK_CLIENTS=200 SEAWALL_SOAK_SECONDS=60 SEAWALL_SOAK_MAX_RSS_GROWTH=0.2 \
+		$(BIN)/pytest tests/test_soak.py -p no:cacheprovider
 
 bench: venv
 	$(BIN)/python -m bench

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.console import Console
@@ -14,18 +13,13 @@ from shared.scrub import count_blobs, scrub
 from shared.settings import S3Settings, Settings
 from shared.storage import ObjectStore
 
-EMBEDDED_S3_FILE = "embedded-s3.json"
-
-
-def embedded_s3_file(data_dir: Path) -> Path:
-    """Where a running `seawall up` leaves its embedded S3's endpoint and keys (owner-only)."""
-    return data_dir / EMBEDDED_S3_FILE
-
 
 def s3_settings(settings: Settings) -> S3Settings:
     """The configured store, else the embedded one of a running `seawall up`."""
     if settings.s3 is not None:
         return settings.s3
+    from services.supervisor import embedded_s3_file
+
     found = embedded_s3_file(settings.data_dir)
     if not found.is_file():
         raise ValueError("no s3 configured and no running `seawall up` found in data_dir")

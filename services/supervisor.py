@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -317,6 +318,11 @@ def child_commands(settings: Settings, config_file: Path | None) -> list[tuple[s
     ]
 
 
+def embedded_s3_file(data_dir: Path) -> Path:
+    """Where a running `seawall up` leaves its embedded S3's endpoint and keys (owner-only)."""
+    return data_dir / "embedded-s3.json"
+
+
 def embedded_redis_file(data_dir: Path) -> Path:
     return data_dir / "embedded-redis-url"
 
@@ -358,6 +364,13 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
                 s3.stop()
                 raise ServerStartError(f"s3 did not start: creating the bucket failed: {exc}") from exc
             printer.info(f"embedded s3 at http://{s3.endpoint}")
+            # So `seawall scrub` finds the embedded store of a running stack (owner-only: keys).
+            _write_private(
+                embedded_s3_file(data_dir),
+                json.dumps(
+                    {"endpoint": s3.endpoint, "access_key": s3.access_key, "secret_key": s3.secret_key}
+                ),
+            )
             return s3, {
                 "SEAWALL_S3__ENDPOINT": s3.endpoint,
                 "SEAWALL_S3__ACCESS_KEY": s3.access_key,
@@ -365,6 +378,13 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
             }
 
         supervisor.start_server("s3", launch_s3)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
 
 
 def client_address(settings: Settings) -> str:

@@ -8,7 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ByteSize, Field, SecretStr, model_validator
+from croniter import croniter
+from pydantic import BaseModel, BeforeValidator, ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -176,6 +177,13 @@ class ScrubSettings(BaseModel):
     schedule: str | None = "30 3 * * *"
     # Read rate cap, so a scrub never competes with clients for the store.
     bytes_per_second: ByteSize = ByteSize(32 * 1024**2)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"invalid cron expression {value!r}: use five fields, e.g. '30 3 * * *'")
+        return value
 
 
 class Settings(BaseSettings):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from services.embedded import S3Server
@@ -111,3 +112,26 @@ def test_the_scheduled_scrub_runs_once_at_a_time_and_counts_what_it_finds(
     assert done[0].ok == 1
     assert SCRUB_BLOBS.labels("corrupt")._value.get() == corrupt_before + 1
     assert BLOB_CORRUPTIONS.labels("scrub")._value.get() == quarantined_before + 1
+
+
+def test_the_scheduler_fires_the_scrub_on_its_schedule_unless_it_is_off() -> None:
+    from datetime import UTC, datetime
+
+    from pydantic import ValidationError
+
+    from services.scheduler.schedule import maintenance
+    from shared.settings import Settings
+
+    [scrub_trigger] = [
+        t for t in maintenance(Settings(scrub={"schedule": "0 2 * * *"})) if t.name == "scrub-blobs"
+    ]
+    assert scrub_trigger.actor == "scrub_blobs_job"
+    assert scrub_trigger.due_between(
+        datetime(2026, 1, 1, 1, 59, tzinfo=UTC), datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
+    )
+    assert not scrub_trigger.due_between(
+        datetime(2026, 1, 1, 2, 1, tzinfo=UTC), datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
+    )
+    assert "scrub-blobs" not in {t.name for t in maintenance(Settings(scrub={"schedule": None}))}
+    with pytest.raises(ValidationError, match=r"scrub\.schedule"):
+        Settings(scrub={"schedule": "every night"})

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.scheduler.leader import LeaderLease, Lease
-from services.scheduler.schedule import MAINTENANCE, Trigger
+from services.scheduler.schedule import MAINTENANCE, Trigger, maintenance
 from shared.logging import configure_logging, get_logger
 from shared.proxy.events import MAINTENANCE_QUEUE
 from shared.settings import Settings, load_settings
@@ -150,8 +150,9 @@ def main(config: str | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("scheduler_started", triggers=[t.name for t in MAINTENANCE])
-        await run(settings, stop, broker)
+        triggers = maintenance(settings)
+        log.info("scheduler_started", triggers=[t.name for t in triggers])
+        await run(settings, stop, broker, triggers)
 
     asyncio.run(main_loop())
 

@@ -7,6 +7,8 @@ from datetime import datetime
 
 from croniter import croniter
 
+from shared.settings import Settings
+
 
 @dataclass(frozen=True)
 class Trigger:
@@ -21,3 +23,11 @@ class Trigger:
 
 
 MAINTENANCE = [Trigger("purge-expired-uploads", "17 * * * *", "purge_expired_uploads_job")]
+
+
+def maintenance(settings: Settings) -> list[Trigger]:
+    """The fixed maintenance triggers, plus the scrub on `scrub.schedule` unless it is off."""
+    triggers = list(MAINTENANCE)
+    if settings.scrub.schedule:
+        triggers.append(Trigger("scrub-blobs", settings.scrub.schedule, "scrub_blobs_job"))
+    return triggers
