@@ -239,6 +239,26 @@ def test_stalled_patch_body_is_cut_and_leaves_the_upload_where_it_was(edge_facto
         assert retried.headers["Range"] == "0-999"
 
 
+def test_a_slow_but_steady_body_outlasts_both_timeouts(edge_factory: EdgeFactory) -> None:
+    edge = edge_factory(limits={"header_timeout": "1s", "body_idle_timeout": "2s"})
+    location = start_upload(edge, "local/steady")
+    chunk = os.urandom(1000)
+    with connect(edge) as sock:
+        sock.sendall(
+            f"PATCH {location} HTTP/1.1\r\nHost: seawall\r\nAuthorization: {ALICE_HEADER}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n"
+            "Content-Range: 0-999\r\n\r\n".encode()
+        )
+        # 4 s in all, longer than either timeout, but never 2 s without a byte.
+        for start in range(0, 1000, 100):
+            time.sleep(0.4)
+            sock.sendall(chunk[start : start + 100])
+        status, body = read_response(sock, timeout=15)
+    assert status == 202, body
+    with httpx.Client(base_url=edge.url, auth=ALICE, timeout=30) as client:
+        assert client.get(location).headers["Range"] == "0-999"
+
+
 def test_stalled_monolithic_upload_stores_nothing(edge_factory: EdgeFactory) -> None:
     edge = edge_factory(limits={"body_idle_timeout": "1s"})
     data = os.urandom(1000)
