@@ -110,6 +110,8 @@ def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str, data_dir: P
         "listen": f"127.0.0.1:{port}",
         "data_dir": str(data_dir),
         "worker_metrics_listen": None,
+        # The bench reads no edge metrics: no metrics port to collide with another stack's.
+        "metrics_listen": None,
         "redis_url": redis_url,
         "s3": {
             "endpoint": s3.endpoint,
