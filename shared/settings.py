@@ -144,8 +144,9 @@ class TLSSettings(BaseModel):
 class EdgeLimits(BaseModel):
     """Per-connection limits that keep slow or abusive clients from holding the edge."""
 
-    # A client must send its request line and headers within this (from connecting, or
-    # from the end of its previous request on a kept-alive connection).
+    # A client must send its request line and headers within this (from connecting, or on
+    # a kept-alive connection from the first byte of its next request: the idle time
+    # before that is `keepalive_timeout`'s). It also bounds the TLS handshake.
     header_timeout: Duration = timedelta(seconds=10)
     # A request body (a blob upload) that sends nothing for this long is cut off.
     body_idle_timeout: Duration = timedelta(seconds=60)
