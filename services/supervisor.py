@@ -398,17 +398,23 @@ def client_address(settings: Settings) -> str:
 def announce(settings: Settings, printer: Printer) -> None:
     """Tell the user where the edge is and how to point docker at it."""
     address = client_address(settings)
-    printer.info(f"edge listening on http://{address}")
+    scheme = "https" if settings.tls else "http"
+    printer.info(f"edge listening on {scheme}://{address}")
     printer.info(
-        f'as a Docker Hub mirror: add "registry-mirrors": ["http://{address}"] '
+        f'as a Docker Hub mirror: add "registry-mirrors": ["{scheme}://{address}"] '
         "to /etc/docker/daemon.json and restart dockerd"
     )
     names = ", ".join(p.name for p in settings.projects) or "none configured"
     printer.info(f"per project: docker pull {address}/<project>/<repo>:<tag>  (projects: {names})")
-    printer.info(
-        "docker treats 127.0.0.0/8 as an insecure (plain HTTP) registry by default; "
-        'other addresses need "insecure-registries" in daemon.json'
-    )
+    if settings.tls:
+        printer.info(
+            f"clients must trust the CA that signed {settings.tls.cert_file} (see README: Native TLS)"
+        )
+    else:
+        printer.info(
+            "docker treats 127.0.0.0/8 as an insecure (plain HTTP) registry by default; "
+            'other addresses need "insecure-registries" in daemon.json'
+        )
 
 
 def _supervise(settings: Settings, supervisor: Supervisor, stop: threading.Event) -> int:
