@@ -17,13 +17,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import pytest
 
-from shared.settings import S3Settings
-from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer, build_settings
+from tests.fixtures.edge import USERS, EdgeFactory, EdgeLoop, EdgeServer
 
 ALICE = ("alice", USERS["alice"])
 ALICE_HEADER = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
@@ -35,22 +33,11 @@ FULL_REQUEST = b"GET /healthz HTTP/1.1\r\nHost: seawall\r\n\r\n"
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def edge_factory(
-    request: pytest.FixtureRequest, redis_url: str, s3_settings: S3Settings, user_hashes: dict[str, str]
-) -> Iterator[EdgeFactory]:
-    """This module's edges, on asyncio and on uvloop (which `python -m services.edge` runs):
+def edge_loop(request: pytest.FixtureRequest) -> EdgeLoop:
+    """This module's edges run on asyncio and on uvloop (which `python -m services.edge` runs):
     their transports and TLS are different code."""
-    started: list[EdgeServer] = []
-
-    def start(**overrides: Any) -> EdgeServer:
-        settings = build_settings(redis_url, s3_settings, user_hashes, **overrides)
-        server = EdgeServer(settings, loop=request.param).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    loop: EdgeLoop = request.param
+    return loop
 
 
 def edge_connection_fds(port: int) -> int:
@@ -143,6 +130,15 @@ def start_upload(edge: EdgeServer, repo: str) -> str:
     return str(started.headers["Location"])
 
 
+def patch_head(location: str, size: int) -> bytes:
+    """The head of alice's PATCH of bytes 0 to size - 1 of an upload, sent raw."""
+    return (
+        f"PATCH {location} HTTP/1.1\r\nHost: seawall\r\nAuthorization: {ALICE_HEADER}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
+        f"Content-Range: 0-{size - 1}\r\n\r\n"
+    ).encode()
+
+
 # --------------------------------------------------------------------------- header timeout
 
 
@@ -214,12 +210,7 @@ def test_stalled_patch_body_is_cut_and_leaves_the_upload_where_it_was(edge_facto
     location = start_upload(edge, "local/stalled")
     chunk = os.urandom(1000)
     with connect(edge) as sock:
-        sock.sendall(
-            f"PATCH {location} HTTP/1.1\r\nHost: seawall\r\nAuthorization: {ALICE_HEADER}\r\n"
-            "Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n"
-            "Content-Range: 0-999\r\n\r\n".encode()
-            + chunk[:100]
-        )
+        sock.sendall(patch_head(location, len(chunk)) + chunk[:100])
         # The client sends nothing more: the edge gives up on the body and says so.
         status, body = read_response(sock, timeout=15)
     assert status == 400, body
@@ -244,11 +235,7 @@ def test_a_slow_but_steady_body_outlasts_both_timeouts(edge_factory: EdgeFactory
     location = start_upload(edge, "local/steady")
     chunk = os.urandom(1000)
     with connect(edge) as sock:
-        sock.sendall(
-            f"PATCH {location} HTTP/1.1\r\nHost: seawall\r\nAuthorization: {ALICE_HEADER}\r\n"
-            "Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n"
-            "Content-Range: 0-999\r\n\r\n".encode()
-        )
+        sock.sendall(patch_head(location, len(chunk)))
         # 4 s in all, longer than either timeout, but never 2 s without a byte.
         for start in range(0, 1000, 100):
             time.sleep(0.4)

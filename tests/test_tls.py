@@ -9,10 +9,8 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +21,7 @@ from services.edge.server import EdgeSites
 from services.edge.tls import CERT_POLL_SECONDS
 from shared.settings import S3Settings
 from tests.fixtures.clients import Skopeo, output
-from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer, build_settings
+from tests.fixtures.edge import USERS, EdgeFactory, EdgeLoop, EdgeServer, build_settings
 from tests.support.images import OCI_MANIFEST, make_image, make_layer, sha256
 from tests.support.seed import push_blob, push_manifest
 
@@ -31,22 +29,11 @@ ALICE = ("alice", USERS["alice"])
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def edge_factory(
-    request: pytest.FixtureRequest, redis_url: str, s3_settings: S3Settings, user_hashes: dict[str, str]
-) -> Iterator[EdgeFactory]:
-    """This module's edges, on asyncio and on uvloop (which `python -m services.edge` runs):
+def edge_loop(request: pytest.FixtureRequest) -> EdgeLoop:
+    """This module's edges run on asyncio and on uvloop (which `python -m services.edge` runs):
     their transports and TLS are different code."""
-    started: list[EdgeServer] = []
-
-    def start(**overrides: Any) -> EdgeServer:
-        settings = build_settings(redis_url, s3_settings, user_hashes, **overrides)
-        server = EdgeServer(settings, loop=request.param).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    loop: EdgeLoop = request.param
+    return loop
 
 
 @dataclass
