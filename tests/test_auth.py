@@ -28,6 +28,7 @@ from shared.settings import S3Settings
 from shared.tokens import TOKEN_TTL, TokenSigner
 from tests.fixtures import servers
 from tests.fixtures.edge import PROJECTS, USERS, EdgeServer, build_settings
+from tests.support.bucket import read
 from tests.support.images import OCI_MANIFEST, Image, make_image, sha256
 
 PUBLIC = "local/app"
@@ -145,12 +146,7 @@ def issue_token(edge: EdgeServer, authorization: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def token_secret(edge: EdgeServer, s3_server: S3Server, module_s3: S3Settings) -> bytes:
     """The secret the edge signs tokens with (kept in the bucket, shared by replicas)."""
-    response = s3_server.client().get_object(module_s3.bucket, layout.TOKEN_SECRET_KEY)
-    try:
-        return bytes(response.read())
-    finally:
-        response.close()
-        response.release_conn()
+    return read(s3_server, module_s3.bucket, layout.TOKEN_SECRET_KEY)
 
 
 def bad_credentials(edge: EdgeServer, secret: bytes, hashes: dict[str, str]) -> dict[str, str | bytes]:

@@ -32,6 +32,7 @@ from shared.logins import MAX_KEYS, FailureWindows, LoginLimiter
 from shared.oci.errors import RegistryError
 from shared.settings import LoginSettings, S3Settings
 from tests.fixtures.edge import PROJECTS, USERS, EdgeFactory, EdgeServer
+from tests.support.bucket import read
 from tests.support.images import make_image
 from tests.support.seed import push_image
 
@@ -325,12 +326,7 @@ def test_failure_windows_forget_the_oldest_keys_first() -> None:
 
 @pytest.fixture
 def token_secret(edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings) -> bytes:
-    response = s3_server.client().get_object(s3_settings.bucket, layout.TOKEN_SECRET_KEY)
-    try:
-        return bytes(response.read())
-    finally:
-        response.close()
-        response.release_conn()
+    return read(s3_server, s3_settings.bucket, layout.TOKEN_SECRET_KEY)
 
 
 def signed(secret: bytes, payload: bytes) -> bytes:
