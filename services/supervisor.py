@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -332,16 +333,21 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
     printer = supervisor.printer
     if settings.redis_url is None:
         port: int | None = None
+        # Other users of this host can reach 127.0.0.1: without it they could read the
+        # upstream tokens Redis holds. Kept for restarts, so the apps' URL stays valid.
+        password = secrets.token_urlsafe(24)
 
         def launch_redis() -> tuple[ManagedProcess, dict[str, str]]:
             nonlocal port
             # A restarted Redis takes the port it had: the apps reconnect to the same URL
             # and carry on (Redis holds nothing they cannot do without).
-            redis = start_redis(data_dir, port=port, log_path=supervisor.log_dir / "redis.log")
+            redis = start_redis(
+                data_dir, port=port, log_path=supervisor.log_dir / "redis.log", password=password
+            )
             port = redis.port
-            printer.info(f"embedded redis at {redis.url}")
+            printer.info(f"embedded redis at redis://127.0.0.1:{redis.port} (password-protected)")
             # So `seawall quota` and `seawall warm` find the embedded Redis of a running stack.
-            embedded_redis_file(data_dir).write_text(redis.url)
+            _write_private(embedded_redis_file(data_dir), redis.url)
             return redis, {"SEAWALL_REDIS_URL": redis.url}
 
         supervisor.start_server("redis", launch_redis)
@@ -455,6 +461,8 @@ def lock_data_dir(data_dir: Path, printer: Printer) -> int:
     instead of starting a second SeaweedFS on the same store.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
+    # It holds the embedded stores' keys, the disk tier's copies of private blobs and logs.
+    data_dir.chmod(0o700)
     path = data_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     deadline: float | None = None

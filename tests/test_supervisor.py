@@ -181,7 +181,7 @@ def test_crashed_children_are_restarted_and_the_registry_answers_again(
 ) -> None:
     listen = hosted_config["listen"]
     up = start(tmp_config(hosted_config), up_process, listen)
-    redis_url = up.value_after("embedded redis at ")
+    redis_url = up.embedded_redis_url()
     assert redis_url, up.output()
     image = make_image([make_layer({"restart.txt": b"restart"})], label="restart")
     push_image(f"http://{listen}", "local/app", image, tag="v1", auth=ALICE)
@@ -256,7 +256,7 @@ def test_the_stack_rides_out_redis_paused_for_10s(
     listen = hosted_config["listen"]
     up = start(tmp_config(hosted_config), up_process, listen)
     wait_until(lambda: up.count("scheduler_started") == 1, 30, "the scheduler")
-    redis_url = up.value_after("embedded redis at ")
+    redis_url = up.embedded_redis_url()
     assert redis_url, up.output()
     image = make_image([make_layer({"stall.txt": b"stall"})], label="stall")
     push_image(f"http://{listen}", "local/app", image, tag="v1", auth=ALICE)
