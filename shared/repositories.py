@@ -75,6 +75,7 @@ class RepositoryStore:
         self._store = store
         self._cache = cache
         self._links: OrderedDict[tuple[str, Digest], tuple[int, float]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[bytes | None]] = {}
 
     async def _cached(self, key: str) -> bytes | None:
         if self._cache is None:
@@ -197,15 +198,39 @@ class RepositoryStore:
         return revision
 
     async def revision(self, name: str, digest: Digest) -> Revision | None:
-        key = _revision_cache_key(name, digest)
-        raw = await self._cached(key)
-        if raw is None:
-            try:
-                raw = await self._store.get_bytes(layout.revision(name, digest))
-            except ObjectMissing:
-                return None
-            await self._remember(key, raw)
-        return Revision.from_json(digest, raw)
+        raw = await self._lookup(_revision_cache_key(name, digest), layout.revision(name, digest))
+        return Revision.from_json(digest, raw) if raw is not None else None
+
+    async def _lookup(self, cache_key: str, bucket_key: str) -> bytes | None:
+        """A small record through the Redis cache, else from the bucket (None if missing).
+
+        Concurrent misses of one key in this process share one bucket read: when a hot
+        entry expires, every request that was waiting on it would otherwise ask the bucket
+        at the same moment.
+        """
+        raw = await self._cached(cache_key)
+        if raw is not None:
+            return raw
+        loading = self._loading.get(cache_key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(cache_key, bucket_key))
+            self._loading[cache_key] = loading
+            loading.add_done_callback(lambda done: self._loaded(cache_key, done))
+        # Shielded: one waiter going away (a client hanging up) must not cancel the others'.
+        return await asyncio.shield(loading)
+
+    def _loaded(self, cache_key: str, done: asyncio.Future[bytes | None]) -> None:
+        self._loading.pop(cache_key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here, in case every waiter has gone
+
+    async def _load(self, cache_key: str, bucket_key: str) -> bytes | None:
+        try:
+            raw = await self._store.get_bytes(bucket_key)
+        except ObjectMissing:
+            return None
+        await self._remember(cache_key, raw)
+        return raw
 
     async def delete_revision(self, name: str, revision: Revision) -> None:
         """Forget a manifest in this repository, with the tags and referrer entry naming it."""
@@ -223,15 +248,8 @@ class RepositoryStore:
 
     # -- tags --------------------------------------------------------------------------
     async def resolve_tag(self, name: str, tag: str) -> Digest | None:
-        cache_key = _tag_cache_key(name, tag)
-        raw = await self._cached(cache_key)
-        if raw is None:
-            try:
-                raw = await self._store.get_bytes(layout.tag(name, tag))
-            except ObjectMissing:
-                return None
-            await self._remember(cache_key, raw)
-        return Digest.parse(raw.decode())
+        raw = await self._lookup(_tag_cache_key(name, tag), layout.tag(name, tag))
+        return Digest.parse(raw.decode()) if raw is not None else None
 
     async def set_tag(self, name: str, tag: str, digest: Digest) -> None:
         await self._store.put_bytes(layout.tag(name, tag), str(digest).encode())
