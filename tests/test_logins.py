@@ -197,7 +197,12 @@ def test_a_login_flood_leaves_other_clients_latency_within_twice_normal(edge_fac
         finally:
             flood.stop()
     assert set(flood.statuses) == {401}
-    assert p99(flooded) <= 2 * p99(quiet), (p99(quiet), p99(flooded), len(quiet), len(flooded), checked)
+    # 2x, or 5 ms more where a quiet p99 is a couple of milliseconds: on two cores the flood's
+    # hashing threads (niced) still cost the probe a scheduler wake-up now and then. What this
+    # guards against is far above either: hashing on the loop gave a p99 of seconds, hashing
+    # threads at normal priority 45 ms against 8.
+    bound = max(2 * p99(quiet), p99(quiet) + 0.005)
+    assert p99(flooded) <= bound, (p99(quiet), p99(flooded), len(quiet), len(flooded), checked)
     # Enough verifications ran while the probe measured that, run on the event loop, they
     # would have held it for a second or more in all (each takes ~100 ms of CPU), and
     # both samples are large enough for a p99 to mean something.

@@ -24,6 +24,7 @@ from shared.settings import S3Settings
 from tests.fixtures.edge import USERS
 from tests.fixtures.proxy import StackFactory
 from tests.support.images import OCI_MANIFEST, make_image, make_layer
+from tests.support.processes import connections_by_remote_port
 from tests.support.seed import push_image
 
 CLIENTS = int(os.environ.get("SEAWALL_SOAK_CLIENTS", "100"))
@@ -40,26 +41,19 @@ def _open_files(pid: int) -> int:
 FILE_SLACK = 4
 
 
-def _pool_ports(redis_url: str, s3: S3Settings) -> dict[str, str]:
-    return {"redis": redis_url.rsplit(":", 1)[1].split("/")[0], "s3": s3.endpoint.rsplit(":", 1)[1]}
+def _pool_ports(redis_url: str, s3: S3Settings) -> dict[str, int]:
+    return {"redis": int(redis_url.rsplit(":", 1)[1].split("/")[0]), "s3": int(s3.endpoint.rsplit(":", 1)[1])}
 
 
-def _settled_files(pid: int, pools: dict[str, str]) -> int:
+def _settled_files(pid: int, pools: dict[str, int]) -> int:
     """Open files but the pooled connections to Redis and S3 (bounded, and checked on their
     own), once the clients' connections are closed: the fewest seen over 3 s."""
     counts = []
     for _ in range(6):
         time.sleep(0.5)
-        peers = _peers(pid)
+        peers = connections_by_remote_port(pid)
         counts.append(_open_files(pid) - sum(peers.get(port, 0) for port in pools.values()))
     return min(counts)
-
-
-def _peers(pid: int) -> dict[str, int]:
-    """Open TCP connections of the process, by remote port."""
-    listing = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, check=False).stdout
-    ports = [line.split()[4].rsplit(":", 1)[1] for line in listing.splitlines() if f"pid={pid}," in line]
-    return {port: ports.count(port) for port in sorted(set(ports))}
 
 
 def _rss_bytes(pid: int) -> int:
@@ -140,7 +134,7 @@ def test_mixed_gets_from_many_clients_all_succeed_and_leave_no_files_open(
         assert int(result["requests"]) > CLIENTS  # type: ignore[call-overload]
     assert edge.running(), edge.log_tail()
     files_after = _settled_files(edge.pid, pools)
-    peers = _peers(edge.pid)
+    peers = connections_by_remote_port(edge.pid)
     assert files_after <= files_before + FILE_SLACK, (
         f"{files_after} files open, {files_before} before: {peers}"
     )

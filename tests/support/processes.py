@@ -50,8 +50,7 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def listening_ports(pids: set[int]) -> set[int]:
-    """The TCP ports these processes listen on, read from /proc."""
+def _socket_inodes(pids: set[int]) -> set[str]:
     inodes: set[str] = set()
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").glob("*"):
@@ -61,15 +60,32 @@ def listening_ports(pids: set[int]) -> set[int]:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target[len("socket:[") : -1])
-    ports: set[int] = set()
+    return inodes
+
+
+def _tcp_sockets(pids: set[int]) -> Iterator[list[str]]:
+    """The /proc/net/tcp{,6} rows of these processes' sockets."""
+    inodes = _socket_inodes(pids)
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as lines:
             next(lines)
             for line in lines:
                 fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+                if fields[9] in inodes:
+                    yield fields
+
+
+def listening_ports(pids: set[int]) -> set[int]:
+    """The TCP ports these processes listen on, read from /proc."""
+    # State 0A is LISTEN; the local address is field 1, as hex ip:port.
+    return {int(f[1].rsplit(":", 1)[1], 16) for f in _tcp_sockets(pids) if f[3] == "0A"}
+
+
+def connections_by_remote_port(pid: int) -> dict[int, int]:
+    """How many established TCP connections the process has, by the remote port."""
+    # State 01 is ESTABLISHED; the remote address is field 2.
+    ports = [int(f[2].rsplit(":", 1)[1], 16) for f in _tcp_sockets({pid}) if f[3] == "01"]
+    return {port: ports.count(port) for port in sorted(set(ports))}
 
 
 def resume(pid: int) -> None:
