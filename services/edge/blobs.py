@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from services.edge import keys
 from services.edge.context import target
-from services.edge.sendfile import can_sendfile, send_file
+from services.edge.sendfile import can_sendfile, cut_off, send_file
 from shared.access import Action
 from shared.diskcache import DiskCache
 from shared.metrics import BYTES_SERVED, REQUESTS
@@ -151,9 +151,7 @@ async def _send(
             await response.write(chunk)
             BYTES_SERVED.labels(project, "blob").inc(len(chunk))
     except (RegistryError, StorageUnavailable, RedisError) as exc:
-        log.warning("blob_stream_aborted", path=request.path, reason=str(exc))
-        if request.transport is not None:
-            request.transport.abort()
+        cut_off(request, "blob_stream_aborted", exc)
         return response
     await response.write_eof()
     return response

@@ -112,12 +112,18 @@ async def _send_encrypted(
         log.info("blob_client_gone", path=request.path, reason=str(exc))
         return response
     except (OSError, EOFError) as exc:
-        log.warning("blob_send_aborted", path=request.path, reason=str(exc))
-        if request.transport is not None:
-            request.transport.abort()
+        cut_off(request, "blob_send_aborted", exc)
         return response
     await response.write_eof()
     return response
+
+
+def cut_off(request: web.Request, event: str, reason: BaseException) -> None:
+    """End a response whose headers went out and whose body cannot be completed: the client
+    sees a truncated body, which it rejects, rather than a short one it might accept."""
+    log.warning(event, path=request.path, reason=str(reason))
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _send_zero_copy(
