@@ -83,6 +83,11 @@ def _chain(upload_id: str, objects: list[ObjectInfo]) -> tuple[Part, ...]:
     return tuple(parts)
 
 
+def _closed(upload_id: str, session: set[str]) -> bool:
+    """Whether the session was finished or cancelled (its markers are written first)."""
+    return bool({layout.upload_committed(upload_id), layout.upload_cancelled(upload_id)} & session)
+
+
 class UploadStore:
     def __init__(self, store: ObjectStore, blobs: BlobStore) -> None:
         self._store = store
@@ -99,12 +104,12 @@ class UploadStore:
         """An open session of repository `name`; finished, cancelled or foreign ones are unknown."""
         if not upload_id.isalnum() or len(upload_id) != 32:
             raise _unknown(upload_id)
-        info_raw, closed, objects = await asyncio.gather(
+        info_raw, session, objects = await asyncio.gather(
             self._info(upload_id),
-            self._closed(upload_id),
+            self._session_keys(upload_id),
             self._store.list_objects(layout.upload_parts(upload_id)),
         )
-        if info_raw is None or closed or info_raw.get("name") != name:
+        if info_raw is None or _closed(upload_id, session) or info_raw.get("name") != name:
             raise _unknown(upload_id)
         return Upload(upload_id, name, float(str(info_raw["started"])), _chain(upload_id, objects))
 
@@ -115,13 +120,9 @@ class UploadStore:
             return None
         return info if isinstance(info, dict) else None
 
-    async def _closed(self, upload_id: str) -> bool:
-        """Whether the session was finished or cancelled (its markers are written first)."""
-        found = await asyncio.gather(
-            self._store.stat(layout.upload_committed(upload_id)),
-            self._store.stat(layout.upload_cancelled(upload_id)),
-        )
-        return any(info is not None for info in found)
+    async def _session_keys(self, upload_id: str) -> set[str]:
+        """The session's own objects (its info and markers, among others), in one listing."""
+        return set(await self._store.list_keys(layout.upload(upload_id)))
 
     async def append(
         self, upload: Upload, source: Source, length: int | None, start: int | None = None
@@ -163,7 +164,8 @@ class UploadStore:
             )
         # Written first, checked second (see the module docstring). A part that arrived
         # after the session closed is left for the janitor: the commit may have listed it.
-        if await self._info(upload.id) is None or await self._closed(upload.id):
+        session = await self._session_keys(upload.id)
+        if layout.upload_info(upload.id) not in session or _closed(upload.id, session):
             raise RegistryError(
                 "BLOB_UPLOAD_UNKNOWN",
                 "the upload was finished or cancelled while this chunk was arriving",
