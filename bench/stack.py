@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from services.embedded import ManagedProcess, free_port, start_redis, start_s3
-from shared.access import hash_password
+from shared.auth.access import hash_password
 from tests.support.distribution import Distribution, start_distribution
 
 BENCH_USER = ("bench", "bench-secret")

@@ -8,10 +8,10 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from shared.blobs import BlobStore
+from shared.registry.blobs import BlobStore
+from shared.registry.storage import ObjectStore
 from shared.scrub import count_blobs, scrub
 from shared.settings import S3Settings, Settings
-from shared.storage import ObjectStore
 
 
 def s3_settings(settings: Settings) -> S3Settings:

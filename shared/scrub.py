@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import structlog
 from redis.asyncio import Redis
 
-from shared import layout
-from shared.blobs import BlobStore
 from shared.metrics import SCRUB_BLOBS, SCRUB_BYTES, SCRUB_LAST_SUCCESS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.proxy.leases import Lease
-from shared.storage import ObjectMissing, ObjectStore
+from shared.registry import layout
+from shared.registry.blobs import BlobStore
+from shared.registry.storage import ObjectMissing, ObjectStore
 
 log = structlog.get_logger("scrub")
 

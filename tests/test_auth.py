@@ -23,9 +23,9 @@ import pytest
 from minio import Minio
 
 from services.embedded import RedisServer, S3Server
-from shared import layout
+from shared.auth.tokens import TOKEN_TTL, TokenSigner
+from shared.registry import layout
 from shared.settings import S3Settings
-from shared.tokens import TOKEN_TTL, TokenSigner
 from tests.fixtures import servers
 from tests.fixtures.edge import PROJECTS, USERS, EdgeServer, build_settings
 from tests.support.bucket import read

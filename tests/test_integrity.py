@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from services.embedded import S3Server
-from shared import layout
 from shared.metrics import BLOB_CORRUPTIONS, CORRUPTION_PLACES
 from shared.oci.digest import Digest
+from shared.registry import layout
 from shared.settings import S3Settings
 from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer
 from tests.support.bucket import damage, objects, write

@@ -26,10 +26,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.embedded import S3Server
-from shared import layout
-from shared.access import hash_password
-from shared.logins import MAX_KEYS, FailureWindows, LoginLimiter
+from shared.auth.access import hash_password
+from shared.auth.logins import MAX_KEYS, FailureWindows, LoginLimiter
 from shared.oci.errors import RegistryError
+from shared.registry import layout
 from shared.settings import LoginSettings, S3Settings
 from tests.fixtures.edge import PROJECTS, USERS, EdgeFactory, EdgeServer
 from tests.support.bucket import read

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from shared.layout import tag as tag_key
 from shared.oci.digest import Digest
-from shared.repositories import RepositoryStore
+from shared.registry.layout import tag as tag_key
+from shared.registry.repositories import RepositoryStore
+from shared.registry.storage import ObjectStore
 from shared.settings import S3Settings
-from shared.storage import ObjectStore
 
 
 class CountingStore(ObjectStore):

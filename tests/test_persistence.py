@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from services.embedded import S3Server
-from shared import layout
+from shared.registry import layout
 from shared.settings import S3Settings, Settings
 from tests.fixtures.edge import USERS, EdgeServer, build_settings
 from tests.support.images import (

@@ -15,11 +15,11 @@ import pytest
 from redis.asyncio import Redis
 
 from services.embedded import S3Server
-from shared.blobs import BlobStore
 from shared.metrics import BLOB_CORRUPTIONS, SCRUB_BLOBS
+from shared.registry.blobs import BlobStore
+from shared.registry.storage import ObjectStore
 from shared.scrub import scrub_once
 from shared.settings import S3Settings
-from shared.storage import ObjectStore
 from tests.fixtures.edge import USERS, EdgeFactory
 from tests.support.bucket import damage, objects
 from tests.support.images import sha256

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from shared.auth.upstream_tokens import SharedTokens
 from shared.oci.mediatypes import ACCEPT
 from shared.settings import Upstream
 from shared.upstream import (
@@ -34,7 +35,6 @@ from shared.upstream import (
     parse_retry_after,
 )
 from shared.upstream.early import EarlyBlob
-from shared.upstream.tokens import SharedTokens
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import SERVICE, DockerHubEmulator
 from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer, sha256

@@ -12,7 +12,6 @@ from functools import cache
 from redis.asyncio import Redis
 
 from shared import diskcache
-from shared.blobs import BlobStore
 from shared.logging import configure_logging
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
@@ -21,11 +20,12 @@ from shared.proxy.fill import FillDeps
 from shared.proxy.manifests import ManifestCache
 from shared.proxy.spool import Spool
 from shared.proxy.upstreams import UpstreamPool
-from shared.repositories import RepositoryStore
+from shared.registry.blobs import BlobStore
+from shared.registry.repositories import RepositoryStore
+from shared.registry.storage import ObjectStore
+from shared.registry.uploads import UploadStore
 from shared.routing import Target
 from shared.settings import Settings, load_settings
-from shared.storage import ObjectStore
-from shared.uploads import UploadStore
 
 
 @cache

@@ -11,9 +11,8 @@ from services.edge import keys
 from services.edge.middleware import authenticate, observe, oci_errors
 from services.edge.routes import setup_routes
 from shared import diskcache, redisguard
-from shared.access import Access
-from shared.blobs import BlobStore
-from shared.layout import TOKEN_SECRET_KEY
+from shared.auth.access import Access
+from shared.auth.tokens import TokenSigner
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents, make_broker
@@ -21,12 +20,13 @@ from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
 from shared.proxy.spool import Spool
 from shared.proxy.upstreams import UpstreamPool
-from shared.repositories import RepositoryStore
+from shared.registry.blobs import BlobStore
+from shared.registry.layout import TOKEN_SECRET_KEY
+from shared.registry.repositories import RepositoryStore
+from shared.registry.storage import ObjectStore
+from shared.registry.uploads import UploadStore
 from shared.routing import Target
 from shared.settings import Settings
-from shared.storage import ObjectStore
-from shared.tokens import TokenSigner
-from shared.uploads import UploadStore
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:

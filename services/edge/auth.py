@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from services.edge import keys
-from shared.access import unauthorized
+from shared.auth.access import unauthorized
 from shared.oci.errors import RegistryError
 
 # An OAuth2 password grant is a few short fields.

@@ -15,14 +15,14 @@ from redis.exceptions import RedisError
 from services.edge import keys
 from services.edge.context import target
 from services.edge.sendfile import can_sendfile, cut_off, send_file
-from shared.access import Action
+from shared.auth.access import Action
 from shared.diskcache import DiskCache
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.proxy.fill import LEASE_TTL
+from shared.registry.storage import StorageUnavailable
 from shared.routing import Target
-from shared.storage import StorageUnavailable
 
 log = structlog.get_logger("edge")
 

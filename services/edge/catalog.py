@@ -6,7 +6,7 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.tags import paginate
-from shared.access import Access, Action, unauthorized
+from shared.auth.access import Access, Action, unauthorized
 
 
 async def version_check(request: web.Request) -> web.Response:

@@ -8,9 +8,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from services.edge import keys
-from shared.access import Action
-from shared.blobs import Source
+from shared.auth.access import Action
 from shared.oci.errors import RegistryError
+from shared.registry.blobs import Source
 from shared.routing import ProjectUnknown, Target, resolve
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from shared.access import Access
-from shared.blobs import BlobStore
+from shared.auth.access import Access
 from shared.diskcache import DiskCache
 from shared.proxy.events import CacheEvents
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
 from shared.proxy.upstreams import UpstreamPool
-from shared.repositories import RepositoryStore
+from shared.registry.blobs import BlobStore
+from shared.registry.repositories import RepositoryStore
+from shared.registry.storage import ObjectStore
+from shared.registry.uploads import UploadStore
 from shared.settings import Settings
-from shared.storage import ObjectStore
-from shared.uploads import UploadStore
 
 SETTINGS = web.AppKey("settings", Settings)
 ACCESS = web.AppKey("access", Access)

@@ -8,14 +8,14 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.context import body_source, content_length, target
-from shared.access import Action
+from shared.auth.access import Action
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.oci.manifest import Manifest, parse_manifest
 from shared.oci.reference import is_valid_tag, validate_tag
 from shared.proxy.manifests import STALE
-from shared.repositories import RepositoryStore, Revision
+from shared.registry.repositories import RepositoryStore, Revision
 from shared.routing import Target
 
 

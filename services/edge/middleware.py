@@ -12,10 +12,10 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from services.edge import keys
+from shared.auth.tokens import TOKEN_SERVICE
 from shared.metrics import ERRORS, REQUEST_SECONDS
 from shared.oci.errors import RegistryError
-from shared.storage import StorageUnavailable
-from shared.tokens import TOKEN_SERVICE
+from shared.registry.storage import StorageUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("edge")

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.context import target
-from shared.access import Action
+from shared.auth.access import Action
 from shared.oci.errors import RegistryError
 
 

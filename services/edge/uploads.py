@@ -9,12 +9,12 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.context import body_source, content_length, target
-from shared.access import Action
+from shared.auth.access import Action
 from shared.metrics import BYTES_RECEIVED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.repositories import project_of
-from shared.uploads import Upload
+from shared.registry.repositories import project_of
+from shared.registry.uploads import Upload
 
 _CONTENT_RANGE = re.compile(r"^(?:bytes )?([0-9]{1,19})-([0-9]{1,19})(?:/[0-9]{1,19}|/\*)?$")
 

@@ -26,8 +26,6 @@ from pathlib import Path
 import structlog
 from redis.asyncio import Redis
 
-from shared import layout
-from shared.blobs import BlobStore, Extent
 from shared.diskcache import DiskCache
 from shared.metrics import DIGEST_MISMATCHES, FILLS_IN_FLIGHT
 from shared.oci.digest import Digest
@@ -36,8 +34,10 @@ from shared.proxy.events import CacheEvents
 from shared.proxy.leases import Lease, LeaseLost
 from shared.proxy.segments import Segment, contiguous, staged_segments
 from shared.proxy.spool import Spool
-from shared.repositories import RepositoryStore, project_of
-from shared.storage import ObjectStore, StorageUnavailable
+from shared.registry import layout
+from shared.registry.blobs import BlobStore, Extent
+from shared.registry.repositories import RepositoryStore, project_of
+from shared.registry.storage import ObjectStore, StorageUnavailable
 from shared.upstream import UpstreamClient, UpstreamFailure
 from shared.upstream.early import EarlyBlob
 

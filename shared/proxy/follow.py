@@ -17,15 +17,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from shared.blobs import BlobStore
 from shared.metrics import FILL_BYTES_FOLLOWED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.proxy import state
 from shared.proxy.segments import Segment, staged_segments
 from shared.proxy.spool import Spool
-from shared.repositories import RepositoryStore
-from shared.storage import ObjectMissing, ObjectStore
+from shared.registry.blobs import BlobStore
+from shared.registry.repositories import RepositoryStore
+from shared.registry.storage import ObjectMissing, ObjectStore
 
 # Waiting polls Redis quickly at first (a fill's first bytes come within milliseconds),
 # then backs off to POLL_SECONDS.

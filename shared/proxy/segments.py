@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared import layout
 from shared.oci.digest import Digest
-from shared.storage import ObjectStore
+from shared.registry import layout
+from shared.registry.storage import ObjectStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
+from shared.auth.upstream_tokens import SharedTokens
 from shared.oci.errors import RegistryError
 from shared.ratelimit import Governor
 from shared.settings import Settings
 from shared.upstream import RateLimit, UpstreamClient
-from shared.upstream.tokens import SharedTokens
 
 RateLimitHook = Callable[[str, RateLimit], Awaitable[None]]
 

@@ -1,4 +1,4 @@
-"""The upstream registry client: the only module (with shared.storage) that talks to the outside.
+"""The upstream registry client: the only module (with shared.registry.storage) that talks to the outside.
 
 One `UpstreamClient` per configured upstream owns one aiohttp session. It speaks the
 distribution API for what a pull-through cache needs (manifest HEAD/GET, blob GET with

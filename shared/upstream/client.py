@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from shared.auth.upstream_tokens import SharedTokens
 from shared.logging import get_logger
 from shared.metrics import DIGEST_MISMATCHES, UPSTREAM_429, UPSTREAM_REQUESTS
 from shared.oci.mediatypes import ACCEPT
@@ -26,7 +27,6 @@ from shared.settings import Upstream
 from shared.upstream.blobstream import CONTENT_RANGE, BlobStream
 from shared.upstream.failures import UpstreamFailure
 from shared.upstream.headers import RateLimit, parse_challenges, parse_retry_after, parse_rfc3339
-from shared.upstream.tokens import SharedTokens
 
 log = get_logger(__name__)
 USER_AGENT = "seawall/0.1"

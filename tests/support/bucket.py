@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 from services.embedded import S3Server
-from shared import layout
 from shared.oci.digest import Digest
+from shared.registry import layout
 
 
 def objects(s3_server: S3Server, bucket: str, prefix: str) -> list[str]:

@@ -19,11 +19,11 @@ from enum import StrEnum
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from shared.logins import LoginLimiter
+from shared.auth.logins import LoginLimiter
+from shared.auth.tokens import InvalidToken, TokenSigner
 from shared.metrics import LOGINS
 from shared.oci.errors import RegistryError
 from shared.settings import Project, Settings
-from shared.tokens import InvalidToken, TokenSigner
 
 # Verifications waiting for a hashing thread, per thread, before further logins are
 # answered 429 at once: bounds the memory and the wait a flood from many addresses causes.

@@ -27,11 +27,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shared import layout
-from shared.blobs import BlobStore, Extent, Source, VerifyingSource, source_from_chunks
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.storage import ObjectInfo, ObjectMissing, ObjectStore
+from shared.registry import layout
+from shared.registry.blobs import BlobStore, Extent, Source, VerifyingSource, source_from_chunks
+from shared.registry.storage import ObjectInfo, ObjectMissing, ObjectStore
 
 # Parts this small (a client sending tiny chunks) are rewritten as one object when the
 # upload finishes rather than kept as extents, so reading the blob stays a few requests.

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from shared import layout
 from shared.metrics import BLOB_CORRUPTIONS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.storage import ObjectMissing, ObjectStore, StorageUnavailable
+from shared.registry import layout
+from shared.registry.storage import ObjectMissing, ObjectStore, StorageUnavailable
 
 log = structlog.get_logger("blobs")
 

@@ -14,10 +14,10 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import layout
 from shared.oci.digest import Digest
 from shared.oci.manifest import Descriptor, Manifest
-from shared.storage import ObjectMissing, ObjectStore
+from shared.registry import layout
+from shared.registry.storage import ObjectMissing, ObjectStore
 
 log = structlog.get_logger("repositories")
 

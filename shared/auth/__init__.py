@@ -1,0 +1,1 @@
+"""Who may do what: accounts and grants, logins, registry bearer tokens, upstream tokens."""

@@ -1,0 +1,1 @@
+"""The registry's bucket: object layout, storage adapter, blobs, repositories, uploads."""
