@@ -15,7 +15,7 @@ from redis import Redis as BlockingRedis
 from redis.asyncio import Redis
 
 from shared.oci.digest import Digest
-from shared.proxy import state
+from shared.proxy import protocol
 from shared.routing import Target
 
 FILL_ACTOR = "fill_blob"
@@ -80,7 +80,7 @@ class CacheEvents:
 
     async def want(self, redis: Redis, target: Target, digest: Digest) -> None:
         """Ask for a fill a client waits for, unless one is running or was asked for moments ago."""
-        if await state.request_fill(redis, digest, target.project.name, state.CLIENT):
+        if await protocol.request_fill(redis, digest, target.project.name, protocol.CLIENT):
             await self.fill_wanted(target.project.name, target.path, str(digest))
 
     async def want_prefetched(self, redis: Redis, target: Target, digests: list[Digest]) -> None:
@@ -93,10 +93,10 @@ class CacheEvents:
         wanted: list[str] = []
         new = False
         for digest in digests:
-            if await state.request_fill(redis, digest, target.project.name, state.PREFETCH):
+            if await protocol.request_fill(redis, digest, target.project.name, protocol.PREFETCH):
                 wanted.append(str(digest))
                 new = True
-            elif await state.being_filled(redis, digest):
+            elif await protocol.being_filled(redis, digest):
                 wanted.append(str(digest))
         if new:
             await self.prefetch(target.project.name, target.path, wanted)

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from shared.diskcache import DiskCache
 from shared.metrics import DIGEST_MISMATCHES, FILLS_IN_FLIGHT
 from shared.oci.digest import Digest
-from shared.proxy import state
+from shared.proxy import protocol
 from shared.proxy.events import CacheEvents
 from shared.proxy.leases import Lease, LeaseLost
 from shared.proxy.segments import Segment, contiguous, staged_segments
@@ -133,26 +133,26 @@ async def fill_blob(
     project = project_of(name)
     if held and size is not None:
         await deps.repositories.link_blob(name, digest, size)
-        await state.entitle(deps.redis, digest, project)
-        await state.write_state(deps.redis, digest, status=state.COMMITTED, size=size, staged=size)
+        await protocol.entitle(deps.redis, digest, project)
+        await protocol.write_state(deps.redis, digest, status=protocol.COMMITTED, size=size, staged=size)
         return "present"
-    lease = Lease(deps.redis, state.lease_key(digest), ttl=LEASE_TTL)
+    lease = Lease(deps.redis, protocol.lease_key(digest), ttl=LEASE_TTL)
     if not await lease.acquire():
-        await state.clear_queued(deps.redis, digest, project)
+        await protocol.clear_queued(deps.redis, digest, project)
         await _join_other_fill(deps, upstream, name, repository, digest, downloaded)
         return "busy"
-    await state.clear_queued(deps.redis, digest, project)
+    await protocol.clear_queued(deps.redis, digest, project)
     # This fill's bytes come from this project's upstream: its clients may follow it.
-    await state.entitle(deps.redis, digest, project)
+    await protocol.entitle(deps.redis, digest, project)
     FILLS_IN_FLIGHT.labels(upstream.name).inc()
     try:
         async with lease.heartbeat():
             return await _fill_under_lease(deps, upstream, lease, name, repository, digest, downloaded)
     except UpstreamFailure as failure:
-        await state.write_state(
+        await protocol.write_state(
             deps.redis,
             digest,
-            status=state.FAILED,
+            status=protocol.FAILED,
             error_code=failure.to_registry_error("BLOB_UNKNOWN").code,
             error=str(failure),
             retry_after=failure.retry_after,
@@ -175,23 +175,23 @@ async def _join_other_fill(
     which costs no pull), then link the blob here when that fill has committed it."""
     project = project_of(name)
     redis = deps.redis
-    if not await state.entitled(redis, digest, project):
+    if not await protocol.entitled(redis, digest, project):
         try:
             size = await upstream.head_blob(repository, str(digest))
         except UpstreamFailure as failure:
             error = failure.to_registry_error("BLOB_UNKNOWN")
-            await state.refuse(redis, digest, project, error.code, error.message)
+            await protocol.refuse(redis, digest, project, error.code, error.message)
             raise
         if size is None:
             message = f"{digest} is not in {repository} on upstream {upstream.name}"
-            await state.refuse(redis, digest, project, "BLOB_UNKNOWN", message)
+            await protocol.refuse(redis, digest, project, "BLOB_UNKNOWN", message)
             raise UpstreamFailure("not_found", message, upstream=upstream.name, status=404)
-        await state.entitle(redis, digest, project)
+        await protocol.entitle(redis, digest, project)
     if downloaded is not None:
         await _holder_downloaded(redis, digest)
         downloaded.set()
     # The holder is another process: only its lease says when it is done.
-    while await state.being_filled(redis, digest):  # noqa: ASYNC110
+    while await protocol.being_filled(redis, digest):  # noqa: ASYNC110
         await asyncio.sleep(HOLDER_POLL_SECONDS * 10)
     stored = await deps.blobs.size(digest)
     if stored is not None:
@@ -202,8 +202,8 @@ async def _holder_downloaded(redis: Redis, digest: Digest) -> None:
     """Return once the fill holding `digest` has its bytes in (or has failed, or its holder
     is gone): the next download then does not split the upstream link with this one, which
     a client reading the image in order needs first."""
-    while await state.being_filled(redis, digest):
-        if (await state.read_state(redis, digest)).status in state.DOWNLOAD_OVER:
+    while await protocol.being_filled(redis, digest):
+        if (await protocol.read_state(redis, digest)).status in protocol.DOWNLOAD_OVER:
             return
         await asyncio.sleep(HOLDER_POLL_SECONDS)
 
@@ -233,7 +233,7 @@ async def _fill_under_lease(
                 deps, upstream, early, lease, digest, listed, downloaded
             )
     await deps.repositories.link_blob(name, digest, offset)
-    await state.write_state(deps.redis, digest, status=state.COMMITTED)
+    await protocol.write_state(deps.redis, digest, status=protocol.COMMITTED)
     log.info(
         "blob_filled",
         digest=str(digest),
@@ -247,19 +247,19 @@ async def _fill_under_lease(
 
 async def _verify_only(deps: FillDeps, upstream: UpstreamClient, early: EarlyBlob, digest: Digest) -> int:
     """Hash what the upstream serves for a blob stored already; followers read the stored copy."""
-    await state.write_state(
-        deps.redis, digest, status=state.FILLING, staged=0, source=state.FROM_BLOB, spool=None
+    await protocol.write_state(
+        deps.redis, digest, status=protocol.FILLING, staged=0, source=protocol.FROM_BLOB, spool=None
     )
     hasher = digest.hasher()
     offset = 0
     async with early.open() as stream:
-        await state.write_state(deps.redis, digest, size=stream.total_size)
+        await protocol.write_state(deps.redis, digest, size=stream.total_size)
         async for chunk in stream.iter_chunks(256 * 1024):
             hasher.update(chunk)
             offset += len(chunk)
-            await state.write_state(deps.redis, digest, staged=offset)
+            await protocol.write_state(deps.redis, digest, staged=offset)
         await _check(deps, upstream, digest, hasher, offset, stream.total_size, [])
-    await state.write_state(deps.redis, digest, status=state.VERIFIED)
+    await protocol.write_state(deps.redis, digest, status=protocol.VERIFIED)
     return offset
 
 
@@ -280,12 +280,12 @@ async def _fill_and_stage(
         segments, offset, hasher = await _resume_point(deps, digest, spooled, listed)
         resumed_from = offset
         staged = sum(e.size for e in segments)
-        await state.write_state(
+        await protocol.write_state(
             deps.redis,
             digest,
-            status=state.FILLING,
+            status=protocol.FILLING,
             staged=staged,
-            source=state.FROM_SEGMENTS,
+            source=protocol.FROM_SEGMENTS,
             spool=deps.spool.node or "",
             error_code=None,
             error=None,
@@ -293,7 +293,7 @@ async def _fill_and_stage(
         stager = _Stager(deps, lease, digest, spooled, staged, offset, segments)
         try:
             async with early.open(offset) as stream:
-                await state.write_state(deps.redis, digest, size=stream.total_size)
+                await protocol.write_state(deps.redis, digest, size=stream.total_size)
                 async for chunk in stream.iter_chunks(256 * 1024):
                     if lease.lost:
                         raise LeaseLost(f"lost the fill lease for {digest}")
@@ -305,7 +305,7 @@ async def _fill_and_stage(
             await _check(deps, upstream, digest, hasher, offset, total, segments, stager)
             # Verified: edges may now release the last byte to their clients (the ones
             # reading the spool at once, the others when the last segment is staged).
-            await state.write_state(deps.redis, digest, status=state.VERIFIED)
+            await protocol.write_state(deps.redis, digest, status=protocol.VERIFIED)
             log.info("blob_downloaded", digest=str(digest), bytes=offset, resumed_from=resumed_from)
             if downloaded is not None:
                 downloaded.set()
@@ -358,10 +358,10 @@ async def _check(
         return
     DIGEST_MISMATCHES.labels("upstream").inc()
     log.error("fill_digest_mismatch", digest=str(digest), actual=actual, upstream=upstream.name)
-    await state.write_state(
+    await protocol.write_state(
         deps.redis,
         digest,
-        status=state.FAILED,
+        status=protocol.FAILED,
         error_code="UPSTREAM_ERROR",
         error=f"upstream content for {digest} hashes to {actual}",
     )
@@ -412,14 +412,14 @@ class _Stager:
         redis, node = self._deps.redis, self._deps.spool.node
         deferred_since: float | None = None
         while True:
-            if await state.remote_follower(redis, self._digest):
+            if await protocol.remote_follower(redis, self._digest):
                 return
             if self._done:
                 now = time.monotonic()
                 deferred_since = deferred_since or now
                 if now - deferred_since > STAGING_DEFERRAL_SECONDS:
                     return
-                if node is None or not await state.spool_readers_active(redis, node):
+                if node is None or not await protocol.spool_readers_active(redis, node):
                     return
             await asyncio.sleep(REMOTE_CHECK_SECONDS)
 
@@ -456,7 +456,7 @@ class _Stager:
             await self._deps.objects.put_bytes(key, data)
             if previous is not None:
                 await previous
-            await state.write_state(self._deps.redis, digest, staged=end)
+            await protocol.write_state(self._deps.redis, digest, staged=end)
 
         try:
             while True:

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from shared.metrics import FILL_BYTES_FOLLOWED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.proxy import state
+from shared.proxy import protocol
 from shared.proxy.segments import Segment, staged_segments
 from shared.proxy.spool import Spool
 from shared.registry.blobs import BlobStore
@@ -38,7 +38,7 @@ SPOOL_CHUNK = 1024 * 1024
 SPOOL_READERS_REFRESH_SECONDS = 0.25
 
 
-def failure_error(fill: state.FillState, digest: Digest) -> RegistryError:
+def failure_error(fill: protocol.FillState, digest: Digest) -> RegistryError:
     code = fill.error_code or "UPSTREAM_ERROR"
     headers = {}
     if fill.retry_after:
@@ -83,7 +83,7 @@ class _SpoolFile:
         self._digest = digest
         self._fd: int | None = None
 
-    def fd(self, fill: state.FillState) -> int | None:
+    def fd(self, fill: protocol.FillState) -> int | None:
         if self._fd is None and self._spool is not None and self._spool.is_local(fill.spool):
             with contextlib.suppress(FileNotFoundError):
                 self._fd = os.open(self._spool.path(self._digest), os.O_RDONLY | os.O_CLOEXEC)
@@ -114,7 +114,7 @@ class BlobFollower:
     async def _committed_size(self, project: str, digest: Digest) -> int | None:
         """The blob's size once this project holds it (a copy held elsewhere does not count,
         unless this project's upstream vouched for it and its fill's link is on its way)."""
-        if not await self._repositories.project_holds(project, digest) and not await state.entitled(
+        if not await self._repositories.project_holds(project, digest) and not await protocol.entitled(
             self._redis, digest, project
         ):
             return None
@@ -125,11 +125,11 @@ class BlobFollower:
         for this project, or this project's upstream vouched for the blob, or the project
         holds the stored copy (a fill for another project is only hashing what it serves).
         Otherwise raise this project's refusal, if its upstream gave one."""
-        if await state.entitled(self._redis, digest, project):
+        if await protocol.entitled(self._redis, digest, project):
             return True
         if await self._repositories.project_holds(project, digest):
             return True
-        refused = await state.refusal(self._redis, digest, project)
+        refused = await protocol.refusal(self._redis, digest, project)
         if refused is not None:
             raise RegistryError(refused[0], refused[1], detail={"digest": str(digest)})
         return False
@@ -142,12 +142,12 @@ class BlobFollower:
         next_rerequest = time.monotonic() + REREQUEST_SECONDS
         poll = _Poll()
         while True:
-            fill = await state.read_state(self._redis, digest)
-            if fill.status == state.FAILED:
+            fill = await protocol.read_state(self._redis, digest)
+            if fill.status == protocol.FAILED:
                 raise failure_error(fill, digest)
             if fill.size is not None and await self._may_follow(project, digest):
                 return fill.size
-            if fill.status in (None, state.COMMITTED):
+            if fill.status in (None, protocol.COMMITTED):
                 size = await self._committed_size(project, digest)
                 if size is not None:
                     return size
@@ -180,24 +180,24 @@ class BlobFollower:
         allowed = False
         try:
             while offset < end:
-                fill = await state.read_state(self._redis, digest)
+                fill = await protocol.read_state(self._redis, digest)
                 if (
-                    fill.status in (None, state.COMMITTED)
+                    fill.status in (None, protocol.COMMITTED)
                     and await self._committed_size(project, digest) is not None
                 ):
                     async for chunk in self._blobs.stream(digest, offset, end - offset):
                         yield chunk
                     return
-                if fill.status == state.FAILED:
+                if fill.status == protocol.FAILED:
                     raise failure_error(fill, digest)
                 allowed = allowed or await self._may_follow(project, digest)
-                filling = allowed and fill.status in (state.FILLING, state.VERIFIED)
+                filling = allowed and fill.status in (protocol.FILLING, protocol.VERIFIED)
                 fd = spooled.fd(fill) if filling else None
-                if filling and fd is None and fill.source == state.FROM_SEGMENTS and not marked_remote:
-                    await state.mark_remote_follower(self._redis, digest)
+                if filling and fd is None and fill.source == protocol.FROM_SEGMENTS and not marked_remote:
+                    await protocol.mark_remote_follower(self._redis, digest)
                     marked_remote = True
                 # Every byte but the last may go before verification; the last one only after.
-                limit = end if fill.status == state.VERIFIED else min(end, size - 1)
+                limit = end if fill.status == protocol.VERIFIED else min(end, size - 1)
                 before = offset
                 available = self._available(digest, fill, fd, offset, limit, listing) if allowed else None
                 async for source, chunk in available or _nothing():
@@ -225,7 +225,7 @@ class BlobFollower:
     async def _available(
         self,
         digest: Digest,
-        fill: state.FillState,
+        fill: protocol.FillState,
         fd: int | None,
         offset: int,
         limit: int,
@@ -246,7 +246,7 @@ class BlobFollower:
         releasable = min(fill.staged, limit)
         if releasable <= offset:
             return
-        if fill.source == state.FROM_BLOB:
+        if fill.source == protocol.FROM_BLOB:
             async for chunk in self._blobs.stream(digest, offset, releasable - offset):
                 yield "blob", chunk
             return
@@ -265,7 +265,7 @@ class BlobFollower:
         node = self._spool.node if self._spool else None
         if node is not None and now - self._readers_marked > SPOOL_READERS_REFRESH_SECONDS:
             self._readers_marked = now
-            await state.mark_spool_readers(self._redis, node)
+            await protocol.mark_spool_readers(self._redis, node)
 
     async def _read_staged(self, segments: list[Segment], offset: int, until: int) -> AsyncIterator[bytes]:
         for segment in segments:
