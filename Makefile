@@ -58,3 +58,4 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/pylint --disable=all --enable=cyclic-import --score=n services workers shared
