@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import structlog
 from redis.asyncio import Redis
 
+from shared.leases import Lease
 from shared.metrics import SCRUB_BLOBS, SCRUB_BYTES, SCRUB_LAST_SUCCESS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.proxy.leases import Lease
 from shared.registry import layout
 from shared.registry.blobs import BlobStore
 from shared.registry.storage import ObjectMissing, ObjectStore

@@ -20,7 +20,7 @@ from shared.diskcache import DiskCache
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
-from shared.proxy.fill import LEASE_TTL
+from shared.proxy.protocol import LEASE_TTL
 from shared.registry.storage import StorageUnavailable
 from shared.routing import Target
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +27,14 @@ import structlog
 from redis.asyncio import Redis
 
 from shared.diskcache import DiskCache
+from shared.leases import Lease, LeaseLost
 from shared.metrics import DIGEST_MISMATCHES, FILLS_IN_FLIGHT
 from shared.oci.digest import Digest
 from shared.proxy import protocol
 from shared.proxy.events import CacheEvents
-from shared.proxy.leases import Lease, LeaseLost
-from shared.proxy.segments import Segment, contiguous, staged_segments
+from shared.proxy.protocol import FillProgress, FillSource, Segment
 from shared.proxy.spool import Spool
-from shared.registry import layout
+from shared.proxy.staging import Stager
 from shared.registry.blobs import BlobStore, Extent
 from shared.registry.repositories import RepositoryStore, project_of
 from shared.registry.storage import ObjectStore, StorageUnavailable
@@ -43,16 +43,6 @@ from shared.upstream.early import EarlyBlob
 
 log = structlog.get_logger("fill")
 
-FIRST_SEGMENT = 16 * 1024
-MAX_SEGMENT = 8 * 1024 * 1024
-FLUSH_INTERVAL = 0.1
-SEGMENTS_IN_FLIGHT = 3
-# How often a fill whose staging waits looks for edges that need the bucket's segments.
-REMOTE_CHECK_SECONDS = 0.05
-# The longest staging waits for this machine's clients after the download: until then the
-# blob exists only in the spool.
-STAGING_DEFERRAL_SECONDS = 30.0
-LEASE_TTL = 10.0
 # How often a prefetch that found a blob being filled by someone else looks whether that
 # download is over.
 HOLDER_POLL_SECONDS = 0.01
@@ -72,40 +62,6 @@ class FillDeps:
 
 class DigestMismatch(Exception):
     """The upstream's bytes do not hash to the digest asked for; nothing was committed."""
-
-
-async def _resume_point(
-    deps: FillDeps, digest: Digest, spooled: int, listed: list[Segment]
-) -> tuple[list[Extent], int, object]:
-    """Where an interrupted fill stands: its staged segments, how far it got, the hash so far.
-
-    The contiguous staged prefix counts. Segments after a gap, or duplicates of a start,
-    are left alone rather than deleted: a fill that lost its lease may still commit them
-    (each fill commits only the keys it wrote or kept). A spool file left on this machine
-    that reaches further counts too: its bytes are rehashed, and the part not staged yet is
-    staged again. Otherwise the spool is rewritten from the bucket.
-    """
-    hasher = digest.hasher()
-    kept = [Extent(segment.key, segment.size) for segment in contiguous(listed)]
-    staged = sum(extent.size for extent in kept)
-    local = os.fstat(spooled).st_size
-    if local >= staged:
-        position = 0
-        while position < local:
-            chunk = os.pread(spooled, min(1024 * 1024, local - position), position)
-            if not chunk:
-                break
-            hasher.update(chunk)
-            position += len(chunk)
-        os.lseek(spooled, position, os.SEEK_SET)
-        return kept, position, hasher
-    os.ftruncate(spooled, 0)
-    os.lseek(spooled, 0, os.SEEK_SET)
-    for extent in kept:
-        async for chunk in deps.objects.stream(extent.key):
-            hasher.update(chunk)
-            os.write(spooled, chunk)
-    return kept, staged, hasher
 
 
 async def fill_blob(
@@ -134,9 +90,9 @@ async def fill_blob(
     if held and size is not None:
         await deps.repositories.link_blob(name, digest, size)
         await protocol.entitle(deps.redis, digest, project)
-        await protocol.write_state(deps.redis, digest, status=protocol.COMMITTED, size=size, staged=size)
+        await FillProgress(deps.redis, digest).committed(size)
         return "present"
-    lease = Lease(deps.redis, protocol.lease_key(digest), ttl=LEASE_TTL)
+    lease = Lease(deps.redis, protocol.lease_key(digest), ttl=protocol.LEASE_TTL)
     if not await lease.acquire():
         await protocol.clear_queued(deps.redis, digest, project)
         await _join_other_fill(deps, upstream, name, repository, digest, downloaded)
@@ -149,14 +105,8 @@ async def fill_blob(
         async with lease.heartbeat():
             return await _fill_under_lease(deps, upstream, lease, name, repository, digest, downloaded)
     except UpstreamFailure as failure:
-        await protocol.write_state(
-            deps.redis,
-            digest,
-            status=protocol.FAILED,
-            error_code=failure.to_registry_error("BLOB_UNKNOWN").code,
-            error=str(failure),
-            retry_after=failure.retry_after,
-        )
+        code = failure.to_registry_error("BLOB_UNKNOWN").code
+        await FillProgress(deps.redis, digest).failed(code, str(failure), failure.retry_after)
         raise
     finally:
         FILLS_IN_FLIGHT.labels(upstream.name).dec()
@@ -202,8 +152,9 @@ async def _holder_downloaded(redis: Redis, digest: Digest) -> None:
     """Return once the fill holding `digest` has its bytes in (or has failed, or its holder
     is gone): the next download then does not split the upstream link with this one, which
     a client reading the image in order needs first."""
+    progress = FillProgress(redis, digest)
     while await protocol.being_filled(redis, digest):
-        if (await protocol.read_state(redis, digest)).status in protocol.DOWNLOAD_OVER:
+        if (await progress.read()).status in protocol.DOWNLOAD_OVER:
             return
         await asyncio.sleep(HOLDER_POLL_SECONDS)
 
@@ -223,7 +174,7 @@ async def _fill_under_lease(
     async with EarlyBlob(upstream, repository, str(digest)) as early:
         # A stored copy counts only if it is sound: an older one is re-hashed first.
         stored, listed = await asyncio.gather(
-            deps.blobs.held_soundly(digest), staged_segments(deps.objects, digest)
+            deps.blobs.held_soundly(digest), protocol.staged_segments(deps.objects, digest)
         )
         if stored:
             offset = await _verify_only(deps, upstream, early, digest)
@@ -233,7 +184,7 @@ async def _fill_under_lease(
                 deps, upstream, early, lease, digest, listed, downloaded
             )
     await deps.repositories.link_blob(name, digest, offset)
-    await protocol.write_state(deps.redis, digest, status=protocol.COMMITTED)
+    await FillProgress(deps.redis, digest).committed(offset)
     log.info(
         "blob_filled",
         digest=str(digest),
@@ -247,19 +198,18 @@ async def _fill_under_lease(
 
 async def _verify_only(deps: FillDeps, upstream: UpstreamClient, early: EarlyBlob, digest: Digest) -> int:
     """Hash what the upstream serves for a blob stored already; followers read the stored copy."""
-    await protocol.write_state(
-        deps.redis, digest, status=protocol.FILLING, staged=0, source=protocol.FROM_BLOB, spool=None
-    )
+    progress = FillProgress(deps.redis, digest)
+    await progress.started(FillSource.BLOB, staged=0, spool=None)
     hasher = digest.hasher()
     offset = 0
     async with early.open() as stream:
-        await protocol.write_state(deps.redis, digest, size=stream.total_size)
+        await progress.sized(stream.total_size)
         async for chunk in stream.iter_chunks(256 * 1024):
             hasher.update(chunk)
             offset += len(chunk)
-            await protocol.write_state(deps.redis, digest, staged=offset)
+            await progress.progressed(staged=offset)
         await _check(deps, upstream, digest, hasher, offset, stream.total_size, [])
-    await protocol.write_state(deps.redis, digest, status=protocol.VERIFIED)
+    await progress.verified()
     return offset
 
 
@@ -277,27 +227,19 @@ async def _fill_and_stage(
     path.parent.mkdir(parents=True, exist_ok=True)
     spooled = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        segments, offset, hasher = await _resume_point(deps, digest, spooled, listed)
+        resumed = await protocol.resume_point(deps.objects, digest, spooled, listed)
+        segments, offset, hasher = resumed.kept, resumed.offset, resumed.hasher
         resumed_from = offset
-        staged = sum(e.size for e in segments)
-        await protocol.write_state(
-            deps.redis,
-            digest,
-            status=protocol.FILLING,
-            staged=staged,
-            source=protocol.FROM_SEGMENTS,
-            spool=deps.spool.node or "",
-            error_code=None,
-            error=None,
-        )
-        stager = _Stager(deps, lease, digest, spooled, staged, offset, segments)
+        progress = FillProgress(deps.redis, digest)
+        await progress.started(FillSource.SEGMENTS, staged=resumed.staged, spool=deps.spool.node)
+        stager = Stager(deps.objects, deps.redis, deps.spool.node, lease, digest, spooled, resumed)
         try:
             async with early.open(offset) as stream:
-                await protocol.write_state(deps.redis, digest, size=stream.total_size)
+                await progress.sized(stream.total_size)
                 async for chunk in stream.iter_chunks(256 * 1024):
                     if lease.lost:
                         raise LeaseLost(f"lost the fill lease for {digest}")
-                    hasher.update(chunk)  # type: ignore[attr-defined]
+                    hasher.update(chunk)
                     stager.spool(chunk)
                     offset += len(chunk)
                     await stager.check()
@@ -305,7 +247,7 @@ async def _fill_and_stage(
             await _check(deps, upstream, digest, hasher, offset, total, segments, stager)
             # Verified: edges may now release the last byte to their clients (the ones
             # reading the spool at once, the others when the last segment is staged).
-            await protocol.write_state(deps.redis, digest, status=protocol.VERIFIED)
+            await progress.verified()
             log.info("blob_downloaded", digest=str(digest), bytes=offset, resumed_from=resumed_from)
             if downloaded is not None:
                 downloaded.set()
@@ -342,149 +284,26 @@ async def _check(
     deps: FillDeps,
     upstream: UpstreamClient,
     digest: Digest,
-    hasher: object,
+    hasher: hashlib._Hash,
     offset: int,
     total: int | None,
     segments: list[Extent],
-    stager: _Stager | None = None,
+    stager: Stager | None = None,
 ) -> None:
     """Raise if the upstream sent a short body or bytes that do not hash to the digest."""
     if total is not None and offset != total:
         raise UpstreamFailure(
             "network", f"upstream sent {offset} of {total} bytes of {digest}", upstream=upstream.name
         )
-    actual = f"{digest.algorithm}:{hasher.hexdigest()}"  # type: ignore[attr-defined]
+    actual = f"{digest.algorithm}:{hasher.hexdigest()}"
     if actual == str(digest):
         return
     DIGEST_MISMATCHES.labels("upstream").inc()
     log.error("fill_digest_mismatch", digest=str(digest), actual=actual, upstream=upstream.name)
-    await protocol.write_state(
-        deps.redis,
-        digest,
-        status=protocol.FAILED,
-        error_code="UPSTREAM_ERROR",
-        error=f"upstream content for {digest} hashes to {actual}",
-    )
+    message = f"upstream content for {digest} hashes to {actual}"
+    await FillProgress(deps.redis, digest).failed("UPSTREAM_ERROR", message)
     if stager is not None:
         await stager.cancel()
     await deps.objects.delete_many(e.key for e in segments)
     deps.spool.path(digest).unlink(missing_ok=True)
     raise DigestMismatch(f"{digest} from {upstream.name} hashed to {actual}")
-
-
-class _Stager:
-    """Cuts the spool file into segments and stores them in the bucket.
-
-    While only edges on this machine follow the fill (they read the spool), staging waits
-    for the download to finish and for the clients on this machine to finish reading
-    spools: on a small machine the object store's writes would otherwise take the CPU
-    the download and the clients need. Once an edge that cannot read the spool asks for
-    the bytes (it marks the fill in Redis), staging runs right behind the download.
-    Segments upload up to SEGMENTS_IN_FLIGHT at once (object stores write faster in
-    parallel). Each upload waits for the one before it to publish the staged mark, so the
-    mark only ever covers stored bytes, in order.
-    """
-
-    def __init__(
-        self,
-        deps: FillDeps,
-        lease: Lease,
-        digest: Digest,
-        fd: int,
-        staged: int,
-        spooled: int,
-        segments: list[Extent],
-    ) -> None:
-        self._deps = deps
-        self._lease = lease
-        self._digest = digest
-        self._fd = fd
-        self._spooled = spooled
-        self._segments = segments
-        self._done = False
-        self._grew = asyncio.Event()
-        self._task = asyncio.create_task(self._run(staged))
-
-    async def _wait_for_turn(self) -> None:
-        """Return when staging should start: at once for a remote follower; otherwise once
-        the download is over and no client on this machine is reading a fill's spool (or
-        after STAGING_DEFERRAL_SECONDS at most, so the bucket gets the blob in any case)."""
-        redis, node = self._deps.redis, self._deps.spool.node
-        deferred_since: float | None = None
-        while True:
-            if await protocol.remote_follower(redis, self._digest):
-                return
-            if self._done:
-                now = time.monotonic()
-                deferred_since = deferred_since or now
-                if now - deferred_since > STAGING_DEFERRAL_SECONDS:
-                    return
-                if node is None or not await protocol.spool_readers_active(redis, node):
-                    return
-            await asyncio.sleep(REMOTE_CHECK_SECONDS)
-
-    def spool(self, chunk: bytes) -> None:
-        os.write(self._fd, chunk)
-        self._spooled += len(chunk)
-        self._grew.set()
-
-    async def check(self) -> None:
-        """Surface a failed upload now rather than after the whole download."""
-        if self._task.done():
-            self._task.result()
-        await asyncio.sleep(0)
-
-    async def finish(self) -> None:
-        """Wait until everything spooled is staged."""
-        self._done = True
-        self._grew.set()
-        await self._task
-
-    async def cancel(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
-
-    async def _run(self, start: int) -> None:
-        await self._wait_for_turn()
-        digest = self._digest
-        target = FIRST_SEGMENT if start == 0 else MAX_SEGMENT
-        last_cut = time.monotonic()
-        writing: deque[asyncio.Task[None]] = deque()
-
-        async def store(key: str, end: int, data: bytes, previous: asyncio.Task[None] | None) -> None:
-            await self._deps.objects.put_bytes(key, data)
-            if previous is not None:
-                await previous
-            await protocol.write_state(self._deps.redis, digest, staged=end)
-
-        try:
-            while True:
-                available = self._spooled - start
-                if available and (
-                    available >= target or self._done or time.monotonic() - last_cut > FLUSH_INTERVAL
-                ):
-                    if self._lease.lost:
-                        raise LeaseLost(f"lost the fill lease for {digest}")
-                    data = os.pread(self._fd, min(available, target), start)
-                    key = layout.fill_segment(digest, start)
-                    self._segments.append(Extent(key, len(data)))
-                    start += len(data)
-                    previous = writing[-1] if writing else None
-                    writing.append(asyncio.create_task(store(key, start, data, previous)))
-                    target = min(target * 2, MAX_SEGMENT)
-                    last_cut = time.monotonic()
-                    while writing and (writing[0].done() or len(writing) >= SEGMENTS_IN_FLIGHT):
-                        await writing.popleft()
-                    continue
-                if self._done:
-                    break
-                self._grew.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._grew.wait(), FLUSH_INTERVAL)
-            while writing:
-                await writing.popleft()
-        finally:
-            for task in writing:
-                task.cancel()
-            await asyncio.gather(*writing, return_exceptions=True)

@@ -21,7 +21,15 @@ from shared.metrics import FILL_BYTES_FOLLOWED
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.proxy import protocol
-from shared.proxy.segments import Segment, staged_segments
+from shared.proxy.protocol import (
+    REREQUEST_SECONDS,
+    SPOOL_READERS_REFRESH_SECONDS,
+    FillProgress,
+    FillSource,
+    FillState,
+    FillStatus,
+    Segment,
+)
 from shared.proxy.spool import Spool
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore
@@ -33,12 +41,10 @@ FIRST_POLL_SECONDS = 0.001
 FAST_POLL_SECONDS = 0.002
 FAST_POLL_FOR_SECONDS = 0.1
 POLL_SECONDS = 0.01
-REREQUEST_SECONDS = 1.0
 SPOOL_CHUNK = 1024 * 1024
-SPOOL_READERS_REFRESH_SECONDS = 0.25
 
 
-def failure_error(fill: protocol.FillState, digest: Digest) -> RegistryError:
+def failure_error(fill: FillState, digest: Digest) -> RegistryError:
     code = fill.error_code or "UPSTREAM_ERROR"
     headers = {}
     if fill.retry_after:
@@ -83,7 +89,7 @@ class _SpoolFile:
         self._digest = digest
         self._fd: int | None = None
 
-    def fd(self, fill: protocol.FillState) -> int | None:
+    def fd(self, fill: FillState) -> int | None:
         if self._fd is None and self._spool is not None and self._spool.is_local(fill.spool):
             with contextlib.suppress(FileNotFoundError):
                 self._fd = os.open(self._spool.path(self._digest), os.O_RDONLY | os.O_CLOEXEC)
@@ -141,13 +147,14 @@ class BlobFollower:
         deadline = time.monotonic() + within
         next_rerequest = time.monotonic() + REREQUEST_SECONDS
         poll = _Poll()
+        progress = FillProgress(self._redis, digest)
         while True:
-            fill = await protocol.read_state(self._redis, digest)
-            if fill.status == protocol.FAILED:
+            fill = await progress.read()
+            if fill.status == FillStatus.FAILED:
                 raise failure_error(fill, digest)
             if fill.size is not None and await self._may_follow(project, digest):
                 return fill.size
-            if fill.status in (None, protocol.COMMITTED):
+            if fill.status in (None, FillStatus.COMMITTED):
                 size = await self._committed_size(project, digest)
                 if size is not None:
                     return size
@@ -178,26 +185,27 @@ class BlobFollower:
         poll = _Poll()
         marked_remote = False
         allowed = False
+        progress = FillProgress(self._redis, digest)
         try:
             while offset < end:
-                fill = await protocol.read_state(self._redis, digest)
+                fill = await progress.read()
                 if (
-                    fill.status in (None, protocol.COMMITTED)
+                    fill.status in (None, FillStatus.COMMITTED)
                     and await self._committed_size(project, digest) is not None
                 ):
                     async for chunk in self._blobs.stream(digest, offset, end - offset):
                         yield chunk
                     return
-                if fill.status == protocol.FAILED:
+                if fill.status == FillStatus.FAILED:
                     raise failure_error(fill, digest)
                 allowed = allowed or await self._may_follow(project, digest)
-                filling = allowed and fill.status in (protocol.FILLING, protocol.VERIFIED)
+                filling = allowed and fill.status in (FillStatus.FILLING, FillStatus.VERIFIED)
                 fd = spooled.fd(fill) if filling else None
-                if filling and fd is None and fill.source == protocol.FROM_SEGMENTS and not marked_remote:
+                if filling and fd is None and fill.source == FillSource.SEGMENTS and not marked_remote:
                     await protocol.mark_remote_follower(self._redis, digest)
                     marked_remote = True
                 # Every byte but the last may go before verification; the last one only after.
-                limit = end if fill.status == protocol.VERIFIED else min(end, size - 1)
+                limit = end if fill.status == FillStatus.VERIFIED else min(end, size - 1)
                 before = offset
                 available = self._available(digest, fill, fd, offset, limit, listing) if allowed else None
                 async for source, chunk in available or _nothing():
@@ -225,7 +233,7 @@ class BlobFollower:
     async def _available(
         self,
         digest: Digest,
-        fill: protocol.FillState,
+        fill: FillState,
         fd: int | None,
         offset: int,
         limit: int,
@@ -246,12 +254,12 @@ class BlobFollower:
         releasable = min(fill.staged, limit)
         if releasable <= offset:
             return
-        if fill.source == protocol.FROM_BLOB:
+        if fill.source == FillSource.BLOB:
             async for chunk in self._blobs.stream(digest, offset, releasable - offset):
                 yield "blob", chunk
             return
         if not listing.covers(releasable):
-            listing.segments = await staged_segments(self._objects, digest)
+            listing.segments = await protocol.staged_segments(self._objects, digest)
         before = offset
         async for chunk in self._read_staged(listing.segments, offset, releasable):
             offset += len(chunk)

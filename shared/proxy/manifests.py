@@ -17,12 +17,12 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.leases import Lease
 from shared.metrics import DIGEST_MISMATCHES
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.oci.manifest import parse_manifest
 from shared.oci.reference import is_valid_tag
-from shared.proxy.leases import Lease
 from shared.proxy.upstreams import UpstreamPool
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore, Revision

@@ -1,15 +1,22 @@
-"""Redis leases with heartbeat: one holder cluster-wide, replaced when its heartbeat stops."""
+"""Redis leases: one holder cluster-wide, replaced when it stops renewing.
+
+Used two ways: a job (a fill, a scrub, a manifest fetch) acquires the lease, keeps it with
+a heartbeat while it works and releases it; a standing role (the scheduler's leader) takes
+or renews it in one call each time it checks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import uuid
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+# Renew or release only if we still hold it: compare-and-set in one atomic script.
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -28,6 +35,18 @@ class LeaseLost(RuntimeError):
     """Another holder took the lease after ours expired; stop working on it."""
 
 
+class Hold(enum.Enum):
+    """What one `Lease.hold` found."""
+
+    TAKEN = "taken"  # it was free (first start, expired, or Redis lost it): ours now
+    RENEWED = "renewed"  # ours already, and extended
+    ELSEWHERE = "elsewhere"  # another holder has it
+
+    @property
+    def ours(self) -> bool:
+        return self is not Hold.ELSEWHERE
+
+
 class Lease:
     def __init__(self, redis: Redis, key: str, ttl: float = 10.0) -> None:
         self.redis = redis
@@ -42,10 +61,23 @@ class Lease:
     async def renew(self) -> bool:
         return bool(await self.redis.eval(_RENEW, 1, self.key, self.holder, str(self.ttl_ms)))
 
+    async def hold(self) -> Hold:
+        """Take the lease if free, renew it if ours. Redis errors propagate: the caller
+        cannot tell then whether it holds the lease."""
+        if await self.acquire():
+            return Hold.TAKEN
+        if await self.renew():
+            return Hold.RENEWED
+        return Hold.ELSEWHERE
+
     async def release(self) -> None:
         """Give the lease up; if Redis cannot be told, it lapses by its TTL instead."""
         with contextlib.suppress(RedisError):
-            await self.redis.eval(_RELEASE, 1, self.key, self.holder)
+            await self.release_or_raise()
+
+    async def release_or_raise(self) -> None:
+        """Give the lease up; Redis errors propagate, for a caller that reports them."""
+        await self.redis.eval(_RELEASE, 1, self.key, self.holder)
 
     @contextlib.asynccontextmanager
     async def heartbeat(self) -> AsyncIterator[Lease]:
