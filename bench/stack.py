@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from services.embedded import ManagedProcess, free_port, start_redis, start_s3
+from services.embedded import start_redis, start_s3
+from services.processes import ManagedProcess, free_port
 from shared.auth.access import hash_password
 from tests.support.distribution import Distribution, start_distribution
 

@@ -63,7 +63,7 @@ def main() -> None:
 @_CONFIG_OPTION
 def up(config: Path | None) -> None:
     """Run edge, workers and scheduler (plus embedded Redis/S3 if none are configured)."""
-    from services.supervisor import run_stack  # rich and the servers are only needed here
+    from services.up import run_stack  # rich and the servers are only needed here
 
     settings = _load_or_exit(config)
     sys.exit(run_stack(settings, config_path(config)))
@@ -148,7 +148,7 @@ def _redis_url(settings: Settings) -> str:
     """The configured Redis, else the embedded one of a running `seawall up`."""
     if settings.redis_url:
         return settings.redis_url
-    from services.supervisor import embedded_redis_file
+    from services.up import embedded_redis_file
 
     found = embedded_redis_file(settings.data_dir)
     if not found.is_file():

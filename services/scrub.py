@@ -18,7 +18,7 @@ def s3_settings(settings: Settings) -> S3Settings:
     """The configured store, else the embedded one of a running `seawall up`."""
     if settings.s3 is not None:
         return settings.s3
-    from services.supervisor import embedded_s3_file
+    from services.up import embedded_s3_file
 
     found = embedded_s3_file(settings.data_dir)
     if not found.is_file():

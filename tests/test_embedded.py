@@ -17,18 +17,8 @@ from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from services.cli import main
-from services.embedded import (
-    S3Server,
-    ServerStartError,
-    free_port,
-    port_open,
-    redis_binary,
-    start_redis,
-    start_s3,
-    wait_for_port,
-    wait_until,
-    weed_binary,
-)
+from services.embedded import S3Server, redis_binary, start_redis, start_s3, weed_binary
+from services.processes import ServerStartError, free_port, port_open, wait_for_port, wait_until
 from shared.settings import S3Settings
 from tests.fixtures.stack import SeawallUp, v2_status
 from tests.support.distribution import Distribution, start_distribution

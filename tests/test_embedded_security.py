@@ -21,7 +21,8 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from services.embedded import S3Server, start_s3, wait_until, weed_binary
+from services.embedded import S3Server, start_s3, weed_binary
+from services.processes import wait_until
 from tests.support.processes import descendants, listening_ports
 
 pytestmark = [

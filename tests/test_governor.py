@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from redis.asyncio import Redis
 
 from services.cli import main as seawall
-from services.embedded import ManagedProcess, free_port, port_open, wait_until
+from services.processes import ManagedProcess, free_port, port_open, wait_until
 from services.quota import enqueue_warm
 from shared.ratelimit import Governor
 from shared.settings import load_settings

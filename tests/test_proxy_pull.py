@@ -281,7 +281,7 @@ def test_range_request_on_a_cached_blob(cache_stack: StackFactory, seeded) -> No
 def test_worker_metrics_count_fills_and_upstream_bytes(
     cache_stack: StackFactory, hub: DockerHubEmulator, seeded, tmp_path
 ) -> None:
-    from services.embedded import free_port
+    from services.processes import free_port
 
     name, image = seeded
     metrics_port = free_port()

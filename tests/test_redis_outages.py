@@ -18,7 +18,8 @@ import pytest
 import redis
 from dramatiq import Worker
 
-from services.embedded import ManagedProcess, RedisServer, start_redis, wait_until
+from services.embedded import RedisServer, start_redis
+from services.processes import ManagedProcess, wait_until
 from services.scheduler.__main__ import run
 from services.scheduler.schedule import Trigger
 from shared.proxy.events import MAINTENANCE_QUEUE

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.embedded import ManagedProcess, free_port, port_open, wait_until
+from services.processes import ManagedProcess, free_port, port_open, wait_until
 from shared.settings import S3Settings
 from tests.fixtures.edge import USERS
 from tests.fixtures.proxy import StackFactory

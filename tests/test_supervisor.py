@@ -20,15 +20,10 @@ import httpx
 import pytest
 import redis
 
-from services.embedded import (
-    ManagedProcess,
-    free_port,
-    port_open,
-    redis_binary,
-    wait_until,
-    weed_binary,
-)
-from services.supervisor import LOCK_FILE, DataDirBusy, Printer, lock_data_dir
+from services.embedded import redis_binary, weed_binary
+from services.processes import ManagedProcess, free_port, port_open, wait_until
+from services.supervisor import Printer
+from services.up import LOCK_FILE, DataDirBusy, lock_data_dir
 from shared.proxy.events import MAINTENANCE_QUEUE, make_broker
 from tests.fixtures.edge import PROJECTS, USERS
 from tests.fixtures.stack import SeawallUp, processes_of, v2_status

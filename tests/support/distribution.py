@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from services.embedded import HOST, START_TIMEOUT, ManagedProcess, free_port
+from services.processes import HOST, START_TIMEOUT, ManagedProcess, free_port
 
 BINARY = "docker-registry"
 
