@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.edge",
     "tests.fixtures.clients",
     "tests.fixtures.proxy",
+    "tests.fixtures.seeded_hub",
     "tests.fixtures.stack",
 ]
