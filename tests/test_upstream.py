@@ -1,219 +1,47 @@
-"""shared.upstream against the Docker Hub emulator in front of a real Distribution registry.
+"""shared.upstream's client against the Docker Hub emulator in front of a real Distribution registry.
 
 Coroutines run with `asyncio.run` (no pytest-asyncio). Timings are asserted with generous
-bounds only.
+bounds only. What the client makes of single answers (headers, failure kinds) is in
+test_upstream_answers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from email.utils import formatdate
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-import httpx
 import pytest
 import redis
-from aiohttp import web
-from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 
-from shared.auth.upstream_tokens import SharedTokens
 from shared.oci.mediatypes import ACCEPT
-from shared.settings import Upstream
-from shared.upstream import (
-    FetchedManifest,
-    ManifestHead,
-    RateLimit,
-    UpstreamClient,
-    UpstreamFailure,
-    parse_challenges,
-    parse_retry_after,
-)
+from shared.upstream import FetchedManifest, ManifestHead, RateLimit, UpstreamClient, UpstreamFailure
 from shared.upstream.early import EarlyBlob
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import SERVICE, DockerHubEmulator
-from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer, sha256
-
-T = TypeVar("T")
-
-
-# ------------------------------------------------------------------------- helpers
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def push_blob(client: httpx.Client, repository: str, data: bytes) -> str:
-    """Monolithic upload: POST, then PUT ?digest= with the whole body."""
-    digest = sha256(data)
-    r = client.post(f"/v2/{repository}/blobs/uploads/")
-    assert r.status_code == 202, r.text
-    location = httpx.URL(r.headers["Location"]).copy_merge_params({"digest": digest})
-    r = client.put(location, content=data, headers={"Content-Type": "application/octet-stream"})
-    assert r.status_code == 201, r.text
-    return digest
-
-
-def push_image(client: httpx.Client, repository: str, image: Image, tag: str) -> None:
-    for data in image.blobs.values():
-        push_blob(client, repository, data)
-    r = client.put(
-        f"/v2/{repository}/manifests/{tag}",
-        content=image.manifest,
-        headers={"Content-Type": OCI_MANIFEST},
-    )
-    assert r.status_code == 201, r.text
-
-
-@dataclass
-class Seeded:
-    repository: str
-    image: Image
-    layer: bytes
-
-    @property
-    def layer_digest(self) -> str:
-        return sha256(self.layer)
+from tests.support.images import OCI_MANIFEST, make_image, make_layer, sha256
+from tests.support.seed import push_image
+from tests.support.upstream import (
+    FakeRegistry,
+    Seeded,
+    failure_of,
+    metric,
+    requests_counted,
+    run,
+    seed_image,
+    shared_clients,
+    tokens_issued,
+    upstream_for,
+    wait_async,
+    with_client,
+)
 
 
 @pytest.fixture(scope="module")
 def seeded(distribution: Distribution) -> Seeded:
     """An image tagged `latest` in a fresh library/* repository of the session's registry."""
-    repository = f"library/upstream-{secrets.token_hex(4)}"
-    # Random content so the gzipped layer stays ~300 KiB (cuts and ranges need a big body).
-    layer = make_layer({"random.bin": secrets.token_bytes(300 * 1024)})
-    assert len(layer) > 300 * 1024
-    image = make_image([layer], label=repository)
-    with httpx.Client(base_url=distribution.url, timeout=30) as client:
-        push_image(client, repository, image, "latest")
-    return Seeded(repository, image, layer)
-
-
-@pytest.fixture
-def hub(distribution: Distribution) -> Iterator[DockerHubEmulator]:
-    with DockerHubEmulator(distribution.url) as emulator:
-        yield emulator
-
-
-def upstream_for(url: str, **fields: Any) -> Upstream:
-    fields.setdefault("name", f"hub-{secrets.token_hex(3)}")
-    return Upstream(url=url, **fields)
-
-
-async def with_client(
-    upstream: Upstream,
-    body: Callable[[UpstreamClient], Awaitable[T]],
-    *,
-    on_rate_limit: Callable[[RateLimit], Awaitable[None]] | None = None,
-) -> T:
-    async with UpstreamClient(upstream, on_rate_limit=on_rate_limit) as client:
-        return await body(client)
-
-
-def failure_of(upstream: Upstream, body: Callable[[UpstreamClient], Awaitable[Any]]) -> UpstreamFailure:
-    async def scenario() -> UpstreamFailure:
-        async with UpstreamClient(upstream) as client:
-            with pytest.raises(UpstreamFailure) as info:
-                await body(client)
-            return info.value
-
-    return run(scenario())
-
-
-def tokens_issued(hub: DockerHubEmulator) -> int:
-    return int(hub.snapshot()["tokens_issued"])
-
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-# ------------------------------------------------------------------ pure functions
-def test_parse_retry_after_forms() -> None:
-    now = 1_700_000_000.0
-    assert parse_retry_after("120", now) == 120
-    assert parse_retry_after(" 0 ", now) == 0
-    assert parse_retry_after(str(int(now) + 300), now) == pytest.approx(300)
-    assert parse_retry_after(str(int(now) - 300), now) == 0  # an epoch in the past
-    assert parse_retry_after(formatdate(now + 90, usegmt=True), now) == pytest.approx(90)
-    assert parse_retry_after(None, now) is None
-    assert parse_retry_after("", now) is None
-    assert parse_retry_after("soon", now) is None
-
-
-def test_rate_limit_from_headers() -> None:
-    rl = RateLimit.from_headers(
-        {
-            "RateLimit-Limit": "100;w=21600",
-            "ratelimit-remaining": "76;w=21600",
-            "docker-ratelimit-source": "203.0.113.7",
-        }
-    )
-    assert rl == RateLimit(limit=100, remaining=76, window=21600.0, source="203.0.113.7")
-    assert RateLimit.from_headers({"Content-Type": "application/json"}) is None
-    several = RateLimit.from_headers({"ratelimit-limit": "100, 100;w=21600"})
-    assert several is not None
-    assert several.limit == 100
-    assert several.window == 21600.0
-
-
-def test_parse_challenges() -> None:
-    header = (
-        'Bearer realm="https://auth.example/token",service="registry.example",'
-        'scope="repository:library/alpine:pull,push repository:x/y:pull",'
-        'error="insufficient_scope", '
-        'Basic realm="a \\"quoted\\", realm"'
-    )
-    challenges = parse_challenges(header)
-    assert [scheme for scheme, _ in challenges] == ["bearer", "basic"]
-    bearer = challenges[0][1]
-    assert bearer["realm"] == "https://auth.example/token"
-    assert bearer["service"] == "registry.example"
-    assert bearer["scope"] == "repository:library/alpine:pull,push repository:x/y:pull"
-    assert bearer["error"] == "insufficient_scope"
-    assert challenges[1][1] == {"realm": 'a "quoted", realm'}
-    assert parse_challenges(["Basic realm=plain", "Negotiate abc123=="]) == [
-        ("basic", {"realm": "plain"}),
-        ("negotiate", {}),
-    ]
-
-
-def test_to_registry_error_mapping() -> None:
-    quota = UpstreamFailure("quota", "pulls", upstream="dockerhub", status=429, retry_after=41.2)
-    error = quota.to_registry_error()
-    assert (error.code, error.status) == ("TOOMANYREQUESTS", 429)
-    assert 1 <= int(error.headers["Retry-After"]) <= 42
-    assert "dockerhub" in error.message
-    assert "reopens" in error.message
-    unknown = UpstreamFailure("abuse", "x", upstream="dockerhub", status=429).to_registry_error()
-    assert unknown.code == "TOOMANYREQUESTS"
-    assert int(unknown.headers["Retry-After"]) >= 1
-    soon = UpstreamFailure("quota", "x", upstream="u", retry_after=0.01).to_registry_error()
-    assert soon.headers["Retry-After"] == "1"
-    table = {
-        "timeout": ("UPSTREAM_TIMEOUT", 504),
-        "refused": ("UNAVAILABLE", 503),
-        "network": ("UNAVAILABLE", 503),
-        "status": ("UPSTREAM_ERROR", 502),
-        "auth": ("UPSTREAM_ERROR", 502),
-        "not_found": ("MANIFEST_UNKNOWN", 404),
-    }
-    for kind, expected in table.items():
-        mapped = UpstreamFailure(kind, "m", upstream="u").to_registry_error()
-        assert (mapped.code, mapped.status) == expected, kind
-    blob = UpstreamFailure("not_found", "m", upstream="u", status=404).to_registry_error("BLOB_UNKNOWN")
-    assert (blob.code, blob.status) == ("BLOB_UNKNOWN", 404)
-    copy = pickle.loads(pickle.dumps(quota))
-    assert (copy.kind, copy.upstream, copy.status, copy.reopens_at) == (
-        "quota",
-        "dockerhub",
-        429,
-        quota.reopens_at,
-    )
+    return seed_image(distribution.url)
 
 
 # ------------------------------------------------------------------ tokens and auth
@@ -244,8 +72,7 @@ def test_a_new_repository_gets_its_token_before_its_first_request(
     front for the next repository's scope."""
     other = f"library/upstream-{secrets.token_hex(4)}"
     image = make_image([make_layer(size=1000, seed=other)], label=other)
-    with httpx.Client(base_url=distribution.url, timeout=30) as client:
-        push_image(client, other, image, "latest")
+    push_image(distribution.url, other, image, "latest")
 
     async def body(client: UpstreamClient) -> None:
         assert await client.get_manifest(seeded.repository, "latest") is not None
@@ -300,24 +127,6 @@ def test_revoked_token_is_replaced_after_401(hub: DockerHubEmulator, seeded: See
     assert tokens_issued(hub) == 2
     assert hub.count("HEAD", "manifest", status=401) == 2
     assert hub.count("HEAD", "manifest", status=200) == 2
-
-
-def shared_clients(
-    upstream: Upstream, redis_url: str, *bodies: Callable[[UpstreamClient], Awaitable[None]]
-) -> None:
-    """Run each body in a client of its own (as separate processes would), all sharing
-    their tokens through one Redis."""
-
-    async def scenario() -> None:
-        redis = Redis.from_url(redis_url)
-        try:
-            for body in bodies:
-                async with UpstreamClient(upstream, shared_tokens=SharedTokens(redis, upstream)) as client:
-                    await body(client)
-        finally:
-            await redis.aclose()
-
-    run(scenario())
 
 
 def test_a_token_one_process_got_serves_the_others(
@@ -401,26 +210,14 @@ def test_basic_credentials_reach_the_token_endpoint(
     monkeypatch.setenv("SEAWALL_TEST_HUB_PASSWORD", "alice-hub-secret")
     with DockerHubEmulator(distribution.url, accounts={"alice": "alice-hub-secret"}) as hub:
         hub.set_quota(limit=200, identity="alice")
-        seen: list[RateLimit] = []
-
-        async def record(rate_limit: RateLimit) -> None:
-            seen.append(rate_limit)
-
         upstream = upstream_for(hub.url, username="alice", password_env="SEAWALL_TEST_HUB_PASSWORD")
-        fetched = run(
-            with_client(
-                upstream,
-                lambda c: c.get_manifest(seeded.repository, "latest"),
-                on_rate_limit=record,
-            )
-        )
+        fetched = run(with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest")))
         assert fetched is not None
         assert hub.pulls("alice") == 1
         assert hub.pulls("anonymous") == 0
         assert hub.remaining("alice") == 199
         assert hub.remaining("anonymous") == 100
         assert fetched.rate_limit == RateLimit(limit=200, remaining=199, window=21600.0, source="alice")
-        assert seen == [fetched.rate_limit]
         token_request = next(r for r in hub.requests if r.kind == "token")
         assert token_request.identity == "alice"
 
@@ -439,39 +236,20 @@ def test_wrong_credentials_are_an_auth_failure(
 
 # ----------------------------------------------------------------------- manifests
 def test_head_returns_digest_and_spends_no_quota(hub: DockerHubEmulator, seeded: Seeded) -> None:
-    seen: list[RateLimit] = []
-
-    async def record(rate_limit: RateLimit) -> None:
-        seen.append(rate_limit)
-
-    head = run(
-        with_client(
-            upstream_for(hub.url),
-            lambda c: c.head_manifest(seeded.repository, "latest"),
-            on_rate_limit=record,
-        )
-    )
+    head = run(with_client(upstream_for(hub.url), lambda c: c.head_manifest(seeded.repository, "latest")))
     assert head is not None
     assert head.digest == seeded.image.digest
     assert head.media_type == OCI_MANIFEST
     assert head.size == len(seeded.image.manifest)
     assert head.rate_limit is not None
     assert head.rate_limit.remaining == 100
-    assert seen == [head.rate_limit]
     assert hub.pulls() == 0
     assert hub.remaining() == 100
 
 
 def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, seeded: Seeded) -> None:
-    seen: list[RateLimit] = []
-
-    async def record(rate_limit: RateLimit) -> None:
-        seen.append(rate_limit)
-
     upstream = upstream_for(hub.url)
-    fetched = run(
-        with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest"), on_rate_limit=record)
-    )
+    fetched = run(with_client(upstream, lambda c: c.get_manifest(seeded.repository, "latest")))
     assert fetched is not None
     assert fetched.body == seeded.image.manifest
     assert fetched.digest == seeded.image.digest
@@ -479,29 +257,10 @@ def test_get_returns_exact_bytes_and_spends_one_pull(hub: DockerHubEmulator, see
     assert hub.pulls() == 1
     assert hub.remaining() == 99
     assert fetched.rate_limit == RateLimit(limit=100, remaining=99, window=21600.0, source="127.0.0.1")
-    assert seen == [fetched.rate_limit]
     manifest_gets = [r for r in hub.requests if r.kind == "manifest" and r.method == "GET"]
     assert all(r.accept == ACCEPT for r in manifest_gets)
-    assert (
-        metric(
-            "seawall_upstream_requests_total",
-            upstream=upstream.name,
-            kind="manifest",
-            method="GET",
-            status="200",
-        )
-        == 1
-    )
-    assert (
-        metric(
-            "seawall_upstream_requests_total",
-            upstream=upstream.name,
-            kind="token",
-            method="GET",
-            status="200",
-        )
-        == 1
-    )
+    assert requests_counted(upstream, "manifest", "GET", "200") == 1
+    assert requests_counted(upstream, "token", "GET", "200") == 1
 
 
 def test_get_by_digest(hub: DockerHubEmulator, seeded: Seeded) -> None:
@@ -543,27 +302,24 @@ def test_quota_429_with_retry_after_seconds(hub: DockerHubEmulator, seeded: Seed
 
 def test_quota_exhausted_with_epoch_retry_after(hub: DockerHubEmulator, seeded: Seeded) -> None:
     hub.set_quota(limit=1, window_seconds=300, retry_after="epoch")
-    seen: list[RateLimit] = []
 
-    async def record(rate_limit: RateLimit) -> None:
-        seen.append(rate_limit)
-
-    async def scenario() -> UpstreamFailure:
-        async with UpstreamClient(upstream_for(hub.url), on_rate_limit=record) as client:
-            assert await client.get_manifest(seeded.repository, "latest") is not None
+    async def scenario() -> tuple[FetchedManifest | None, UpstreamFailure]:
+        async with UpstreamClient(upstream_for(hub.url)) as client:
+            fetched = await client.get_manifest(seeded.repository, "latest")
             with pytest.raises(UpstreamFailure) as info:
                 await client.get_manifest(seeded.repository, "latest")
-            return info.value
+            return fetched, info.value
 
-    failure = run(scenario())
+    fetched, failure = run(scenario())
+    assert fetched is not None
+    assert fetched.rate_limit is not None
+    assert (fetched.rate_limit.remaining, fetched.rate_limit.limit) == (0, 1)
+    assert fetched.rate_limit.window == 300
     assert failure.kind == "quota"
     assert failure.retry_after is not None
     assert 290 <= failure.retry_after <= 301
     assert failure.rate_limit is not None
     assert failure.rate_limit.remaining == 0
-    assert [r.remaining for r in seen] == [0, 0]
-    assert seen[0].limit == 1
-    assert seen[0].window == 300
     assert hub.pulls() == 1
 
 
@@ -638,16 +394,7 @@ def test_stopped_upstream_is_refused(distribution: Distribution, seeded: Seeded)
     assert failure.status is None
     error = failure.to_registry_error()
     assert (error.code, error.status) == ("UNAVAILABLE", 503)
-    assert (
-        metric(
-            "seawall_upstream_requests_total",
-            upstream=upstream.name,
-            kind="manifest",
-            method="HEAD",
-            status="error",
-        )
-        == 1
-    )
+    assert requests_counted(upstream, "manifest", "HEAD", "error") == 1
 
 
 # --------------------------------------------------------------------------- blobs
@@ -731,15 +478,6 @@ def test_early_blob_not_taken_is_closed(hub: DockerHubEmulator, seeded: Seeded) 
     run(with_client(upstream_for(hub.url), body))
 
 
-async def wait_async(check: Callable[[], object], what: str) -> None:
-    """Poll the emulator's records (another thread's) for up to 10 s."""
-    for _ in range(1000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_unknown_blob_is_not_found(hub: DockerHubEmulator, seeded: Seeded) -> None:
     missing = sha256(b"not there " + secrets.token_bytes(8))
 
@@ -766,69 +504,6 @@ def test_cut_blob_is_a_network_failure(hub: DockerHubEmulator, seeded: Seeded) -
 
 
 # ------------------------------------------ Basic auth, CDN redirect, Range ignored
-class FakeRegistry:
-    """A registry that wants Basic credentials and redirects blob GETs to a 'CDN' on
-    another origin; the CDN ignores Range. Both record the Authorization they saw."""
-
-    def __init__(self, blob: bytes, manifest: bytes) -> None:
-        self.blob = blob
-        self.manifest = manifest
-        self.registry_auth: list[str | None] = []
-        self.cdn_auth: list[str | None] = []
-        self.cdn_ranges: list[str | None] = []
-        self._runners: list[web.AppRunner] = []
-        self.url = self.cdn_url = ""
-
-    async def __aenter__(self) -> FakeRegistry:
-        registry = web.Application()
-        registry.router.add_route("*", "/v2/{name:.+}/manifests/{ref}", self._manifest)
-        registry.router.add_get("/v2/{name:.+}/blobs/{digest}", self._redirect)
-        cdn = web.Application()
-        cdn.router.add_get("/blobs/{digest}", self._cdn)
-        self.url = await self._serve(registry)
-        self.cdn_url = await self._serve(cdn)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for runner in self._runners:
-            await runner.cleanup()
-
-    async def _serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self._runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    def _check(self, request: web.Request) -> web.Response | None:
-        auth = request.headers.get("Authorization")
-        self.registry_auth.append(auth)
-        if auth is None or not auth.startswith("Basic "):
-            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="fake"'})
-        return None
-
-    async def _manifest(self, request: web.Request) -> web.StreamResponse:
-        denied = self._check(request)
-        if denied is not None:
-            return denied
-        # No Docker-Content-Digest and no Content-Type: the client hashes and sniffs.
-        response = web.Response(body=self.manifest)
-        response.headers.popall("Content-Type", None)
-        return response
-
-    async def _redirect(self, request: web.Request) -> web.StreamResponse:
-        denied = self._check(request)
-        if denied is not None:
-            return denied
-        raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/blobs/{request.match_info['digest']}")
-
-    async def _cdn(self, request: web.Request) -> web.StreamResponse:
-        self.cdn_auth.append(request.headers.get("Authorization"))
-        self.cdn_ranges.append(request.headers.get("Range"))
-        return web.Response(body=self.blob, content_type="application/octet-stream")
-
-
 def test_basic_auth_redirect_drops_authorization_and_ignored_range(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -885,14 +560,3 @@ def test_manifest_not_matching_its_digest_is_refused(monkeypatch: pytest.MonkeyP
     assert other in failure.message
     assert failure.to_registry_error().code == "UPSTREAM_ERROR"
     assert metric("seawall_digest_mismatch_total", source="upstream") == before + 1
-
-
-def test_insufficient_scope_means_the_repository_is_unknown_upstream() -> None:
-    missing = UpstreamFailure(
-        "auth", "upstream rejected our credentials for repository:x:pull (insufficient_scope)", upstream="hub"
-    )
-    error = missing.to_registry_error()
-    assert error.code == "NAME_UNKNOWN"
-    assert error.status == 404
-    bad_password = UpstreamFailure("auth", "upstream rejected the Basic credentials", upstream="hub")
-    assert bad_password.to_registry_error().code == "UPSTREAM_ERROR"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
@@ -11,16 +10,13 @@ from shared.auth.upstream_tokens import SharedTokens
 from shared.oci.errors import RegistryError
 from shared.ratelimit import Governor
 from shared.settings import Settings
-from shared.upstream import RateLimit, UpstreamClient
-
-RateLimitHook = Callable[[str, RateLimit], Awaitable[None]]
+from shared.upstream import UpstreamClient
 
 
 class UpstreamPool:
-    def __init__(self, settings: Settings, redis: Redis, on_rate_limit: RateLimitHook | None = None) -> None:
+    def __init__(self, settings: Settings, redis: Redis) -> None:
         self._settings = settings
         self._redis = redis
-        self._on_rate_limit = on_rate_limit
         self._clients: dict[str, UpstreamClient] = {}
         self._lock = asyncio.Lock()
 
@@ -33,15 +29,8 @@ class UpstreamPool:
                 upstream = self._settings.upstream(name)
                 if upstream is None:
                     raise RegistryError("NAME_UNKNOWN", f"no upstream named {name!r}")
-                hook = self._on_rate_limit
-
-                async def report(rate_limit: RateLimit, upstream_name: str = name) -> None:
-                    if hook is not None:
-                        await hook(upstream_name, rate_limit)
-
                 client = UpstreamClient(
                     upstream,
-                    on_rate_limit=report,
                     governor=Governor(self._redis, upstream),
                     shared_tokens=SharedTokens(self._redis, upstream),
                 )

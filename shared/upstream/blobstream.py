@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from shared.logging import get_logger
 from shared.metrics import BYTES_FETCHED
-
-if TYPE_CHECKING:  # the client creates streams; a runtime import would be circular
-    from shared.upstream.client import UpstreamClient
+from shared.upstream.failures import UpstreamFailure, transport_failure
 
 log = get_logger(__name__)
 BLOB_CHUNK = 1024 * 1024
-
-
 CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
@@ -33,14 +28,14 @@ class BlobStream:
 
     def __init__(
         self,
-        client: UpstreamClient,
+        upstream: str,
         response: aiohttp.ClientResponse,
         *,
         offset: int,
         total_size: int | None,
         digest: str,
     ) -> None:
-        self._client = client
+        self._upstream = upstream
         self._response = response
         self.offset = offset
         self.total_size = total_size
@@ -63,21 +58,20 @@ class BlobStream:
         try:
             data = await self._response.content.read(n)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise self._client._transport_failure(exc, f"reading blob {self.digest}") from exc
+            raise transport_failure(self._upstream, exc, f"reading blob {self.digest}") from exc
         if data:
-            BYTES_FETCHED.labels(self._client.name).inc(len(data))
+            BYTES_FETCHED.labels(self._upstream).inc(len(data))
         return data
+
+    def _cut(self, message: str) -> UpstreamFailure:
+        return UpstreamFailure("network", message, upstream=self._upstream, status=self.status)
 
     async def _skip(self, count: int) -> None:
         left = count
         while left > 0:
             data = await self._raw_read(min(left, BLOB_CHUNK))
             if not data:
-                raise self._client._failure(
-                    "network",
-                    f"blob {self.digest} ended before offset {count}",
-                    status=self.status,
-                )
+                raise self._cut(f"blob {self.digest} ended before offset {count}")
             left -= len(data)
 
     async def read(self, n: int = -1) -> bytes:
@@ -96,20 +90,14 @@ class BlobStream:
             self.bytes_read += len(data)
             expected = self.expected
             if expected is not None and self.bytes_read > expected:
-                raise self._client._failure(
-                    "network",
-                    f"blob {self.digest} body is longer than its size {self.total_size}",
-                    status=self.status,
-                )
+                raise self._cut(f"blob {self.digest} body is longer than its size {self.total_size}")
             return data
         self._eof = True
         expected = self.expected
         if expected is not None and self.bytes_read != expected:
-            raise self._client._failure(
-                "network",
+            raise self._cut(
                 f"blob {self.digest} body ended after {self.offset + self.bytes_read} "
-                f"of {self.total_size} bytes",
-                status=self.status,
+                f"of {self.total_size} bytes"
             )
         return b""
 
@@ -120,3 +108,45 @@ class BlobStream:
             raise ValueError("chunk size must be positive")
         while data := await self.read(limit):
             yield data
+
+
+async def open_body(
+    upstream: str, response: aiohttp.ClientResponse, *, offset: int, digest: str, what: str
+) -> BlobStream:
+    """The stream of a blob GET's 200 or 206 answer, from `offset`.
+
+    A 206 must start at `offset`. A 200 to a ranged request means the upstream ignored
+    Range: its first `offset` bytes are skipped so callers always get the body from where
+    they asked. The caller still owns `response` (and closes it if this raises).
+    """
+    length = response.content_length
+    if response.status == 206:
+        content_range = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if content_range is None:
+            raise UpstreamFailure(
+                "status", f"{what}: 206 without a usable Content-Range", upstream=upstream, status=206
+            )
+        start, _end, total = content_range.groups()
+        if int(start) != offset:
+            raise UpstreamFailure(
+                "status",
+                f"{what}: asked for bytes from {offset}, got from {start}",
+                upstream=upstream,
+                status=206,
+            )
+        total_size = int(total) if total != "*" else None
+        if total_size is None and length is not None:
+            total_size = offset + length
+        return BlobStream(upstream, response, offset=offset, total_size=total_size, digest=digest)
+    stream = BlobStream(upstream, response, offset=offset, total_size=length, digest=digest)
+    if offset > 0:
+        if length is not None and offset > length:
+            raise UpstreamFailure(
+                "status",
+                f"{what}: offset {offset} beyond the blob's {length} bytes",
+                upstream=upstream,
+                status=200,
+            )
+        log.debug("upstream_range_ignored", upstream=upstream, digest=digest, offset=offset)
+        await stream._skip(offset)
+    return stream

@@ -1,11 +1,16 @@
-"""UpstreamFailure: every way an upstream can fail, and the OCI error a client sees."""
+"""UpstreamFailure: every way an upstream can fail, how an answer or an exception is classified
+into one, and the OCI error a client sees."""
 
 from __future__ import annotations
 
+import errno
+import json
 import math
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+import aiohttp
 
 from shared.oci.errors import RegistryError
 from shared.upstream.headers import RateLimit
@@ -147,4 +152,86 @@ def _rebuild_failure(
     return failure
 
 
-# ----------------------------------------------------------------- WWW-Authenticate
+def transport_failure(upstream: str, exc: BaseException, what: str) -> UpstreamFailure:
+    """A request that got no (complete) answer: timeout, refused, or any other network failure."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailure("timeout", f"{what}: timed out", upstream=upstream)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError) or os_error.errno == errno.ECONNREFUSED:
+            return UpstreamFailure("refused", f"{what}: connection refused", upstream=upstream)
+        reason = os_error.strerror or os_error
+        return UpstreamFailure("network", f"{what}: cannot connect ({reason})", upstream=upstream)
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamFailure("refused", f"{what}: connection refused", upstream=upstream)
+    return UpstreamFailure("network", f"{what}: {type(exc).__name__}: {exc}", upstream=upstream)
+
+
+def limit_kind(content_type: str, body: bytes) -> Literal["quota", "abuse"]:
+    """Which limit a 429 stands for: the pull quota answers with a JSON errors envelope
+    ("quota"), the abuse limiter with plain text ("abuse")."""
+    if not body:
+        # HEAD (or an empty body): all we have is the content type.
+        return "quota" if content_type == "application/json" else "abuse"
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return "abuse"
+    if isinstance(document, dict) and isinstance(document.get("errors"), list):
+        return "quota"
+    return "abuse"
+
+
+def rate_limited(
+    upstream: str,
+    what: str,
+    kind: Literal["quota", "abuse"],
+    *,
+    retry_after: float | None,
+    rate_limit: RateLimit | None,
+) -> UpstreamFailure:
+    """A 429 of the given `limit_kind`."""
+    text = "pull rate limit reached" if kind == "quota" else "too many requests (abuse limit)"
+    return UpstreamFailure(
+        kind, f"{what}: {text}", upstream=upstream, status=429, retry_after=retry_after, rate_limit=rate_limit
+    )
+
+
+def status_failure(
+    upstream: str,
+    what: str,
+    status: int,
+    body: bytes,
+    *,
+    retry_after: float | None,
+    rate_limit: RateLimit | None,
+) -> UpstreamFailure:
+    """An unwanted answer other than a 429: a 401 is "auth", anything else "status"."""
+    if status == 401:
+        return UpstreamFailure("auth", f"{what}: 401{error_excerpt(body)}", upstream=upstream, status=status)
+    return UpstreamFailure(
+        "status",
+        f"{what}: {status}{error_excerpt(body)}",
+        upstream=upstream,
+        status=status,
+        retry_after=retry_after,
+        rate_limit=rate_limit,
+    )
+
+
+def error_excerpt(body: bytes) -> str:
+    """`: <message>` from an OCI error envelope, else a short text excerpt."""
+    if not body:
+        return ""
+    try:
+        document = json.loads(body)
+        errors = document.get("errors") if isinstance(document, dict) else None
+        if errors and isinstance(errors[0], dict):
+            first = errors[0]
+            return f": {first.get('code', '')} {first.get('message', '')}".rstrip()
+        if isinstance(document, dict) and document.get("details"):
+            return f": {str(document['details'])[:200]}"
+    except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
+        pass
+    text = body[:200].decode("utf-8", "replace").strip()
+    return f": {text}" if text else ""

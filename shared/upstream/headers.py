@@ -11,8 +11,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-# --------------------------------------------------------------------------- rate limit
-
 
 def _parse_quota_value(value: str | None) -> tuple[int | None, float | None]:
     """`100;w=21600` (possibly several comma-separated policies) -> (100, 21600.0)."""
@@ -59,7 +57,6 @@ class RateLimit:
         return cls(limit, remaining, window if window is not None else remaining_window, source)
 
 
-# ------------------------------------------------------------------------- results
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds from `now` (unix time) that a Retry-After value names, or None if unparseable.
 
@@ -153,8 +150,8 @@ def parse_challenges(values: str | list[str]) -> list[tuple[str, dict[str, str]]
     return challenges
 
 
-# ------------------------------------------------------------------------ blob stream
 def parse_rfc3339(value: Any) -> float | None:
+    """Unix time of an RFC 3339 timestamp (a token's issued_at), None if it is not one."""
     if not isinstance(value, str) or not value:
         return None
     text = value.strip()
