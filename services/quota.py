@@ -5,16 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
 
-import dramatiq
 from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from shared import jobs
 from shared.oci.errors import RegistryError
 from shared.oci.reference import validate_name, validate_tag
-from shared.proxy.events import PREFETCH_QUEUE, WARM_ACTOR, make_broker
 from shared.ratelimit import Governor
 from shared.routing import resolve
 from shared.settings import Settings
@@ -72,7 +70,7 @@ async def quota_table(settings: Settings, redis_url: str) -> int:
 
 def enqueue_warm(settings: Settings, redis_url: str, references: Iterable[str]) -> list[str]:
     """Queue a background fetch of each `<project>/<repository>:<tag>`; lines to print."""
-    broker = make_broker(redis_url)
+    broker = jobs.make_broker(redis_url)
     lines = []
     try:
         for reference in references:
@@ -87,14 +85,7 @@ def enqueue_warm(settings: Settings, redis_url: str, references: Iterable[str]) 
                 raise ValueError(f"{reference!r}: {exc.message}") from None
             if target.project.type != "proxy":
                 raise ValueError(f"{reference!r}: {target.project.name} is not a proxy project")
-            message: dramatiq.Message[Any] = dramatiq.Message(
-                queue_name=PREFETCH_QUEUE,
-                actor_name=WARM_ACTOR,
-                args=(target.project.name, target.path, tag),
-                kwargs={},
-                options={},
-            )
-            broker.enqueue(message)
+            jobs.enqueue(broker, jobs.WARM, (target.project.name, target.path, tag))
             lines.append(f"queued {target.project.name}/{target.path}:{tag} at {time.strftime('%H:%M:%S')}")
     finally:
         broker.close()

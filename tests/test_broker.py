@@ -1,8 +1,7 @@
-"""Idle workers wait on the queue's wake list, and the edge's events push to it."""
+"""Idle workers wait on the queue's wake list, and enqueued jobs push to it."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Iterator
 
@@ -12,11 +11,12 @@ import redis
 from dramatiq import Worker
 from dramatiq.common import dq_name
 
-from shared.proxy.events import CacheEvents, make_broker, wake_key
+from shared.jobs import Job, enqueue, make_broker, wake_key
 from tests.fixtures.proxy import wait_for
 from workers.broker import WakeableRedisBroker
 
 QUEUE = "wake-test"
+RECORD = Job("record", QUEUE)
 # Longer than the first message may take below: only a wake token gets it taken in time.
 # (Also how long the worker's threads take to notice the stop at teardown.)
 IDLE_MS = 8_000
@@ -61,17 +61,17 @@ def test_an_idle_worker_blocks_on_the_wake_list_and_a_published_event_wakes_it(
     _, seen = worker
     wait_for(lambda: _blocked_on_wake(redis_url), 10, "consumer blocked on its wake list")
 
-    events = CacheEvents(make_broker(redis_url))
+    publisher = make_broker(redis_url)
     try:
-        asyncio.run(events._send(QUEUE, "record", ("first",)))
+        enqueue(publisher, RECORD, ("first",))
         # Taken long before the idle timeout: the token woke the consumer.
         wait_for(lambda: seen == ["first"], IDLE_MS / 1000 / 2, "message taken after the wake")
         assert redis.Redis.from_url(redis_url).llen(wake_key(QUEUE)) == 0
 
         # A burst leaves a bounded number of tokens, and every message is taken.
         for n in range(40):
-            asyncio.run(events._send(QUEUE, "record", (f"burst-{n}",)))
+            enqueue(publisher, RECORD, (f"burst-{n}",))
         assert redis.Redis.from_url(redis_url).llen(wake_key(QUEUE)) <= 16
         wait_for(lambda: len(seen) == 41, 20, "a burst taken")
     finally:
-        events.close()
+        publisher.close()

@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-from shared.proxy.events import CacheEvents, make_broker
+from shared.jobs import make_broker
+from shared.proxy.events import CacheEvents
 from tests.fixtures.edge import PROJECTS
 from tests.fixtures.proxy import StackFactory, wait_for
 from tests.support.dockerhub import DockerHubEmulator

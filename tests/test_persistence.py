@@ -6,7 +6,6 @@ function against the test's bucket.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -21,6 +20,7 @@ from services.embedded import S3Server
 from shared.registry import layout
 from shared.settings import S3Settings, Settings
 from tests.fixtures.edge import USERS, EdgeServer, build_settings
+from tests.fixtures.servers import InProcessWorker
 from tests.support.images import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -30,6 +30,7 @@ from tests.support.images import (
     make_layer,
     sha256,
 )
+from workers.maintenance import purge_expired_uploads
 
 ALICE = ("alice", USERS["alice"])
 BOB = ("bob", USERS["bob"])
@@ -234,10 +235,8 @@ def _age(s3_server: S3Server, bucket: str, upload_id: str, seconds: float) -> No
 
 
 def test_purge_expired_uploads_removes_only_old_sessions(
-    worker_env: None, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+    worker: InProcessWorker, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
 ) -> None:
-    from workers.actors.maintenance import purge_expired_uploads
-
     minio = s3_server.client()
 
     def upload_keys(upload_id: str) -> list[str]:
@@ -259,7 +258,7 @@ def test_purge_expired_uploads_removes_only_old_sessions(
         _age(s3_server, s3_settings.bucket, sessions["almost"], 3600 - 120)
         assert len(upload_keys(sessions["old"])) == 3  # its info, one part and that part's hash
 
-        assert asyncio.run(purge_expired_uploads()) == 1
+        assert worker.run(purge_expired_uploads(worker.context)) == 1
         assert upload_keys(sessions["old"]) == []
         old = alice.get(f"/v2/local/app/blobs/uploads/{sessions['old']}")
         assert old.status_code == 404
@@ -270,7 +269,7 @@ def test_purge_expired_uploads_removes_only_old_sessions(
             assert status.headers["Range"] == f"0-{len(name) * 10 - 1}"
 
         # Safe to run again: nothing more is old enough.
-        assert asyncio.run(purge_expired_uploads()) == 0
+        assert worker.run(purge_expired_uploads(worker.context)) == 0
         data = b"fresh" * 10
         done = alice.put(f"/v2/local/app/blobs/uploads/{sessions['fresh']}", params={"digest": sha256(data)})
         assert done.status_code == 201
@@ -387,12 +386,10 @@ def test_small_chunks_are_joined_into_one_object(
 
 
 def test_janitor_keeps_the_parts_of_a_blob_committed_just_before_a_stop(
-    worker_env: None, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+    worker: InProcessWorker, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
 ) -> None:
     """A stop between committing the record and deleting the session leaves both behind;
     the janitor must then remove the session only, never the blob's bytes."""
-    from workers.actors.maintenance import purge_expired_uploads
-
     data = os.urandom(6 * 1024 * 1024)
     digest = sha256(data)
     minio = s3_server.client()
@@ -415,7 +412,7 @@ def test_janitor_keeps_the_parts_of_a_blob_committed_just_before_a_stop(
         )
         _age(s3_server, s3_settings.bucket, abandoned_id, 2 * 3600)
 
-        assert asyncio.run(purge_expired_uploads()) == 2
+        assert worker.run(purge_expired_uploads(worker.context)) == 2
 
         def keys(prefix: str) -> list[str]:
             listing = minio.list_objects(s3_settings.bucket, prefix, recursive=True)

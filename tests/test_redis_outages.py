@@ -22,7 +22,7 @@ from services.embedded import RedisServer, start_redis
 from services.processes import ManagedProcess, wait_until
 from services.scheduler.__main__ import run
 from services.scheduler.schedule import Trigger
-from shared.proxy.events import MAINTENANCE_QUEUE
+from shared.jobs import MAINTENANCE_QUEUE
 from shared.settings import Settings
 from tests.support.processes import paused
 from workers.broker import WakeableRedisBroker, connection_pool

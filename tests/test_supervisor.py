@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dramatiq
 import httpx
 import pytest
 import redis
@@ -24,7 +23,7 @@ from services.embedded import redis_binary, weed_binary
 from services.processes import ManagedProcess, free_port, port_open, wait_until
 from services.supervisor import Printer
 from services.up import LOCK_FILE, DataDirBusy, lock_data_dir
-from shared.proxy.events import MAINTENANCE_QUEUE, make_broker
+from shared import jobs
 from tests.fixtures.edge import PROJECTS, USERS
 from tests.fixtures.stack import SeawallUp, processes_of, v2_status
 from tests.support.images import Image, make_image, make_layer
@@ -82,17 +81,9 @@ def pulled(listen: str, repo: str, tag: str, image: Image) -> bool:
 def purge_job_runs(up: SeawallUp, redis_url: str) -> None:
     """Enqueue the upload purge and wait until a worker has run it."""
     before = up.count("uploads_purged")
-    broker = make_broker(redis_url)
+    broker = jobs.make_broker(redis_url)
     try:
-        broker.enqueue(
-            dramatiq.Message(
-                queue_name=MAINTENANCE_QUEUE,
-                actor_name="purge_expired_uploads_job",
-                args=(),
-                kwargs={},
-                options={},
-            )
-        )
+        jobs.enqueue(broker, jobs.PURGE_EXPIRED_UPLOADS, ())
     finally:
         broker.close()
     wait_until(lambda: up.count("uploads_purged") > before, 60, "a worker to run the purge job")

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from shared import lifetime
 from shared.eventloop import use_uvloop
-from shared.proxy.events import PREFETCH_QUEUE, wake_key
+from shared.jobs import NAMESPACE, PREFETCH_QUEUE, wake_key
 from shared.settings import Settings
 
 # A consumer with as many messages in hand as it may prefetch checks again after this long.
@@ -153,7 +153,7 @@ def setup_broker(settings: Settings, *, read_timeout: float = READ_TIMEOUT_SECON
     if parent is not None and parent.pid is not None:
         _settle_worker_process(parent.pid)
     pool = connection_pool(settings.redis_url, read_timeout)
-    broker = WakeableRedisBroker(namespace="seawall", connection_pool=pool)  # type: ignore[no-untyped-call]
+    broker = WakeableRedisBroker(namespace=NAMESPACE, connection_pool=pool)  # type: ignore[no-untyped-call]
     # Actors are coroutines; this middleware runs them on one event loop per process.
     use_uvloop()
     broker.add_middleware(AsyncIO())

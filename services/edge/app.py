@@ -13,9 +13,10 @@ from services.edge.routes import setup_routes
 from shared import diskcache, redisguard
 from shared.auth.access import Access
 from shared.auth.tokens import TokenSigner
+from shared.jobs import make_broker
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
-from shared.proxy.events import CacheEvents, make_broker
+from shared.proxy.events import CacheEvents
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
 from shared.proxy.spool import Spool

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import click
-import dramatiq
+from dramatiq.brokers.redis import RedisBroker
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -24,8 +24,8 @@ from redis.exceptions import RedisError
 
 from services.scheduler.leader import LeaderLease, Lease
 from services.scheduler.schedule import MAINTENANCE, Trigger, maintenance
+from shared import jobs
 from shared.logging import configure_logging, get_logger
-from shared.proxy.events import MAINTENANCE_QUEUE
 from shared.settings import Settings, load_settings
 
 log = get_logger("scheduler")
@@ -47,16 +47,12 @@ def connect(settings: Settings) -> Redis:
     )
 
 
-def enqueue(broker: dramatiq.Broker, trigger: Trigger) -> None:
-    broker.enqueue(
-        dramatiq.Message(
-            queue_name=MAINTENANCE_QUEUE, actor_name=trigger.actor, args=(), kwargs={}, options={}
-        )
-    )
+def enqueue(broker: RedisBroker, trigger: Trigger) -> None:
+    jobs.enqueue(broker, jobs.Job(trigger.actor, jobs.MAINTENANCE_QUEUE), ())
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 
 
-async def fire(broker: dramatiq.Broker, trigger: Trigger) -> bool:
+async def fire(broker: RedisBroker, trigger: Trigger) -> bool:
     """Enqueue the trigger's job (on a thread: the broker's client blocks); False if Redis failed."""
     try:
         await asyncio.to_thread(enqueue, broker, trigger)
@@ -106,7 +102,7 @@ class Leadership:
 async def run(
     settings: Settings,
     stop: asyncio.Event,
-    broker: dramatiq.Broker,
+    broker: RedisBroker,
     triggers: Sequence[Trigger] = MAINTENANCE,
     tick: float = TICK_SECONDS,
 ) -> None:

@@ -1,9 +1,20 @@
-"""Every actor module, imported after the broker is set up (`dramatiq workers.actors`)."""
+"""Every actor module, imported after the broker is set up (`dramatiq workers.actors`).
 
+Settings are loaded and logging configured here, once per process, as the broker is
+built; the worker context middleware then builds the jobs' clients as the worker boots.
+"""
+
+from shared.logging import configure_logging
+from shared.metrics import declare_series
+from shared.settings import load_settings
 from workers.broker import setup_broker
-from workers.runtime import settings
+from workers.context import WorkerContextMiddleware
 
-broker = setup_broker(settings())
+settings = load_settings()
+configure_logging(settings.log_format, settings.log_level)
+declare_series([p.name for p in settings.projects], [u.name for u in settings.upstreams])
+broker = setup_broker(settings)
+broker.add_middleware(WorkerContextMiddleware(settings))
 
 from workers.actors import fills, maintenance, warm  # noqa: E402
 
