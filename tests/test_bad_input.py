@@ -9,24 +9,19 @@ with `http.client`; requests whose body lies about its length with a raw socket.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import re
 import secrets
 import socket
 import struct
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.client import HTTPConnection, HTTPMessage
 from typing import Any
 
 import httpx
 import pytest
-from minio import Minio
 
 from services.embedded import RedisServer, S3Server
 from shared.settings import S3Settings
@@ -42,171 +37,13 @@ from tests.support.images import (
     make_layer,
     sha256,
 )
+from tests.support.oci_calls import catalog, push_blob, push_image, start_upload
+from tests.support.oci_checks import Bucket, assert_error, error_count, wait_for_errors
+from tests.support.raw_http import ALICE_HEADER, half_closed_exchange, raw_request, status_of
 
 ALICE = ("alice", USERS["alice"])
-ALICE_HEADER = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MAX_MANIFEST = 4 * 1024 * 1024
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class Bucket:
-    """The test's bucket as the minio client lists it, to prove nothing was stored."""
-
-    def __init__(self, client: Minio, name: str) -> None:
-        self.client = client
-        self.name = name
-        self.before: set[str] = set()
-
-    def listing(self) -> set[str]:
-        return {o.object_name for o in self.client.list_objects(self.name, recursive=True) if o.object_name}
-
-    def snapshot(self) -> None:
-        self.before = self.listing()
-
-    def assert_unchanged(self, http: httpx.Client, live: dict[str, str] | None = None) -> None:
-        """No object appeared or vanished, except objects of the live sessions in `live`
-        (a session keeps its state under `uploads/<id>/` and its parts under `extents/<id>/`).
-
-        `live` maps an upload id to its repository; a session with objects left must
-        still answer its status request (it was not abandoned half-written).
-        """
-        live = live or {}
-        now = self.listing()
-        for key in sorted(now ^ self.before):
-            session = key.startswith(("uploads/", "extents/"))
-            assert session, f"{key} {'appeared' if key in now else 'vanished'}"
-        for upload_id in {k.split("/")[1] for k in now - self.before}:
-            assert upload_id in live, f"objects of unknown upload session {upload_id}"
-            status = http.get(f"/v2/{live[upload_id]}/blobs/uploads/{upload_id}")
-            assert status.status_code == 204, f"upload {upload_id} left objects but is not live"
-
-
-@dataclass
-class Raw:
-    method: str
-    status: int
-    headers: HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def raw_request(
-    edge: EdgeServer,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    auth: bool = True,
-) -> Raw:
-    """Send `path` exactly as written (no dot-segment or percent normalisation)."""
-    host, port = edge.address.rsplit(":", 1)
-    connection = HTTPConnection(host, int(port), timeout=30)
-    try:
-        sent = {"Authorization": ALICE_HEADER} if auth else {}
-        sent.update(headers or {})
-        connection.request(method, path, body=body, headers=sent)
-        response = connection.getresponse()
-        return Raw(method, response.status, response.headers, response.read())
-    finally:
-        connection.close()
-
-
-def assert_error(response: httpx.Response | Raw, status: int, code: str) -> dict[str, Any]:
-    """The status, and the OCI envelope naming `code` (HEAD answers carry no body)."""
-    if isinstance(response, Raw):
-        method, status_code, body = response.method, response.status, response.body
-    else:
-        method, status_code, body = response.request.method, response.status_code, response.content
-    assert status_code == status, (status_code, body[:500])
-    assert response.headers["Content-Type"].startswith("application/json")
-    if method == "HEAD":
-        assert not body
-        return {}
-    envelope = json.loads(body)
-    assert isinstance(envelope, dict)
-    assert isinstance(envelope.get("errors"), list)
-    assert envelope["errors"], envelope
-    for error in envelope["errors"]:
-        assert isinstance(error.get("code"), str), error
-        assert isinstance(error.get("message"), str), error
-    assert envelope["errors"][0]["code"] == code, envelope
-    return envelope["errors"][0]
-
-
-def push_blob(http: httpx.Client, repo: str, data: bytes) -> str:
-    digest = sha256(data)
-    response = http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data)
-    assert response.status_code == 201, response.text
-    return digest
-
-
-def push_image(http: httpx.Client, repo: str, image: Image, tag: str | None = None) -> None:
-    for data in image.blobs.values():
-        push_blob(http, repo, data)
-    response = http.put(
-        f"/v2/{repo}/manifests/{tag or image.digest}",
-        content=image.manifest,
-        headers={"Content-Type": OCI_MANIFEST},
-    )
-    assert response.status_code == 201, response.text
-
-
-def catalog(http: httpx.Client) -> list[str]:
-    return list(http.get("/v2/_catalog").json()["repositories"])
-
-
-def start_upload(http: httpx.Client, repo: str) -> str:
-    response = http.post(f"/v2/{repo}/blobs/uploads/")
-    assert response.status_code == 202, response.text
-    return str(response.headers["Docker-Upload-UUID"])
-
-
-def error_count(edge: EdgeServer, code: str) -> float:
-    """How many `code` errors the edge (in this process) has answered, from /metrics."""
-    assert edge.metrics_url is not None
-    text = httpx.get(f"{edge.metrics_url}/metrics", timeout=60).text
-    match = re.search(rf'^seawall_errors_total\{{code="{code}"\}} (\S+)$', text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
-
-
-def wait_for_errors(edge: EdgeServer, code: str, above: float, timeout: float = 15.0) -> None:
-    """Wait until the edge has finished a request that failed with `code`.
-
-    A client that hangs up gets no answer, so the metric is how the test learns that the
-    handler has given up (and whatever it was writing has been aborted).
-    """
-    deadline = time.monotonic() + timeout
-    while error_count(edge, code) <= above:
-        assert time.monotonic() < deadline, f"the edge never answered {code}"
-        time.sleep(0.05)
-
-
-def half_closed_exchange(edge: EdgeServer, request: bytes) -> bytes:
-    """Send `request`, shut our sending side, read whatever the edge answers."""
-    host, port = edge.address.rsplit(":", 1)
-    received = b""
-    with socket.create_connection((host, int(port)), timeout=15) as sock:
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            received += chunk
-    return received
-
-
-def status_of(raw: bytes) -> int | None:
-    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", raw)
-    return int(match[1]) if match else None
 
 
 # --------------------------------------------------------------------------- fixtures
