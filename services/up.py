@@ -152,7 +152,7 @@ def announce(settings: Settings, printer: Printer) -> None:
     printer.info(f"per project: docker pull {address}/<project>/<repo>:<tag>  (projects: {names})")
     if settings.tls:
         printer.info(
-            f"clients must trust the CA that signed {settings.tls.cert_file} (see README: Native TLS)"
+            f"clients must trust the CA that signed {settings.tls.cert_file} (docs/clients.md: Native TLS)"
         )
     else:
         printer.info(
