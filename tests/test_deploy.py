@@ -7,30 +7,47 @@ other and against the code they deploy (settings, metrics, error codes, routes).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
-from shared import metrics as metrics_module
 from shared.oci.errors import CODES
-from shared.settings import Settings, load_settings
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-K8S = ROOT / "k8s"
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-COMPOSE_CONFIG = DEPLOY / "seawall.compose.yaml"
-DASHBOARD = DEPLOY / "grafana" / "seawall-dashboard.json"
-PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+from shared.settings import load_settings
+from tests.support.deploy_files import (
+    ALERTS,
+    COMPOSE_CONFIG,
+    COMPOSE_FILE,
+    DASHBOARD,
+    DEPLOY,
+    GROUPING,
+    K8S,
+    MATCHER,
+    METRIC_NAME,
+    PROMETHEUS_CONFIG,
+    ROOT,
+    SELECTOR,
+    alert_rules,
+    all_expressions,
+    bind_mounts,
+    check_production_settings,
+    compose_env,
+    dashboard_expressions,
+    dashboard_panels,
+    dockerfile_instructions,
+    firing,
+    load_yaml,
+    load_yaml_documents,
+    metric_registry,
+    pod_spec,
+    rel,
+    series,
+    workloads,
+)
 
 SEAWALL_SERVICES = ("edge", "worker", "scheduler")
 # Values of seawall_requests_total's `result` label (services/edge/blobs.py, manifests.py).
@@ -39,19 +56,6 @@ REQUEST_RESULTS = {"hit", "miss", "stale", "error"}
 TARGET_LABELS = {"job", "instance"}
 # Files in k8s/ that kustomization.yaml may leave out (commented out there).
 K8S_OPTIONAL = {"ingress.yaml"}
-
-
-def rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
-
-
-def load_yaml_documents(path: Path) -> list[Any]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def load_yaml(path: Path) -> Any:
-    (doc,) = load_yaml_documents(path)
-    return doc
 
 
 YAML_FILES = sorted([COMPOSE_FILE, *DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), *K8S.glob("*.yaml")])
@@ -91,17 +95,6 @@ def test_dashboard_is_valid_json() -> None:
 
 
 # --------------------------------------------------------------------------- Dockerfile
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    found = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            found.append((keyword.upper(), rest.strip()))
-    return found
 
 
 def test_dockerfile_builds_a_non_root_edge_image() -> None:
@@ -158,37 +151,6 @@ def test_dockerignore_admits_the_packages_pip_installs() -> None:
 
 
 # --------------------------------------------------------------------------- compose
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    document = load_yaml(COMPOSE_FILE)
-    assert isinstance(document, dict)
-    return document
-
-
-def bind_mounts(service: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(host path, container path) of the service's bind mounts."""
-    for volume in service.get("volumes", []):
-        if isinstance(volume, dict):
-            if volume.get("type") == "bind":
-                yield volume["source"], volume["target"]
-            continue
-        source, target = volume.split(":")[:2]
-        if source.startswith((".", "/", "~")):
-            yield source, target
-
-
-def compose_env(service: dict[str, Any]) -> dict[str, str]:
-    """The service's environment with `${VAR...}` interpolations replaced by placeholders."""
-    environment = service.get("environment", {})
-    if isinstance(environment, list):
-        environment = dict(item.split("=", 1) for item in environment)
-    pattern = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?+][^}]*)?\}")
-    return {
-        key: pattern.sub(lambda m: f"placeholder-{m[1].lower()}", str(value))
-        for key, value in environment.items()
-    }
 
 
 def test_compose_has_the_production_services(compose: dict[str, Any]) -> None:
@@ -312,33 +274,6 @@ def test_compose_grafana_provisions_the_datasource_and_dashboard(compose: dict[s
 # --------------------------------------------------------------------------- settings
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("SEAWALL_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
-
-
-def check_production_settings(settings: Settings) -> None:
-    assert settings.listen_host == "0.0.0.0"
-    assert settings.redis_url
-    assert settings.s3 is not None
-    assert settings.s3.secret_key.get_secret_value().startswith("placeholder")
-    assert settings.token_secret is not None
-    hosted = [p for p in settings.projects if p.type == "hosted"]
-    assert hosted, "a hosted project"
-    dockerhub = settings.project("dockerhub")
-    assert dockerhub is not None
-    assert dockerhub.type == "proxy"
-    upstream = settings.upstream(dockerhub.upstream or "")
-    assert upstream is not None
-    assert upstream.quota.preset == "dockerhub-anonymous"
-    assert upstream.password_env == "DOCKERHUB_TOKEN"
-    assert settings.mirror.default == "dockerhub"
-    assert settings.mirror.namespaces
-
-
 def test_compose_config_validates(clean_env: pytest.MonkeyPatch, compose: dict[str, Any]) -> None:
     for key, value in compose_env(compose["services"]["edge"]).items():
         clean_env.setenv(key, value)
@@ -352,19 +287,6 @@ def test_compose_config_validates(clean_env: pytest.MonkeyPatch, compose: dict[s
     assert redis_host[1] in services
     assert settings.s3.endpoint.split(":")[0] in services
     assert settings.s3.bucket in services["minio-init"]["command"][0]
-
-
-@pytest.fixture(scope="module")
-def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
-    objects = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in load_yaml_documents(path):
-            key = (doc["kind"], doc["metadata"]["name"])
-            assert key not in objects, f"{key} defined twice"
-            objects[key] = doc
-    return objects
 
 
 def test_k8s_config_validates(
@@ -405,17 +327,6 @@ def test_k8s_config_validates(
 
 
 # --------------------------------------------------------------------------- k8s
-
-
-def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
-    return spec
-
-
-def workloads(objects: dict[tuple[str, str], dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for (kind, _), doc in objects.items():
-        if kind in {"Deployment", "StatefulSet"}:
-            yield doc
 
 
 def test_kustomization_lists_the_manifests() -> None:
@@ -561,60 +472,6 @@ def test_kustomize_builds() -> None:
 # --------------------------------------------------------------------------- metrics
 
 
-def metric_registry() -> dict[str, set[str]]:
-    """Every sample name shared/metrics.py exports, with the metric's label names."""
-    names: dict[str, set[str]] = {}
-    for value in vars(metrics_module).values():
-        if not isinstance(value, MetricWrapperBase):
-            continue
-        (family,) = value.describe()
-        labels = set(value._labelnames)
-        suffixes = {
-            "counter": ["_total", "_created"],
-            "gauge": [""],
-            "histogram": ["_bucket", "_count", "_sum", "_created"],
-            "summary": ["", "_count", "_sum", "_created"],
-        }[family.type]
-        for suffix in suffixes:
-            names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
-    return names
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
-
-
-def dashboard_panels() -> list[dict[str, Any]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    panels = []
-    for panel in dashboard["panels"]:
-        panels.append(panel)
-        panels.extend(panel.get("panels", []))  # collapsed rows hold their panels
-    return panels
-
-
-def dashboard_expressions() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    expressions = [t["expr"] for p in dashboard_panels() for t in p.get("targets", []) if "expr" in t]
-    for variable in dashboard["templating"]["list"]:
-        query = variable.get("query")
-        if variable["type"] == "query":
-            expressions.append(query["query"] if isinstance(query, dict) else query)
-    return expressions
-
-
-def all_expressions() -> list[tuple[str, str]]:
-    return [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()] + [
-        ("dashboard", e) for e in dashboard_expressions()
-    ]
-
-
-METRIC_NAME = re.compile(r"\bseawall_[a-z0-9_]*[a-z0-9]")
-SELECTOR = re.compile(r"\b(seawall_[a-z0-9_]*[a-z0-9])\s*\{([^}]*)\}")
-MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"")
-GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
-
-
 @pytest.mark.parametrize(("where", "expr"), all_expressions())
 def test_expressions_name_metrics_that_exist(where: str, expr: str) -> None:
     registry = metric_registry()
@@ -736,19 +593,6 @@ def test_dashboard_shows_what_operators_ask_for() -> None:
 # --------------------------------------------------------------------------- promtool
 
 PROMTOOL = shutil.which("promtool")
-
-
-def series(metric: str, values: str, **labels: str) -> dict[str, str]:
-    body = ", ".join(f'{key}="{value}"' for key, value in labels.items())
-    return {"series": f"{metric}{{{body}}}", "values": values}
-
-
-def firing(alert: str, at: str, *expected: dict[str, str]) -> dict[str, Any]:
-    return {
-        "eval_time": at,
-        "alertname": alert,
-        "exp_alerts": [{"exp_labels": e} for e in expected],
-    }
 
 
 EDGE = {"job": "seawall-edge", "instance": "edge:5000"}
