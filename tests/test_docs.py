@@ -479,7 +479,7 @@ def test_seawall_commands_in_prose_exist(doc: Path) -> None:
     """`seawall <command> [--option]` in tables and text: the command and its options exist."""
     assert isinstance(seawall_cli, click.Group)
     problems = []
-    for span in re.findall(r"`(seawall\s[^`]*)`", _prose(doc)):
+    for span in re.findall(r"`((?:\.venv/bin/)?seawall\s[^`]*)`", _prose(doc)):
         words = span.split()
         if not re.fullmatch(r"[a-z][a-z-]*", words[1]):
             continue  # a log line such as `seawall | edge was killed`
