@@ -1,4 +1,5 @@
-"""A blob body from an upstream, read in chunks, with its place in the whole blob."""
+"""A blob body from an upstream, read in chunks, with its place in the whole blob; and how the
+answer to a blob GET (200 or 206, from an offset) becomes one."""
 
 from __future__ import annotations
 
