@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
+import structlog
 from dramatiq.asyncio import EventLoopThread, get_event_loop_thread
 from redis.asyncio import Redis
 
@@ -33,6 +34,7 @@ from shared.registry.uploads import UploadStore
 from shared.routing import Target
 from shared.settings import Settings
 
+log = structlog.get_logger("worker")
 # Idle pooled connections are checked with a PING before use after this long.
 HEALTH_CHECK_SECONDS = 30
 
@@ -110,12 +112,14 @@ class WorkerContext:
 
 
 _current: WorkerContext | None = None
+# Why this process has no context, when building it failed (jobs then fail with that).
+_missing = "the broker needs WorkerContextMiddleware"
 
 
 def current() -> WorkerContext:
     """This worker process's context (see WorkerContextMiddleware)."""
     if _current is None:
-        raise RuntimeError("no worker context: the broker needs WorkerContextMiddleware")
+        raise RuntimeError(f"no worker context: {_missing}")
     return _current
 
 
@@ -125,17 +129,20 @@ class WorkerContextMiddleware(dramatiq.Middleware):
     Add it after the AsyncIO middleware: its boot hook then runs once that middleware's
     event loop is running, and its shutdown hook before the loop stops. Building before
     the worker threads take messages (rather than after boot) means no job finds it missing.
+    A context that cannot be built (no s3 settings) leaves the worker running, as a job's
+    failure would: its jobs fail, are retried, and say why.
     """
 
     def __init__(self, settings: Settings) -> None:
-        # Checked here, as the broker is set up: a worker without storage fails to start.
-        if settings.s3 is None:
-            raise RuntimeError("workers need s3 settings (set them, or start them with `seawall up`)")
         self._settings = settings
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        global _current
-        _current = _event_loop().run_coroutine(WorkerContext.open(self._settings))
+        global _current, _missing
+        try:
+            _current = _event_loop().run_coroutine(WorkerContext.open(self._settings))
+        except Exception as exc:
+            _missing = str(exc) or type(exc).__name__
+            log.error("worker_context_failed", error=_missing)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         global _current
