@@ -22,6 +22,7 @@ from services.embedded import RedisServer, start_redis
 from services.processes import ManagedProcess, wait_until
 from services.scheduler.__main__ import run
 from services.scheduler.schedule import Trigger
+from shared import jobs
 from shared.jobs import MAINTENANCE_QUEUE
 from shared.settings import Settings
 from tests.support.processes import paused
@@ -91,7 +92,7 @@ def test_scheduler_keeps_its_lease_through_a_redis_stall_and_retakes_it_after_a_
 def test_scheduler_fires_nothing_while_it_cannot_confirm_its_lease(own_redis: RedisServer) -> None:
     settings = Settings(redis_url=own_redis.url, redis_timeout="1s")
     broker = WakeableRedisBroker(namespace="seawall", connection_pool=connection_pool(own_redis.url, 1.0))  # type: ignore[no-untyped-call]
-    every_second = Trigger("every-second", "* * * * * *", "noop")
+    every_second = Trigger("every-second", "* * * * * *", jobs.Job("noop", jobs.MAINTENANCE_QUEUE))
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     scheduler = threading.Thread(

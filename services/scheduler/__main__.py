@@ -48,7 +48,7 @@ def connect(settings: Settings) -> Redis:
 
 
 def enqueue(broker: RedisBroker, trigger: Trigger) -> None:
-    jobs.enqueue(broker, jobs.Job(trigger.actor, jobs.MAINTENANCE_QUEUE), ())
+    jobs.enqueue(broker, trigger.job, ())
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from croniter import croniter
 
+from shared import jobs
 from shared.settings import Settings
 
 
@@ -14,7 +15,11 @@ from shared.settings import Settings
 class Trigger:
     name: str
     cron: str
-    actor: str  # the Dramatiq actor name to enqueue
+    job: jobs.Job  # what to enqueue
+
+    @property
+    def actor(self) -> str:
+        return self.job.actor
 
     def due_between(self, since: datetime, now: datetime) -> bool:
         """True when a firing time falls in (since, now]."""
@@ -22,12 +27,12 @@ class Trigger:
         return following <= now
 
 
-MAINTENANCE = [Trigger("purge-expired-uploads", "17 * * * *", "purge_expired_uploads_job")]
+MAINTENANCE = [Trigger("purge-expired-uploads", "17 * * * *", jobs.PURGE_EXPIRED_UPLOADS)]
 
 
 def maintenance(settings: Settings) -> list[Trigger]:
     """The fixed maintenance triggers, plus the scrub on `scrub.schedule` unless it is off."""
     triggers = list(MAINTENANCE)
     if settings.scrub.schedule:
-        triggers.append(Trigger("scrub-blobs", settings.scrub.schedule, "scrub_blobs_job"))
+        triggers.append(Trigger("scrub-blobs", settings.scrub.schedule, jobs.SCRUB_BLOBS))
     return triggers
