@@ -17,6 +17,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shared.replication.rules import ReplicationRule, check_rules
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
@@ -221,6 +223,9 @@ class Settings(BaseSettings):
     limits: EdgeLimits = Field(default_factory=EdgeLimits)
     logins: LoginSettings = Field(default_factory=LoginSettings)
     scrub: ScrubSettings = Field(default_factory=ScrubSettings)
+    # Rules that copy images from upstreams into hosted projects and from projects to
+    # upstreams (docs/replication.md).
+    replication: list[ReplicationRule] = Field(default_factory=list)
     # Where each edge serves `/metrics` (and nothing else); `null` serves no metrics port.
     metrics_listen: str | None = "127.0.0.1:9190"
     # Also serve `/metrics` on the registry port, to anyone who can reach it.
@@ -259,6 +264,7 @@ class Settings(BaseSettings):
         for target in [self.mirror.default, *self.mirror.namespaces.values()]:
             if target and target not in projects:
                 raise ValueError(f"mirror routes to unknown project {target!r}")
+        check_rules(self.replication, {p.name: p.type for p in self.projects}, upstreams)
         return self
 
     @property
@@ -278,6 +284,9 @@ class Settings(BaseSettings):
 
     def upstream(self, name: str) -> Upstream | None:
         return next((u for u in self.upstreams if u.name == name), None)
+
+    def rule(self, name: str) -> ReplicationRule | None:
+        return next((r for r in self.replication if r.name == name), None)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
