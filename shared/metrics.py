@@ -45,6 +45,13 @@ QUOTA_REMAINING = Gauge(
 QUOTA_LIMIT = Gauge(
     "seawall_quota_limit", "Pull limit of the upstream's window", ["upstream"], multiprocess_mode="mostrecent"
 )
+# A proxy project with several upstreams asked the next one because this one was
+# unreachable or failing (shared/proxy/upstreams.py).
+UPSTREAM_FALLBACKS = Counter(
+    "seawall_upstream_fallback_total",
+    "Upstream requests a proxy project sent to its next upstream, the one before having failed",
+    ["project", "from_upstream", "to_upstream"],
+)
 UPSTREAM_429 = Counter("seawall_upstream_429_total", "429 answers from upstreams", ["upstream", "kind"])
 QUOTA_DENIED = Counter(
     "seawall_quota_denied_total", "Upstream requests the governor refused", ["upstream", "priority"]

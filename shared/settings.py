@@ -61,7 +61,7 @@ class User(BaseModel):
 
 
 class Project(BaseModel):
-    """A top-level namespace: `hosted` stores what is pushed, `proxy` caches an upstream."""
+    """A top-level namespace: `hosted` stores what is pushed, `proxy` caches its upstreams."""
 
     name: str = Field(pattern=r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
     type: Literal["hosted", "proxy"] = "hosted"
@@ -69,12 +69,26 @@ class Project(BaseModel):
     pull: list[str] = Field(default_factory=list)
     push: list[str] = Field(default_factory=list)
     delete: list[str] = Field(default_factory=list)
+    # A proxy project's upstreams in order of preference: the next one is asked only when
+    # the one before is unreachable or failing, never when it says an image does not exist
+    # (see shared/proxy/upstreams.py). `upstream: X` is the shorthand for `upstreams: [X]`;
+    # once read, it is moved into `upstreams` (one form to serve and edit).
+    upstreams: list[str] = Field(default_factory=list)
     upstream: str | None = None
     tag_ttl: Duration = timedelta(minutes=5)
 
     @model_validator(mode="after")
-    def _proxy_needs_upstream(self) -> Project:
-        if self.type == "proxy" and not self.upstream:
+    def _upstreams_listed(self) -> Project:
+        if self.upstream is not None:
+            if self.upstreams:
+                raise ValueError(
+                    f"project {self.name!r} sets both upstream and upstreams: "
+                    f"use upstreams: [{', '.join([self.upstream, *self.upstreams])}]"
+                )
+            self.upstreams, self.upstream = [self.upstream], None
+        if len(set(self.upstreams)) != len(self.upstreams):
+            raise ValueError(f"project {self.name!r} names an upstream twice in upstreams")
+        if self.type == "proxy" and not self.upstreams:
             raise ValueError(f"proxy project {self.name!r} needs an upstream")
         return self
 
@@ -256,8 +270,9 @@ class Settings(BaseSettings):
         upstreams = {u.name for u in self.upstreams}
         users = {u.name for u in self.users}
         for project in self.projects:
-            if project.upstream and project.upstream not in upstreams:
-                raise ValueError(f"project {project.name!r} names unknown upstream {project.upstream!r}")
+            for name in project.upstreams:
+                if name not in upstreams:
+                    raise ValueError(f"project {project.name!r} names unknown upstream {name!r}")
             for user in [*project.pull, *project.push, *project.delete]:
                 if user not in users:
                     raise ValueError(f"project {project.name!r} grants unknown user {user!r}")
