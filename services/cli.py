@@ -122,7 +122,7 @@ def _summary(settings: Settings) -> list[str]:
         f"projects:  {len(settings.projects)}",
     ]
     for project in settings.projects:
-        via = f" of {project.upstream} (tag_ttl {project.tag_ttl})" if project.upstream else ""
+        via = f" of {', '.join(project.upstreams)} (tag_ttl {project.tag_ttl})" if project.upstreams else ""
         access = "public" if project.public else "private"
         lines.append(f"  {project.name}: {project.type}{via}, {access}")
     lines.append(f"upstreams: {len(settings.upstreams)}")

@@ -54,9 +54,15 @@ def _target(settings: Settings, project_name: str, path: str, namespace: str | N
 
 
 def upstream_path(settings: Settings, project: Project, path: str) -> str:
-    """Docker Hub keeps official images under `library/`: `alpine` is `library/alpine`."""
-    upstream = settings.upstream(project.upstream or "")
-    if upstream and "/" not in path and is_docker_hub(upstream):
+    """Docker Hub keeps official images under `library/`: `alpine` is `library/alpine`.
+
+    A project whose upstreams include Docker Hub asks each of them for that name: the
+    others (a central Seawall in front of Docker Hub) serve Docker Hub's names as they are.
+    """
+    if "/" in path:
+        return path
+    upstreams = [found for name in project.upstreams if (found := settings.upstream(name))]
+    if any(is_docker_hub(upstream) for upstream in upstreams):
         return f"library/{path}"
     return path
 

@@ -263,9 +263,11 @@ async def _serve_fill(request: web.Request, repo: Target, digest: Digest) -> web
     """A cache miss: ask the workers for the blob and stream the fill as it grows."""
     app = request.app
     redis, events, follower = app[keys.REDIS], app[keys.EVENTS], app[keys.FOLLOWER]
-    upstream = app[keys.SETTINGS].upstream(repo.project.upstream or "")
-    connect = upstream.connect_timeout.total_seconds() if upstream else 5.0
-    read = upstream.read_timeout.total_seconds() if upstream else 30.0
+    # The fill may try each of the project's upstreams in turn: wait for all of them.
+    settings = app[keys.SETTINGS]
+    chain = [found for name in repo.project.upstreams if (found := settings.upstream(name))]
+    connect = sum(upstream.connect_timeout.total_seconds() for upstream in chain) or 5.0
+    read = sum(upstream.read_timeout.total_seconds() for upstream in chain) or 30.0
 
     async def rerequest() -> None:
         await events.want(redis, repo, digest)

@@ -11,6 +11,10 @@ committed as the blob's extents: nothing is written twice.
 
 A blob already stored (brought in by another project) is not staged again: the upstream's
 bytes are only hashed, and followers read the stored copy as far as the hash has reached.
+
+A project with several upstreams fills from the first that serves; when one fails midway,
+the next resumes from what was staged (shared/proxy/upstreams.py says which failures move
+on).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from shared.proxy.events import CacheEvents
 from shared.proxy.protocol import FillProgress, FillSource, Segment
 from shared.proxy.spool import Spool
 from shared.proxy.staging import Stager
+from shared.proxy.upstreams import UpstreamChain
 from shared.registry.blobs import BlobStore, Extent
 from shared.registry.repositories import RepositoryStore, project_of
 from shared.registry.storage import ObjectStore, StorageUnavailable
@@ -66,13 +71,14 @@ class DigestMismatch(Exception):
 
 async def fill_blob(
     deps: FillDeps,
-    upstream: UpstreamClient,
+    upstreams: UpstreamChain,
     name: str,
     repository: str,
     digest: Digest,
     downloaded: asyncio.Event | None = None,
 ) -> str:
-    """Fill `digest` of upstream `repository` into our repository `name`; idempotent.
+    """Fill `digest` of upstream `repository` into our repository `name` from the first of
+    `upstreams` that serves it; idempotent.
 
     Returns what happened: "present", "busy" (another holder), "committed". `downloaded`
     is set once the bytes are in and verified, before they are staged and committed; a
@@ -95,47 +101,58 @@ async def fill_blob(
     lease = Lease(deps.redis, protocol.lease_key(digest), ttl=protocol.LEASE_TTL)
     if not await lease.acquire():
         await protocol.clear_queued(deps.redis, digest, project)
-        await _join_other_fill(deps, upstream, name, repository, digest, downloaded)
+        await _join_other_fill(deps, upstreams, name, repository, digest, downloaded)
         return "busy"
     await protocol.clear_queued(deps.redis, digest, project)
-    # This fill's bytes come from this project's upstream: its clients may follow it.
+    # This fill's bytes come from this project's upstreams: its clients may follow it.
     await protocol.entitle(deps.redis, digest, project)
-    FILLS_IN_FLIGHT.labels(upstream.name).inc()
+
+    async def fill_from(upstream: UpstreamClient) -> str:
+        FILLS_IN_FLIGHT.labels(upstream.name).inc()
+        try:
+            return await _fill_under_lease(deps, upstream, lease, name, repository, digest, downloaded)
+        finally:
+            FILLS_IN_FLIGHT.labels(upstream.name).dec()
+
     try:
         async with lease.heartbeat():
-            return await _fill_under_lease(deps, upstream, lease, name, repository, digest, downloaded)
+            # Followers see the fill fail only once every upstream has: a fallback resumes
+            # from the segments the failed attempt staged.
+            return await upstreams.first(f"blob {digest}", fill_from)
     except UpstreamFailure as failure:
         code = failure.to_registry_error("BLOB_UNKNOWN").code
         await FillProgress(deps.redis, digest).failed(code, str(failure), failure.retry_after)
         raise
-    finally:
-        FILLS_IN_FLIGHT.labels(upstream.name).dec()
 
 
 async def _join_other_fill(
     deps: FillDeps,
-    upstream: UpstreamClient,
+    upstreams: UpstreamChain,
     name: str,
     repository: str,
     digest: Digest,
     downloaded: asyncio.Event | None,
 ) -> None:
     """Another fill (perhaps for another project) holds the blob: let this project's clients
-    follow it only once this project's own upstream serves the blob in `repository` (a HEAD,
-    which costs no pull), then link the blob here when that fill has committed it."""
+    follow it only once one of this project's own upstreams serves the blob in `repository`
+    (a HEAD, which costs no pull), then link the blob here when that fill has committed it."""
     project = project_of(name)
     redis = deps.redis
     if not await protocol.entitled(redis, digest, project):
+
+        async def head(upstream: UpstreamClient) -> tuple[str, int | None]:
+            return upstream.name, await upstream.head_blob(repository, str(digest))
+
         try:
-            size = await upstream.head_blob(repository, str(digest))
+            answered, size = await upstreams.first(f"blob HEAD {digest}", head)
         except UpstreamFailure as failure:
             error = failure.to_registry_error("BLOB_UNKNOWN")
             await protocol.refuse(redis, digest, project, error.code, error.message)
             raise
         if size is None:
-            message = f"{digest} is not in {repository} on upstream {upstream.name}"
+            message = f"{digest} is not in {repository} on upstream {answered}"
             await protocol.refuse(redis, digest, project, "BLOB_UNKNOWN", message)
-            raise UpstreamFailure("not_found", message, upstream=upstream.name, status=404)
+            raise UpstreamFailure("not_found", message, upstream=answered, status=404)
         await protocol.entitle(redis, digest, project)
     if downloaded is not None:
         await _holder_downloaded(redis, digest)

@@ -2,7 +2,9 @@
 
 Upstream quota is spent only on a manifest GET of a digest we do not hold (HEAD is free
 on Docker Hub). Any upstream failure on a tag we hold serves the cached copy, marked
-stale; with nothing cached, the failure becomes a clear OCI error.
+stale; with nothing cached, the failure becomes a clear OCI error. A project with several
+upstreams asks them in order (shared/proxy/upstreams.py): "failure" here means the whole
+chain failed.
 """
 
 from __future__ import annotations
@@ -111,9 +113,11 @@ class ManifestCache:
         if held and await self._is_fresh(target, tag):
             return CachedManifest(*held, HIT)
 
-        upstream = await self._upstreams.client(target.project.upstream or "")
+        upstreams = await self._upstreams.chain(target.project)
         try:
-            head = await upstream.head_manifest(target.path, tag)
+            head = await upstreams.first(
+                "manifest HEAD", lambda upstream: upstream.head_manifest(target.path, tag)
+            )
         except UpstreamFailure as failure:
             if held:
                 log.warning("serving_stale_manifest", repository=target.name, tag=tag, reason=str(failure))
@@ -187,10 +191,12 @@ class ManifestCache:
         return CachedManifest(*held, HIT)
 
     async def _get_and_store(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest:
-        upstream = await self._upstreams.client(target.project.upstream or "")
+        upstreams = await self._upstreams.chain(target.project)
         reference = str(digest) if digest else str(tag)
         try:
-            fetched = await upstream.get_manifest(target.path, reference)
+            fetched = await upstreams.first(
+                "manifest GET", lambda upstream: upstream.get_manifest(target.path, reference)
+            )
         except UpstreamFailure as failure:
             raise failure.to_registry_error("MANIFEST_UNKNOWN") from None
         if fetched is None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from shared.oci.digest import Digest
 from shared.proxy.fill import FillDeps, fill_blob
-from shared.upstream import UpstreamClient, UpstreamFailure
+from shared.proxy.upstreams import UpstreamChain
+from shared.upstream import UpstreamFailure
 
 # Failures that close the upstream until a known time: asking again before then only
 # spends requests (and, on Docker Hub, standing with the abuse limiter).
@@ -51,14 +52,14 @@ class Prefetched:
 
 
 async def prefetch_blobs(
-    deps: FillDeps, upstream: UpstreamClient, name: str, repository: str, digests: Sequence[Digest]
+    deps: FillDeps, upstreams: UpstreamChain, name: str, repository: str, digests: Sequence[Digest]
 ) -> Prefetched:
     """Fill `digests` of upstream `repository` into our repository `name`, one download at a
     time; waits for every fill started to end. Fill failures are outcomes, not raised."""
     fills: list[asyncio.Task[str]] = []
     for digest in digests:
         downloaded = asyncio.Event()
-        task = asyncio.create_task(fill_blob(deps, upstream, name, repository, digest, downloaded))
+        task = asyncio.create_task(fill_blob(deps, upstreams, name, repository, digest, downloaded))
         fills.append(task)
         waiting = asyncio.create_task(downloaded.wait())
         await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
