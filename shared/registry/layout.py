@@ -135,3 +135,28 @@ def fill_segments(digest: Digest) -> str:
 def fill_segment(digest: Digest, start: int) -> str:
     """A new key for a segment starting at `start` (unique: see `unique_suffix`)."""
     return f"{fill_segments(digest)}{start:016d}.{unique_suffix()}"
+
+
+# Finished replication executions, each with its tasks (running ones live in Redis), and a
+# summary of each (the execution without its tasks) under its rule, which listings read.
+# Ids sort by start time, so a listing comes back oldest first.
+REPLICATION_EXECUTIONS = "replication/executions/"
+REPLICATION_RULES = "replication/rules/"
+
+
+def replication_execution(execution_id: str) -> str:
+    return f"{REPLICATION_EXECUTIONS}{execution_id}.json"
+
+
+def execution_id_of(key: str) -> str:
+    """The execution id in a key under REPLICATION_EXECUTIONS or REPLICATION_RULES."""
+    return key.rsplit("/", 1)[1].removesuffix(".json")
+
+
+def replication_rule_executions(rule: str) -> str:
+    return f"{REPLICATION_RULES}{rule}/executions/"
+
+
+def replication_rule_execution(rule: str, execution_id: str) -> str:
+    """The summary of one execution of `rule`."""
+    return f"{replication_rule_executions(rule)}{execution_id}.json"

@@ -125,3 +125,10 @@ class Execution(BaseModel):
     def count(self, status: TaskStatus) -> int:
         """How many of its tasks are in `status`."""
         return int(getattr(self, status.value))
+
+
+class ExecutionRecord(BaseModel):
+    """A finished execution with its tasks: what the bucket keeps of it."""
+
+    execution: Execution
+    tasks: list[Task] = Field(default_factory=list)
