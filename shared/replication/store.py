@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from shared.registry import layout
 from shared.registry.storage import ObjectMissing, ObjectStore
+from shared.replication import scripts
 from shared.replication.records import (
     LOG_LINES,
     TASK_ACTIVE,
@@ -43,8 +44,6 @@ RUNNING_TTL_SECONDS = 600
 RECORD_TTL_SECONDS = 7 * 86400
 # A finished execution stays in Redis this long (the bucket has it for good).
 FINISHED_TTL_SECONDS = 3600
-# Running and recent executions indexed in Redis, per rule and overall.
-INDEX_LENGTH = 1000
 
 _PREFIX = "seawall:replication"
 _COUNTED = ("total", *(status.value for status in TaskStatus), "bytes_moved")
@@ -68,87 +67,6 @@ def tasks_key(execution_id: str) -> str:
 def index_key(rule: str | None) -> str:
     """A sorted set of execution ids by start time: one rule's, or every rule's."""
     return f"{_PREFIX}:{rule}:executions" if rule else f"{_PREFIX}:executions"
-
-
-# Take the marker (or replace a stale holder the caller names) and write the execution's
-# hash and index entries, in one step: a marker never names an execution with no record.
-_START = f"""
-local holder = redis.call('get', KEYS[1])
-if holder and holder ~= ARGV[5] then return holder end
-redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
-redis.call('del', KEYS[2])
-for i = 6, #ARGV, 2 do redis.call('hset', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('expire', KEYS[2], ARGV[3])
-for i = 3, 4 do
-  redis.call('zadd', KEYS[i], ARGV[4], ARGV[1])
-  redis.call('zremrangebyrank', KEYS[i], 0, {-1 - INDEX_LENGTH})
-end
-return 0
-"""
-
-# Add tasks not added yet, counting each once (a redelivered start adds nothing twice).
-_ADD_TASKS = """
-for i = 2, #ARGV, 4 do
-  if redis.call('hsetnx', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('hincrby', KEYS[2], 'total', 1)
-    redis.call('hincrby', KEYS[2], ARGV[i + 2], 1)
-    redis.call('hincrby', KEYS[2], 'bytes_moved', ARGV[i + 3])
-  end
-end
-redis.call('expire', KEYS[1], ARGV[1])
-redis.call('expire', KEYS[2], ARGV[1])
-return 1
-"""
-
-# Replace a task and move the execution's counts and bytes by the difference, in one
-# step. ARGV[5] lists the statuses the stored task must have (empty: any). The running
-# marker is renewed if this execution holds it.
-_UPDATE_TASK = """
-local old = redis.call('hget', KEYS[1], ARGV[1])
-if not old then return 0 end
-local previous = cjson.decode(old)
-if ARGV[5] ~= '' then
-  local allowed = false
-  for status in string.gmatch(ARGV[5], '[^,]+') do
-    if status == previous['status'] then allowed = true end
-  end
-  if not allowed then return 0 end
-end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
-if previous['status'] ~= ARGV[3] then
-  redis.call('hincrby', KEYS[2], previous['status'], -1)
-  redis.call('hincrby', KEYS[2], ARGV[3], 1)
-end
-local delta = tonumber(ARGV[4]) - (tonumber(previous['bytes_moved']) or 0)
-if delta ~= 0 then redis.call('hincrby', KEYS[2], 'bytes_moved', string.format('%d', delta)) end
-redis.call('expire', KEYS[1], ARGV[7])
-redis.call('expire', KEYS[2], ARGV[7])
-if redis.call('get', KEYS[3]) == ARGV[8] and redis.call('pttl', KEYS[3]) < tonumber(ARGV[6]) then
-  redis.call('pexpire', KEYS[3], ARGV[6])
-end
-return 1
-"""
-
-# Close a running execution whose tasks are all over, and free its rule's marker: only
-# one caller does it.
-_FINISH = """
-if redis.call('hget', KEYS[1], 'status') ~= '"running"' then return 0 end
-for _, field in ipairs({'pending', 'running', 'waiting'}) do
-  if tonumber(redis.call('hget', KEYS[1], field) or '0') > 0 then return 0 end
-end
-redis.call('hset', KEYS[1], 'status', ARGV[2], 'finished', ARGV[3])
-redis.call('expire', KEYS[1], ARGV[4])
-redis.call('expire', KEYS[3], ARGV[4])
-if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
-return 1
-"""
-
-# Renew the marker if this execution holds it (never shorten it).
-_REFRESH = """
-if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('pttl', KEYS[1]) < tonumber(ARGV[2]) then redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 1
-"""
 
 
 def _text(value: bytes | str) -> str:
@@ -196,38 +114,45 @@ class ExecutionStore:
         execution = Execution.model_validate(
             {"id": new_execution_id(now), "rule": rule, "trigger": trigger, "started": now}
         )
+        running = await self._take(execution)
+        if running is None:
+            return execution
+        skipped = execution.model_copy(
+            update={
+                "status": ExecutionStatus.SKIPPED,
+                "finished": now,
+                "message": f"not started: execution {running} of this rule is still running",
+            }
+        )
+        await self._keep(ExecutionRecord(execution=skipped))
+        return skipped
+
+    async def _take(self, execution: Execution) -> str | None:
+        """Take the rule's running marker for `execution` and write its live record; the
+        id of the execution that holds the marker instead, if one does."""
         stale = ""
         while True:
             holder = await self._redis.eval(
-                _START,
+                scripts.START,
                 4,
-                running_key(rule),
+                running_key(execution.rule),
                 execution_key(execution.id),
                 index_key(None),
-                index_key(rule),
+                index_key(execution.rule),
                 execution.id,
                 str(RUNNING_TTL_SECONDS * 1000),
                 str(RECORD_TTL_SECONDS),
-                str(now),
+                str(execution.started),
                 stale,
                 *_fields(execution),
             )
             if holder == 0:
-                return execution
+                return None
             running = _text(holder)
             # A marker whose execution is over (or gone) is left from a crash: replace it.
-            if running != stale and await self._over(running):
-                stale = running
-                continue
-            skipped = execution.model_copy(
-                update={
-                    "status": ExecutionStatus.SKIPPED,
-                    "finished": now,
-                    "message": f"not started: execution {running} of this rule is still running",
-                }
-            )
-            await self._keep(ExecutionRecord(execution=skipped))
-            return skipped
+            if running == stale or not await self._over(running):
+                return running
+            stale = running
 
     async def _over(self, execution_id: str) -> bool:
         live = await self._live(execution_id)
@@ -242,7 +167,7 @@ class ExecutionStore:
             task = task.model_copy(update={"log": task.log[-LOG_LINES:]})
             values += [task.id, task.model_dump_json(), task.status.value, str(task.bytes_moved)]
         await self._redis.eval(
-            _ADD_TASKS,
+            scripts.ADD_TASKS,
             2,
             tasks_key(execution_id),
             execution_key(execution_id),
@@ -269,28 +194,8 @@ class ExecutionStore:
                 "stop_requested": False,
             }
         )
-        stale = ""
-        while True:
-            holder = await self._redis.eval(
-                _START,
-                4,
-                running_key(execution.rule),
-                execution_key(execution_id),
-                index_key(None),
-                index_key(execution.rule),
-                execution_id,
-                str(RUNNING_TTL_SECONDS * 1000),
-                str(RECORD_TTL_SECONDS),
-                str(execution.started),
-                stale,
-                *_fields(execution),
-            )
-            if holder == 0:
-                break
-            running = _text(holder)
-            if running == stale or not await self._over(running):
-                return None
-            stale = running
+        if await self._take(execution) is not None:
+            return None
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(tasks_key(execution_id))
             if record.tasks:
@@ -316,7 +221,7 @@ class ExecutionStore:
             hold_ms += int(wait * 1000)
             record_ttl += int(wait)
         written = await self._redis.eval(
-            _UPDATE_TASK,
+            scripts.UPDATE_TASK,
             3,
             tasks_key(task.execution),
             execution_key(task.execution),
@@ -343,7 +248,7 @@ class ExecutionStore:
         if rule is None:
             return False
         held = await self._redis.eval(
-            _REFRESH, 1, running_key(json.loads(rule)), execution_id, str(RUNNING_TTL_SECONDS * 1000)
+            scripts.REFRESH, 1, running_key(json.loads(rule)), execution_id, str(RUNNING_TTL_SECONDS * 1000)
         )
         return bool(held)
 
@@ -396,7 +301,7 @@ class ExecutionStore:
         final = counted.model_copy(update={"status": status, "finished": max(finished, live.started)})
         await self._keep(ExecutionRecord(execution=final, tasks=tasks))
         closed = await self._redis.eval(
-            _FINISH,
+            scripts.FINISH,
             3,
             execution_key(execution_id),
             running_key(live.rule),
