@@ -43,9 +43,11 @@ ExecutionTrigger = Literal["manual", "cron", "on_push"]
 
 
 def new_execution_id(now: float | None = None) -> str:
-    """`20261202T120000Z-1a2b3c`: sorts by start time, unique among starts in one second."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
-    return f"{stamp}-{secrets.token_hex(3)}"
+    """`20261202T120000Z-1f4a2b`: sorts by start time. The suffix is the millisecond (three
+    hex digits) then three random ones, so starts within one second sort too."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{stamp}-{int(now * 1000) % 1000:03x}{secrets.token_hex(2)[:3]}"
 
 
 def task_id(execution_id: str, index: int) -> str:

@@ -347,7 +347,8 @@ class ExecutionStore:
         found = await asyncio.gather(
             *(self._summary(execution_id, kept.get(execution_id)) for execution_id in newest)
         )
-        return [execution for execution in found if execution is not None]
+        listed = [execution for execution in found if execution is not None]
+        return sorted(listed, key=lambda execution: (execution.started, execution.id), reverse=True)
 
     async def _summary(self, execution_id: str, kept_key: str | None) -> Execution | None:
         """Redis first (the live state), then the summary the bucket keeps."""
