@@ -20,7 +20,7 @@ OpenSource = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 # A stream that breaks is reopened from where it stopped at most this many times in a row
 # without progress (a reopen that delivers bytes starts the count again).
 REOPEN_ATTEMPTS = 4
-REOPEN_DELAY_SECONDS = 0.5
+REOPEN_DELAY_SECONDS = 0.25
 # Failures of a read that a reopen may cure; anything else (a 404, a 401) will not.
 TRANSIENT_KINDS = frozenset({"network", "timeout", "refused"})
 
