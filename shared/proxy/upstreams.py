@@ -29,8 +29,7 @@ from shared.upstream import UpstreamClient, UpstreamFailure
 log = structlog.get_logger("proxy")
 T = TypeVar("T")
 
-# Failures that say the upstream is unreachable, overloaded or closed for now; "status"
-# counts only for a 5xx or a malformed answer (see falls_back).
+# Failures that say the upstream is unreachable, overloaded or closed for now.
 UNAVAILABLE_KINDS = frozenset({"timeout", "refused", "network", "quota", "abuse", "governor"})
 
 
@@ -38,7 +37,12 @@ def falls_back(failure: UpstreamFailure) -> bool:
     """Whether a chain asks its next upstream after `failure` of the one before."""
     if failure.kind in UNAVAILABLE_KINDS:
         return True
-    return failure.kind == "status" and (failure.status is None or failure.status >= 500)
+    # "status" is an unwanted status or an answer that cannot be used. A 4xx answers the
+    # request (a bad name, a denial); a 5xx or a broken answer (a body that does not
+    # match its digest, a bad Content-Range) is the upstream failing.
+    if failure.kind != "status":
+        return False
+    return failure.status is None or not 400 <= failure.status < 500
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class UpstreamPool:
         self._settings = settings
         self._redis = redis
         self._clients: dict[str, UpstreamClient] = {}
+        self._chains: dict[str, UpstreamChain] = {}
         self._lock = asyncio.Lock()
 
     async def client(self, name: str) -> UpstreamClient:
@@ -110,15 +115,20 @@ class UpstreamPool:
 
     async def chain(self, project: Project) -> UpstreamChain:
         """The clients of `project`'s upstreams, in its order of preference."""
+        chain = self._chains.get(project.name)
+        if chain is not None:
+            return chain
         if not project.upstreams:
             raise RegistryError("NAME_UNKNOWN", f"project {project.name!r} has no upstream")
         clients = tuple([await self.client(name) for name in project.upstreams])
-        # Each fallback a chain can take, at zero, so `rate()` sees its first occurrence.
+        # Each fallback the chain can take, at zero, so `rate()` sees its first occurrence.
         for failed, to in zip(project.upstreams, project.upstreams[1:], strict=False):
             UPSTREAM_FALLBACKS.labels(project.name, failed, to)
-        return UpstreamChain(project.name, clients)
+        chain = self._chains[project.name] = UpstreamChain(project.name, clients)
+        return chain
 
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+        self._chains.clear()
