@@ -46,7 +46,6 @@ RECORD_TTL_SECONDS = 7 * 86400
 FINISHED_TTL_SECONDS = 3600
 
 _PREFIX = "seawall:replication"
-_COUNTED = ("total", *(status.value for status in TaskStatus), "bytes_moved")
 
 
 def running_key(rule: str) -> str:
@@ -89,6 +88,11 @@ def _counted(execution: Execution, tasks: Iterable[Task]) -> Execution:
         counts[task.status.value] += 1
     counts |= {"total": len(tasks), "bytes_moved": sum(task.bytes_moved for task in tasks)}
     return execution.model_copy(update=counts)
+
+
+def _trimmed(task: Task) -> Task:
+    """The task checked afresh (a `model_copy(update=...)` is not), with the last lines of its log."""
+    return Task.model_validate(task.model_dump() | {"log": task.log[-LOG_LINES:]})
 
 
 def _index(task: Task) -> int:
@@ -163,8 +167,7 @@ class ExecutionStore:
         if not tasks:
             return
         values: list[str] = []
-        for task in tasks:
-            task = task.model_copy(update={"log": task.log[-LOG_LINES:]})
+        for task in map(_trimmed, tasks):
             values += [task.id, task.model_dump_json(), task.status.value, str(task.bytes_moved)]
         await self._redis.eval(
             scripts.ADD_TASKS,
@@ -213,7 +216,7 @@ class ExecutionStore:
         await self._update(task, only_from=())
 
     async def _update(self, task: Task, only_from: Iterable[TaskStatus]) -> bool:
-        task = task.model_copy(update={"log": task.log[-LOG_LINES:]})
+        task = _trimmed(task)
         hold_ms = RUNNING_TTL_SECONDS * 1000
         record_ttl = RECORD_TTL_SECONDS
         if task.status is TaskStatus.WAITING and task.waiting_until:
