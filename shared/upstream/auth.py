@@ -29,6 +29,29 @@ def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
 
+def push_scope(repository: str) -> str:
+    return f"repository:{repository}:pull,push"
+
+
+def requested_scopes(challenged: str | None, wanted: str) -> list[str]:
+    """The scopes to ask the token service for: the challenge's and the request's own, each
+    once. A scope string may name several, separated by spaces (a mount needs push on one
+    repository and pull on another); each becomes a `scope` parameter of its own."""
+    scopes: list[str] = []
+    for item in (challenged or "").split() + wanted.split():
+        if item not in scopes:
+            scopes.append(item)
+    return scopes
+
+
+class Rechallenged(Exception):
+    """The upstream answered 401 to a request whose streamed body cannot be sent again.
+
+    The challenge has been answered (the credentials are ready for the next request); the
+    caller sends the request again from wherever its body can start over.
+    """
+
+
 @dataclass
 class _Token:
     value: str
@@ -71,13 +94,19 @@ class UpstreamAuth:
         kind: str,
         scope: str,
         headers: dict[str, str],
+        data: object = None,
     ) -> aiohttp.ClientResponse:
-        """A request with the auth dance: cached credentials, else answer one challenge."""
+        """A request with the auth dance: cached credentials, else answer one challenge.
+
+        `data` is the request's body: bytes are sent again after a challenge; anything else
+        (a stream) cannot be, so a 401 to it raises Rechallenged once the challenge is
+        answered.
+        """
         sent = self._authorization(scope) or await self._bearer_up_front(scope)
         request_headers = dict(headers)
         if sent is not None:
             request_headers["Authorization"] = sent
-        response = await self._transport.exchange(method, url, kind=kind, headers=request_headers)
+        response = await self._transport.exchange(method, url, kind=kind, headers=request_headers, data=data)
         if response.status != 401:
             if sent is None:
                 self._serves_anonymously = True
@@ -102,7 +131,9 @@ class UpstreamAuth:
             request_headers["Authorization"] = credentials
         else:
             raise self._failure("upstream answered 401 without a usable challenge", 401)
-        response = await self._transport.exchange(method, url, kind=kind, headers=request_headers)
+        if data is not None and not isinstance(data, bytes):
+            raise Rechallenged(f"{method} {kind}: challenged; the body must be sent again")
+        response = await self._transport.exchange(method, url, kind=kind, headers=request_headers, data=data)
         if response.status == 401:
             # Docker Hub answers this way (error="insufficient_scope") for a repository
             # that does not exist as well as for one we may not pull: say which it claimed.
@@ -196,7 +227,7 @@ class UpstreamAuth:
         query: list[tuple[str, str]] = list(url.query.items())
         if challenge.get("service"):
             query.append(("service", challenge["service"]))
-        query.append(("scope", challenge.get("scope") or scope))
+        query.extend(("scope", item) for item in requested_scopes(challenge.get("scope"), scope))
         url = url.with_query(query)
         headers = {"Accept": "application/json"}
         basic = self._basic_header()

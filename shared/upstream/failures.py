@@ -18,7 +18,18 @@ from shared.upstream.headers import RateLimit
 # Retry-After sent to clients on a 429 when the upstream did not say when it reopens.
 DEFAULT_RETRY_AFTER = 60.0
 KINDS = frozenset(
-    {"timeout", "refused", "network", "status", "auth", "quota", "abuse", "not_found", "governor"}
+    {
+        "timeout",
+        "refused",
+        "network",
+        "status",
+        "auth",
+        "quota",
+        "abuse",
+        "not_found",
+        "governor",
+        "unsupported",
+    }
 )
 
 
@@ -29,7 +40,9 @@ class UpstreamFailure(Exception):
     "network" (any other transport failure, a cut body, a TLS error), "status" (an
     unexpected HTTP status or a malformed answer), "auth" (the token endpoint failed or the
     upstream kept answering 401), "quota" (a 429 with a JSON errors envelope: the pull
-    quota), "abuse" (a plain-text 429), "not_found" (a blob the upstream does not have).
+    quota), "abuse" (a plain-text 429), "not_found" (a blob the upstream does not have),
+    "governor" (held back by the rate-limit governor), "unsupported" (the upstream does not
+    offer what was asked, e.g. a catalog).
     `status` is the HTTP status or None for transport failures; `retry_after` is seconds
     from when the failure was raised (Retry-After), or None when the upstream did not say.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import aiohttp
 from yarl import URL
@@ -93,11 +93,14 @@ class Transport:
         *,
         kind: str,
         headers: dict[str, str],
+        data: Any = None,
     ) -> aiohttp.ClientResponse:
         """One request, following redirects by hand; the response is the caller's to release.
 
         Authorization is dropped when a redirect leaves the origin (Docker Hub sends blobs
-        to a CDN). Transport errors become UpstreamFailure.
+        to a CDN). A request with a body (`data`, as aiohttp takes it) is not redirected:
+        a streamed body cannot be sent twice, so the redirect is the caller's answer.
+        Transport errors become UpstreamFailure.
         """
         session = self._require_session()
         if self._governor is not None:
@@ -116,6 +119,7 @@ class Transport:
                     current_method,
                     current_url,
                     headers=current_headers,
+                    data=data,
                     allow_redirects=False,
                     timeout=self._timeout(),
                 )
@@ -132,7 +136,7 @@ class Transport:
                 raise failure from exc
             UPSTREAM_REQUESTS.labels(self.name, kind, current_method, str(response.status)).inc()
             location = response.headers.get("Location")
-            if response.status not in _REDIRECTS or not location:
+            if response.status not in _REDIRECTS or not location or data is not None:
                 return response
             await self.discard(response)
             try:
