@@ -1,4 +1,5 @@
-"""The `seawall` command: run the all-in-one stack, hash passwords, check a configuration."""
+"""The `seawall` command: run the all-in-one stack, hash passwords, check a configuration,
+warm and scrub the cache, start and follow replication runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import os
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import click
@@ -15,6 +18,9 @@ from argon2 import PasswordHasher
 from pydantic import ValidationError
 
 from shared.settings import Settings, config_path, load_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _CONFIG_OPTION = click.option(
     "--config",
@@ -204,6 +210,94 @@ def scrub(config: Path | None, rate: str | None) -> None:
         sys.exit(asyncio.run(run_scrub(settings, rate)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _replication(settings: Settings, command: Callable[[Settings, str, Console], Awaitable[int]]) -> None:
+    """Run a replication command against the execution records; exit with its code."""
+    from rich.console import Console as RichConsole
+
+    from services.replication_cli import CommandError
+
+    try:
+        # Wide when not on a terminal, so that ids and names in tables stay whole for scripts.
+        console = RichConsole() if sys.stdout.isatty() else RichConsole(width=200)
+        sys.exit(asyncio.run(command(settings, _redis_url(settings), console)))
+    except CommandError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("replicate")
+@_CONFIG_OPTION
+@click.argument("rule")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the run (tasks done, bytes, rate) until it ends; exit 0 when it succeeded, "
+    "1 when it failed or was stopped, 2 when it was skipped (another run of the rule was running).",
+)
+def replicate_command(config: Path | None, rule: str, wait: bool) -> None:
+    """Start a run of a replication rule now: `seawall replicate python-slim --wait`."""
+    from services.replication_cli import replicate
+
+    _replication(_load_or_exit(config), lambda s, url, console: replicate(s, url, rule, wait, console))
+
+
+@main.command("executions")
+@_CONFIG_OPTION
+@click.argument("rule", required=False)
+@click.option("--limit", default=50, show_default=True, help="Show at most this many, newest first.")
+def executions_command(config: Path | None, rule: str | None, limit: int) -> None:
+    """List replication executions, newest first (of one rule, or of all)."""
+    from services.replication_cli import list_executions
+
+    _replication(_load_or_exit(config), lambda s, url, console: list_executions(s, url, rule, limit, console))
+
+
+class _ExecutionCommands(click.Group):
+    """`seawall execution ID` shows the execution: a first word that is no subcommand is an id."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("execution", cls=_ExecutionCommands)
+def execution_commands() -> None:
+    """One replication execution: `seawall execution ID` shows its tasks and their logs;
+    `seawall execution stop ID` stops it; `seawall execution retry ID` runs its failed tasks again."""
+
+
+@execution_commands.command("show")
+@_CONFIG_OPTION
+@click.argument("execution_id")
+def execution_show(config: Path | None, execution_id: str) -> None:
+    """Show an execution: its tasks, then each task's log."""
+    from services.replication_cli import show_execution
+
+    _replication(_load_or_exit(config), lambda s, url, console: show_execution(s, url, execution_id, console))
+
+
+@execution_commands.command("stop")
+@_CONFIG_OPTION
+@click.argument("execution_id")
+def execution_stop(config: Path | None, execution_id: str) -> None:
+    """Stop a running execution: tasks not yet running stop now, running ones within seconds."""
+    from services.replication_cli import stop_execution
+
+    _replication(_load_or_exit(config), lambda s, url, console: stop_execution(s, url, execution_id, console))
+
+
+@execution_commands.command("retry")
+@_CONFIG_OPTION
+@click.argument("execution_id")
+def execution_retry(config: Path | None, execution_id: str) -> None:
+    """Run the failed tasks of an execution again (reopening it if it had finished)."""
+    from services.replication_cli import retry_execution
+
+    _replication(
+        _load_or_exit(config), lambda s, url, console: retry_execution(s, url, execution_id, console)
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ FILL_QUEUE = "fills"
 # from client-driven fills (workers consume both side by side).
 PREFETCH_QUEUE = "prefetch"
 MAINTENANCE_QUEUE = "maintenance"
+# Replication runs and their tasks, visible apart from fills and prefetches.
+REPLICATION_QUEUE = "replication"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,11 @@ PREFETCH = Job("prefetch_blobs", PREFETCH_QUEUE)
 WARM = Job("warm_tag", PREFETCH_QUEUE)
 PURGE_EXPIRED_UPLOADS = Job("purge_expired_uploads_job", MAINTENANCE_QUEUE)
 SCRUB_BLOBS = Job("scrub_blobs_job", MAINTENANCE_QUEUE)
+# Args: rule name, trigger ("manual", "cron", "on_push"), and for an on-push run the one
+# repository and tag pushed (else None, None): plans an execution, enqueues its tasks.
+REPLICATE = Job("replicate_rule", REPLICATION_QUEUE)
+# Args: task id. Copies one tag of an execution.
+REPLICATE_TASK = Job("replicate_task", REPLICATION_QUEUE)
 
 
 # Idle workers block on a queue's wake list (see workers/broker.py); publishing a message

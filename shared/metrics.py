@@ -127,3 +127,34 @@ def declare_series(projects: list[str], upstreams: list[str]) -> None:
 
 
 JOBS = Counter("seawall_jobs_total", "Worker jobs by actor and outcome", ["actor", "result"])
+
+# Replication (workers/replication.py), by rule: the rules are the configuration's, so the
+# label stays bounded. Executions end succeeded, failed, stopped or skipped; tasks end
+# succeeded, failed or stopped; bytes are blob bytes read from the source.
+REPLICATION_EXECUTIONS = Counter(
+    "seawall_replication_executions_total",
+    "Replication executions ended, by rule and result",
+    ["rule", "result"],
+)
+REPLICATION_TASKS = Counter(
+    "seawall_replication_tasks_total",
+    "Replication tasks (one tag each) ended, by rule and result",
+    ["rule", "result"],
+)
+REPLICATION_BYTES = Counter("seawall_replication_bytes_total", "Blob bytes replicated, by rule", ["rule"])
+REPLICATION_QUOTA_WAITS = Counter(
+    "seawall_replication_quota_waits_total",
+    "Replication tasks held back by an upstream's quota until it reopens, by rule",
+    ["rule"],
+)
+
+
+def declare_replication_series(rules: list[str]) -> None:
+    """The replication series of each rule at zero (see declare_series)."""
+    for rule in rules:
+        for result in ("succeeded", "failed", "stopped", "skipped"):
+            REPLICATION_EXECUTIONS.labels(rule, result)
+        for result in ("succeeded", "failed", "stopped"):
+            REPLICATION_TASKS.labels(rule, result)
+        REPLICATION_BYTES.labels(rule)
+        REPLICATION_QUOTA_WAITS.labels(rule)

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from shared import lifetime
 from shared.eventloop import use_uvloop
-from shared.jobs import NAMESPACE, PREFETCH_QUEUE, wake_key
+from shared.jobs import NAMESPACE, PREFETCH_QUEUE, REPLICATION_QUEUE, wake_key
 from shared.settings import Settings
 
 # A consumer with as many messages in hand as it may prefetch checks again after this long.
@@ -161,6 +161,8 @@ def setup_broker(settings: Settings, *, read_timeout: float = READ_TIMEOUT_SECON
     # apart from client-driven fills (Dramatiq consumes both queues side by side).
     # No actor declares it for fill messages, so declare it here.
     broker.declare_queue(PREFETCH_QUEUE)
+    # Replication runs and tasks have their own queue too (shared/jobs.py).
+    broker.declare_queue(REPLICATION_QUEUE)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Set by `seawall worker`: every worker process writes its metrics to that
         # directory and one exposition server serves their sum.

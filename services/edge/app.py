@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.middleware import authenticate, observe, oci_errors
+from services.edge.onpush import push_events
 from services.edge.routes import setup_routes
 from shared import diskcache, redisguard
 from shared.auth.access import Access
@@ -125,5 +126,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(_proxy)
+    app.cleanup_ctx.append(push_events)
     setup_routes(app)
     return app

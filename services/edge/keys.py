@@ -15,6 +15,7 @@ from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore
 from shared.registry.storage import ObjectStore
 from shared.registry.uploads import UploadStore
+from shared.replication.triggers import PushEvents
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -28,6 +29,7 @@ EVENTS = web.AppKey("events", CacheEvents)
 UPSTREAMS = web.AppKey("upstreams", UpstreamPool)
 MANIFEST_CACHE = web.AppKey("manifest_cache", ManifestCache)
 FOLLOWER = web.AppKey("follower", BlobFollower)
+PUSH_EVENTS = web.AppKey("push_events", PushEvents)
 # Absent when the disk tier is off (`disk_cache.max_bytes: 0`).
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 

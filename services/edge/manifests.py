@@ -8,6 +8,7 @@ from aiohttp import web
 
 from services.edge import keys
 from services.edge.context import body_source, content_length, target
+from services.edge.onpush import tag_pushed
 from shared.auth.access import Action
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
@@ -142,6 +143,7 @@ async def put_manifest(request: web.Request) -> web.Response:
     await repositories.add_revision(repo.name, digest, manifest)
     if tag is not None:
         await repositories.set_tag(repo.name, tag, digest)
+        await tag_pushed(app, repo, tag)
     headers = {
         "Location": f"/v2/{request.match_info['name']}/manifests/{digest}",
         "Docker-Content-Digest": str(digest),

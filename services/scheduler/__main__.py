@@ -1,5 +1,7 @@
 """Run the scheduler: `python -m services.scheduler --config seawall.yaml`.
 
+It fires the maintenance jobs and the replication rules with a cron trigger.
+
 Redis may stall or restart under it. Every call is bounded by `redis_timeout`; a tick
 whose lease check fails is logged, fires nothing and the next tick tries again, so the
 scheduler never exits because of Redis. A firing that fell due while the lease could not
@@ -23,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.scheduler.leader import LeaderLease, Lease
-from services.scheduler.schedule import MAINTENANCE, Trigger, maintenance
+from services.scheduler.schedule import MAINTENANCE, Trigger, maintenance, replication
 from shared import jobs
 from shared.logging import configure_logging, get_logger
 from shared.settings import Settings, load_settings
@@ -48,7 +50,7 @@ def connect(settings: Settings) -> Redis:
 
 
 def enqueue(broker: RedisBroker, trigger: Trigger) -> None:
-    jobs.enqueue(broker, trigger.job, ())
+    jobs.enqueue(broker, trigger.job, trigger.args)
     log.info("trigger_fired", trigger=trigger.name, actor=trigger.actor)
 
 
@@ -146,7 +148,7 @@ def main(config: str | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        triggers = maintenance(settings)
+        triggers = maintenance(settings) + replication(settings)
         log.info("scheduler_started", triggers=[t.name for t in triggers])
         await run(settings, stop, broker, triggers)
 

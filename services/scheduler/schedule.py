@@ -1,13 +1,17 @@
-"""What the scheduler fires, and when (cron expressions evaluated with croniter)."""
+"""What the scheduler fires, and when (cron expressions evaluated with croniter): maintenance
+jobs, and the replication rules with a cron trigger."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from croniter import croniter
 
 from shared import jobs
+from shared.replication.rules import CronTrigger
+from shared.replication.triggers import replicate_args
 from shared.settings import Settings
 
 
@@ -16,6 +20,7 @@ class Trigger:
     name: str
     cron: str
     job: jobs.Job  # what to enqueue
+    args: tuple[Any, ...] = ()  # the message's arguments
 
     @property
     def actor(self) -> str:
@@ -35,4 +40,14 @@ def maintenance(settings: Settings) -> list[Trigger]:
     triggers = list(MAINTENANCE)
     if settings.scrub.schedule:
         triggers.append(Trigger("scrub-blobs", settings.scrub.schedule, jobs.SCRUB_BLOBS))
+    return triggers
+
+
+def replication(settings: Settings) -> list[Trigger]:
+    """A trigger per enabled replication rule with a cron trigger: a run of the rule."""
+    triggers = []
+    for rule in settings.replication:
+        if rule.enabled and isinstance(rule.trigger, CronTrigger):
+            args = replicate_args(rule.name, "cron")
+            triggers.append(Trigger(f"replicate-{rule.name}", rule.trigger.schedule, jobs.REPLICATE, args))
     return triggers

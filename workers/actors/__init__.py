@@ -5,7 +5,7 @@ built; the worker context middleware then builds the jobs' clients as the worker
 """
 
 from shared.logging import configure_logging
-from shared.metrics import declare_series
+from shared.metrics import declare_replication_series, declare_series
 from shared.settings import load_settings
 from workers.broker import setup_broker
 from workers.context import WorkerContextMiddleware
@@ -13,9 +13,10 @@ from workers.context import WorkerContextMiddleware
 settings = load_settings()
 configure_logging(settings.log_format, settings.log_level)
 declare_series([p.name for p in settings.projects], [u.name for u in settings.upstreams])
+declare_replication_series([r.name for r in settings.replication])
 broker = setup_broker(settings)
 broker.add_middleware(WorkerContextMiddleware(settings))
 
-from workers.actors import fills, maintenance, warm  # noqa: E402
+from workers.actors import fills, maintenance, replication, warm  # noqa: E402
 
-__all__ = ["broker", "fills", "maintenance", "warm"]
+__all__ = ["broker", "fills", "maintenance", "replication", "warm"]
