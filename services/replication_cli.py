@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -180,11 +181,11 @@ async def list_executions(
             e.trigger,
             e.status.value,
             when(e.started),
-            seconds(e.seconds if e.done or e.status is ExecutionStatus.RUNNING else None),
+            seconds(e.seconds),
             f"{e.succeeded}/{e.total}",
             str(e.failed),
             size(e.bytes_moved),
-            e.message or "",
+            escape(e.message or ""),
         )
     console.print(table)
     if not executions:
@@ -213,7 +214,7 @@ async def show_execution(settings: Settings, redis_url: str, execution_id: str, 
         if execution is None:
             raise CommandError(f"no execution {execution_id}")
         tasks = await store.tasks(execution_id)
-    console.print(summary(execution), soft_wrap=True)
+    console.print(summary(execution), markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"trigger {execution.trigger}, started {when(execution.started)}, finished {when(execution.finished)}"
         + (", stop requested" if execution.stop_requested and not execution.done else "")
@@ -222,12 +223,12 @@ async def show_execution(settings: Settings, redis_url: str, execution_id: str, 
         return 0
     table = Table("#", "task", "status", "attempts", "moved", "blobs copied/present", "took", "error")
     for task in tasks:
-        table.add_row(*_task_row(task))
+        table.add_row(*(escape(cell) for cell in _task_row(task)))
     console.print(table)
     for task in tasks:
         if task.log:
             what = f"{task.source_repository}:{task.tag}" if task.tag else "step"
-            console.print(f"[bold]task {task.id.rsplit(':', 1)[-1]}[/bold] {what}", highlight=False)
+            console.print(f"[bold]task {task.id.rsplit(':', 1)[-1]}[/bold] {escape(what)}", highlight=False)
             for line in task.log:
                 console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     return 0
@@ -244,6 +245,8 @@ async def stop_execution(settings: Settings, redis_url: str, execution_id: str, 
     console.print(
         "stop requested: tasks not yet running are stopped, running ones stop within seconds"
         + (f"\n{summary(execution)}" if execution else ""),
+        markup=False,
+        highlight=False,
         soft_wrap=True,
     )
     return 0

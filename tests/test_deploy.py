@@ -528,6 +528,7 @@ def test_alerts_cover_the_runbook() -> None:
         "SeawallEdgeDown",
         "SeawallStoredBlobCorrupt",
         "SeawallScrubOverdue",
+        "SeawallReplicationFailing",
     ]:
         assert name in rules, f"alerts.yml has no {name}"
     assert rules["SeawallQuotaNearlyExhausted"]["for"] == "10m"
@@ -582,6 +583,10 @@ def test_dashboard_shows_what_operators_ask_for() -> None:
         "seawall_digest_mismatch_total",
         "seawall_errors_total",
         "seawall_request_duration_seconds_bucket",
+        "seawall_replication_executions_total",
+        "seawall_replication_tasks_total",
+        "seawall_replication_bytes_total",
+        "seawall_replication_quota_waits_total",
     ]:
         assert name in used, f"the dashboard does not show {name}"
     quantiles = set()

@@ -305,6 +305,39 @@ def test_tasks_wait_for_the_quota_instead_of_failing_without_drawing_a_429(
     assert fetched is not None
 
 
+def test_a_waiting_task_runs_once_the_window_refills_and_the_execution_finishes(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    tags = [f"v{n}" for n in range(5)]
+    for tag in tags:
+        push_image(distribution.url, name, _image(f"{name}:{tag}", size=KIB), tag=tag)
+    # Five pulls in ten seconds: one pull comes back every two seconds.
+    hub.set_quota(limit=5, window_seconds=10)
+    worker = _replicator(
+        worker_factory, hub, [_pull_rule("refill", name)], quota={"limit": 5, "window": "10s", "reserve": 0.2}
+    )
+    hub.reset_counters()
+
+    execution = worker.run(start_execution(worker.context, "refill", "manual"))
+    _drain(worker, redis_url)
+    [waiting] = [t for t in worker.run(_store(worker).tasks(execution.id)) if t.active]
+    assert waiting.status is TaskStatus.WAITING
+    assert waiting.waiting_until is not None
+    assert waiting.waiting_until - time.time() <= 3
+    # The actor's message comes back when the window has refilled enough.
+    time.sleep(max(0.0, waiting.waiting_until - time.time()))
+    assert worker.run(run_task(worker.context, waiting.id)).status is TaskStatus.SUCCEEDED
+    done = _execution(worker, execution.id)
+    assert (done.status, done.succeeded) == (ExecutionStatus.SUCCEEDED, len(tags))
+    assert done.message is None
+    assert [r for r in hub.requests if r.status == 429] == []
+
+
 def test_a_failing_task_is_retried_with_backoff_then_fails_and_a_retry_by_hand_finishes_it(
     worker_factory: WorkerFactory,
     hub: DockerHubEmulator,
@@ -448,7 +481,7 @@ def test_the_cli_starts_follows_lists_shows_retries_and_stops_executions(
     again = runner.invoke(seawall, ["execution", "stop", execution.id, "--config", config])
     assert again.exit_code == 1
     assert "is not running" in again.output
-    unknown = runner.invoke(seawall, ["execution", "20260101T000000000Z-000000", "--config", config])
+    unknown = runner.invoke(seawall, ["execution", "20260101T000000Z-000000", "--config", config])
     assert unknown.exit_code == 1
     assert "no execution" in unknown.output
 
