@@ -216,10 +216,11 @@ def unknown_keys(model: type[BaseModel], data: Any, where: str = "") -> list[str
         if field is None:
             problems.append(f"{where}{key}")
             continue
-        for sub in _models(field.annotation):
-            items = value if isinstance(value, list) else [value]
-            for item in items:
-                problems += unknown_keys(sub, item, f"{where}{key}.")
+        # A union of models (replication triggers): judged by the model that fits best.
+        subs = _models(field.annotation)
+        for item in value if isinstance(value, list) else [value]:
+            if subs:
+                problems += min((unknown_keys(sub, item, f"{where}{key}.") for sub in subs), key=len)
     return problems
 
 

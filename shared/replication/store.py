@@ -136,7 +136,7 @@ class ExecutionStore:
         id of the execution that holds the marker instead, if one does."""
         stale = ""
         while True:
-            holder = await self._redis.eval(
+            holder = await self._redis.eval(  # 0 when taken, else the holder's id
                 scripts.START,
                 4,
                 running_key(execution.rule),
@@ -150,7 +150,7 @@ class ExecutionStore:
                 stale,
                 *_fields(execution),
             )
-            if holder == 0:
+            if not isinstance(holder, bytes | str):
                 return None
             running = _text(holder)
             # A marker whose execution is over (or gone) is left from a crash: replace it.
@@ -343,7 +343,8 @@ class ExecutionStore:
 
     async def executions(self, rule: str | None = None, limit: int = 50) -> list[Execution]:
         """The newest executions (of one rule, or of all), running and finished, newest first."""
-        live_ids = [_text(i) for i in await self._redis.zrevrange(index_key(rule), 0, limit - 1)]
+        indexed = cast(list[bytes], await self._redis.zrevrange(index_key(rule), 0, limit - 1))
+        live_ids = [_text(i) for i in indexed]
         prefix = layout.replication_rule_executions(rule) if rule else layout.REPLICATION_RULES
         kept = {layout.execution_id_of(key): key for key in await self._objects.list_keys(prefix)}
         newest = sorted({*live_ids, *kept}, reverse=True)[:limit]
