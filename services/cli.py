@@ -7,9 +7,9 @@ import asyncio
 import os
 import shutil
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import click
@@ -212,7 +212,9 @@ def scrub(config: Path | None, rate: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _replication(settings: Settings, command: Callable[[Settings, str, Console], Awaitable[int]]) -> None:
+def _replication(
+    settings: Settings, command: Callable[[Settings, str, Console], Coroutine[Any, Any, int]]
+) -> None:
     """Run a replication command against the execution records; exit with its code."""
     from rich.console import Console as RichConsole
 

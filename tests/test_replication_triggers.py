@@ -66,8 +66,8 @@ def test_two_schedulers_fire_a_cron_rule_once_per_firing(redis_url: str) -> None
     )
     triggers = replication(settings)
     assert [t.name for t in triggers] == ["replicate-every-second"]
-    stop = asyncio.Event()
     loops: list[asyncio.AbstractEventLoop] = []
+    stops: list[asyncio.Event] = []
     brokers = []
     threads = []
     for _ in range(2):
@@ -75,13 +75,12 @@ def test_two_schedulers_fire_a_cron_rule_once_per_firing(redis_url: str) -> None
             namespace=jobs.NAMESPACE, connection_pool=connection_pool(redis_url, 2.0)
         )  # type: ignore[no-untyped-call]
         loop = asyncio.new_event_loop()
+        stop = asyncio.Event()  # each scheduler's own: an Event belongs to one loop
         loops.append(loop)
+        stops.append(stop)
         brokers.append(broker)
-        threads.append(
-            threading.Thread(
-                target=loop.run_until_complete, args=(run(settings, stop, broker, triggers, tick=0.2),)
-            )
-        )
+        scheduler = run(settings, stop, broker, triggers, tick=0.2)
+        threads.append(threading.Thread(target=loop.run_until_complete, args=(scheduler,)))
     client = redis.Redis.from_url(redis_url)
     started = time.time()
     for thread in threads:
@@ -89,7 +88,7 @@ def test_two_schedulers_fire_a_cron_rule_once_per_firing(redis_url: str) -> None
     try:
         time.sleep(3.2)
     finally:
-        for loop in loops:
+        for loop, stop in zip(loops, stops, strict=True):
             loop.call_soon_threadsafe(stop.set)
         for thread in threads:
             thread.join(15)

@@ -113,7 +113,7 @@ async def list_source(rule: ReplicationRule, source: Source, only: Only | None =
 
 def tasks_for(rule: ReplicationRule, listing: Listing, execution: str = "") -> list[Task]:
     """One pending task per tag listed, numbered in order within `execution`."""
-    tasks = []
+    tasks: list[Task] = []
     for repository, tags in listing.tags.items():
         for tag in tags:
             tasks.append(
