@@ -27,7 +27,7 @@ from tests.fixtures.servers import WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.images import OCI_MANIFEST, make_image, make_layer
 from tests.support.seed import push_image
-from workers.broker import connection_pool
+from workers.broker import WakeableRedisBroker, connection_pool
 from workers.replication import run_task, start_execution
 
 KIB = 1024
@@ -39,30 +39,30 @@ def _replication_messages(client: redis.Redis) -> list[dict[str, Any]]:
 
 
 def test_two_schedulers_fire_a_cron_rule_once_per_firing(redis_url: str) -> None:
-    from workers.broker import WakeableRedisBroker
-
-    settings = Settings(
-        redis_url=redis_url,
-        upstreams=[{"name": "up", "url": "http://127.0.0.1:9"}],
-        projects=[{"name": "mirror", "type": "hosted"}],
-        replication=[
-            {
-                "name": "every-second",
-                "mode": "pull",
-                "source": "up",
-                "filters": {"name": "library/python"},
-                "destination": "mirror",
-                "trigger": {"type": "cron", "schedule": "* * * * * *"},
-            },
-            {
-                "name": "off",
-                "mode": "pull",
-                "source": "up",
-                "destination": "mirror",
-                "trigger": {"type": "cron", "schedule": "* * * * * *"},
-                "enabled": False,
-            },
-        ],
+    settings = Settings.model_validate(
+        {
+            "redis_url": redis_url,
+            "upstreams": [{"name": "up", "url": "http://127.0.0.1:9"}],
+            "projects": [{"name": "mirror", "type": "hosted"}],
+            "replication": [
+                {
+                    "name": "every-second",
+                    "mode": "pull",
+                    "source": "up",
+                    "filters": {"name": "library/python"},
+                    "destination": "mirror",
+                    "trigger": {"type": "cron", "schedule": "* * * * * *"},
+                },
+                {
+                    "name": "off",
+                    "mode": "pull",
+                    "source": "up",
+                    "destination": "mirror",
+                    "trigger": {"type": "cron", "schedule": "* * * * * *"},
+                    "enabled": False,
+                },
+            ],
+        }
     )
     triggers = replication(settings)
     assert [t.name for t in triggers] == ["replicate-every-second"]
