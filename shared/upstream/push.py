@@ -27,6 +27,9 @@ from shared.upstream.transport import MAX_ERROR_BODY, Transport
 from shared.upstream.upload_body import ChunkBody, Meter, OpenSource, SourceReader
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
+# A chunk's request slower than this (bytes per second) on top of the read timeout is taken
+# for a stalled link.
+MIN_RATE = 64 * 1024
 # Waits before each new try after an interruption that made no progress; once they are
 # used up the last failure is raised.
 RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -203,18 +206,24 @@ class Pushes:
                     headers["Content-Range"] = f"{start}-{start + length - 1}"
                 body = ChunkBody(reader, length, meter, what)
                 url = _with_digest(session.location, digest) if final else session.location
+                bound = self._chunk_bound(length, meter)
                 try:
-                    response = await self._send(
-                        "PUT" if final else "PATCH",
-                        url,
-                        scope,
-                        headers,
-                        kind="upload",
-                        data=body if length else None,
-                    )
-                except (_Trouble, UpstreamFailure):
+                    async with asyncio.timeout(bound):
+                        response = await self._send(
+                            "PUT" if final else "PATCH",
+                            url,
+                            scope,
+                            headers,
+                            kind="upload",
+                            data=body if length else None,
+                        )
+                except (_Trouble, UpstreamFailure, TimeoutError) as exc:
                     if body.error is not None:
                         raise body.error from None
+                    if isinstance(exc, TimeoutError):
+                        message = f"{what}: the chunk at {start} was not taken within {bound:g} s"
+                        failure = UpstreamFailure("timeout", message, upstream=self._name)
+                        raise _Trouble(failure) from exc
                     raise
                 try:
                     if final:
@@ -304,6 +313,13 @@ class Pushes:
             response.release()
 
     # ---------------------------------------------------------------- helpers
+    def _chunk_bound(self, length: int, meter: Meter) -> float:
+        """How long one chunk's request may take: its bytes at MIN_RATE (or at the
+        bandwidth cap, when lower) and the upstream's read timeout for the answer, so
+        that a destination that stops reading is noticed."""
+        rate = MIN_RATE if meter.rate is None else min(MIN_RATE, meter.rate)
+        return length / rate + self._transport.upstream.read_timeout.total_seconds()
+
     def _uploads(self, repository: str) -> URL:
         return URL(f"{self._transport.base_url}/v2/{repository}/blobs/uploads/")
 

@@ -23,14 +23,14 @@ class Meter:
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError("bandwidth must be positive")
         self.sent = 0
-        self._rate = bandwidth
+        self.rate = bandwidth
         self._started = time.monotonic()
         self.piece = PIECE if bandwidth is None else max(MIN_PIECE, min(PIECE, bandwidth // 8))
 
     async def spend(self, count: int) -> None:
         self.sent += count
-        if self._rate is not None:
-            ahead = self.sent / self._rate - (time.monotonic() - self._started)
+        if self.rate is not None:
+            ahead = self.sent / self.rate - (time.monotonic() - self._started)
             if ahead > 0:
                 await asyncio.sleep(ahead)
 
