@@ -163,6 +163,41 @@ def test_a_pull_run_copies_exactly_the_matching_tags_and_a_rerun_moves_no_bytes(
     assert hub.pulls() == pulls
 
 
+def test_delete_missing_deletes_the_destination_tags_whose_source_is_gone_and_only_those(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    image = _image(name)
+    push_image(distribution.url, name, image, tag="v1")
+    rule = _pull_rule("mirrored", name, filters={"name": name, "tag": "v*"}, delete_missing=True)
+    worker = _replicator(worker_factory, hub, [rule])
+    ctx = worker.context
+    destination = f"mirror/{name.split('/', 1)[1]}"
+    worker.run(start_execution(ctx, "mirrored", "manual"))
+    _drain(worker, redis_url)
+    assert _tagged(worker, destination, "v1") == image.digest
+    # Tags at the destination the source does not have: one the rule copies (v0), one it
+    # does not (local), and a signature under the referrer tag scheme.
+    signature = f"sha256-{image.digest.split(':')[1]}.sig"
+    for tag in ("v0", "local", signature):
+        worker.run(ctx.repositories.set_tag(destination, tag, Digest.parse(image.digest)))
+
+    execution = worker.run(start_execution(ctx, "mirrored", "manual"))
+    _drain(worker, redis_url)
+    assert _tagged(worker, destination, "v0") is None
+    for tag in ("v1", "local", signature):
+        assert _tagged(worker, destination, tag) == image.digest
+    tasks = worker.run(_store(worker).tasks(execution.id))
+    [step] = [task for task in tasks if not task.tag]
+    assert step.status is TaskStatus.SUCCEEDED
+    assert f"{destination}:v0" in step.log[0]
+    assert _execution(worker, execution.id).status is ExecutionStatus.SUCCEEDED
+
+
 def test_a_trigger_while_the_rule_runs_is_recorded_as_skipped(
     worker_factory: WorkerFactory,
     hub: DockerHubEmulator,
