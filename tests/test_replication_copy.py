@@ -433,3 +433,23 @@ def test_a_push_to_distribution_carries_the_image_its_signature_tag_and_its_refe
     again = _copy(replicator, ("local", "dist"), local, "v1", target)
     assert again.skipped
     assert (again.bytes_moved, again.manifests) == (0, 0)
+
+
+def test_a_push_mounts_what_the_destination_holds_in_another_repository(
+    replicator: InProcessWorker, distribution: Distribution, repo_name: Callable[[], str]
+) -> None:
+    first, second = f"local/{repo_name()}", f"local/{repo_name()}"
+    image = _image(first, make_layer(size=100 * KIB, seed=first))
+    _push_local(replicator, first, image, "v1")
+    _push_local(replicator, second, image, "v1")
+    targets = [f"pushed/{name.rsplit('/', 1)[1]}" for name in (first, second)]
+    _copy(replicator, ("local", "dist"), first, "v1", targets[0])
+
+    # Another task (endpoints are built afresh): the blobs are mounted from the first.
+    result = _copy(replicator, ("local", "dist"), second, "v1", targets[1])
+
+    assert (result.blobs_mounted, result.blobs_copied, result.bytes_moved) == (2, 0, 0)
+    with httpx.Client(base_url=distribution.url, timeout=60) as remote:
+        assert _remote_digest(remote, targets[1], "v1") == image.digest
+        for digest, data in image.blobs.items():
+            assert remote.get(f"/v2/{targets[1]}/blobs/{digest}").content == data

@@ -8,6 +8,7 @@ caller set (`shared.ratelimit.background()` for replication). Nothing here sets 
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,8 +18,11 @@ from shared.oci.digest import Digest
 from shared.replication.transfer import ListingUnsupported, Manifest, Missing, OpenSource
 from shared.upstream import UpstreamClient, UpstreamFailure
 
-# Where this destination was seen to hold a blob (digest -> repository), for mounts.
+# Where each destination was seen to hold a blob (digest -> repository), for mounts: per
+# client, so every task a worker process runs against that registry shares what it saw
+# (the endpoints themselves are built per task). Bounded, and gone with the client.
 KNOWN_LOCATIONS = 10_000
+_locations: weakref.WeakKeyDictionary[UpstreamClient, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
 
 
 class RemoteRegistry:
@@ -28,7 +32,7 @@ class RemoteRegistry:
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
         self.name = client.name
-        self._located: OrderedDict[str, str] = OrderedDict()
+        self._located = _locations.setdefault(client, OrderedDict())
 
     # -- as a source -----------------------------------------------------------------
     async def repositories(self) -> AsyncIterator[str]:
@@ -105,8 +109,8 @@ class RemoteRegistry:
     async def mount(self, repository: str, digest: str, from_repository: str | None = None) -> bool:
         """Link a blob another repository of the registry holds (no bytes move).
 
-        Without `from_repository`, the repository this destination last saw holding the
-        blob is asked; False when there is none or the registry does not mount.
+        Without `from_repository`, the repository this process last saw holding the blob
+        at this registry is asked; False when there is none or the registry does not mount.
         """
         origin = from_repository or self._located.get(digest)
         if origin is None or origin == repository:
