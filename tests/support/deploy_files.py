@@ -95,7 +95,8 @@ def check_production_settings(settings: Settings) -> None:
     dockerhub = settings.project("dockerhub")
     assert dockerhub is not None
     assert dockerhub.type == "proxy"
-    upstream = settings.upstream(dockerhub.upstream or "")
+    assert dockerhub.upstreams, "the dockerhub project names its upstream"
+    upstream = settings.upstream(dockerhub.upstreams[0])
     assert upstream is not None
     assert upstream.quota.preset == "dockerhub-anonymous"
     assert upstream.password_env == "DOCKERHUB_TOKEN"
