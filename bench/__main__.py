@@ -31,7 +31,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=None, help="rounds of the fast workloads (default 3, quick 1)"
     )
     parser.add_argument(
-        "--slow-rounds", type=int, default=None, help="rounds of P3, P4, P5, P8 (default rounds+1, quick 1)"
+        "--slow-rounds", type=int, default=None, help="rounds of P3-P5 and P8-P11 (default rounds+1, quick 1)"
     )
     parser.add_argument("--only", default="", help="comma-separated workload ids, e.g. P1,P2")
     parser.add_argument("--quick", action="store_true", help="1 round, 3s runs, smaller images and blobs")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         given = sys.argv[1:] if argv is None else argv
         command = f"python -m bench {' '.join(given)}" if given else "make bench"
         settings = (
-            f"{rounds} rounds of P1 and P2, {slow_rounds} of P3, P4, P5 and P8, one of P6 and P7; "
+            f"{rounds} rounds of P1 and P2, {slow_rounds} of P3-P5 and P8-P11, one of P6 and P7; "
             f"{duration:g}s load runs; GET load from {client}."
         )
         extra = "\n".join(

@@ -28,10 +28,18 @@ class Sizes:
     p4_layer: int = 8 * MiB
     p5_blob: int = 500 * MiB
     p7_blob: int = 1024 * MiB
+    # P9/P10: a base layer all 20 tags share, a layer per repository, two layers per tag:
+    # 24 + 5 x 16 + 40 x 7 = 384 MiB of distinct blobs.
+    rep_base: int = 24 * MiB
+    rep_repo_layer: int = 16 * MiB
+    rep_layer: int = 7 * MiB
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(p2_blob=100 * MiB, layer=8 * MiB, p4_layer=2 * MiB, p5_blob=100 * MiB, p7_blob=256 * MiB)
+        return cls(
+            p2_blob=100 * MiB, layer=8 * MiB, p4_layer=2 * MiB, p5_blob=100 * MiB, p7_blob=256 * MiB,
+            rep_base=4 * MiB, rep_repo_layer=2 * MiB, rep_layer=1 * MiB,
+        )  # fmt: skip
 
 
 @dataclass

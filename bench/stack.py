@@ -5,6 +5,8 @@
     seawall       SeaweedFS S3 + Redis + the edge + one Dramatiq worker process (8 threads)
     dist_proxy    Distribution in `proxy:` mode, its remoteurl the emulator
     dist_hosted   Distribution (hosted), the peer for pushes
+    seawall_b     a second Seawall edge (its own bucket and Redis database, same servers):
+                  the destination of the push replication P10
 
 `Stack.start()` brings them up in that order and `stop()` takes them down in reverse, also
 when start-up fails half way; nothing is left running.
@@ -30,6 +32,10 @@ from tests.support.distribution import Distribution, start_distribution
 
 BENCH_USER = ("bench", "bench-secret")
 TIMEOUT = 60.0
+# The replication workloads' content: 5 repositories of 4 tags each (bench/replication.py).
+REP_REPOS = [f"library/bench-rep-{i}" for i in range(5)]
+REP_TAGS = [f"t{i}" for i in range(4)]
+PUSH_PASSWORD_ENV = "BENCH_PUSH_PASSWORD"
 
 
 class Emulator(ManagedProcess):
@@ -67,11 +73,11 @@ class Emulator(ManagedProcess):
 class Edge(ManagedProcess):
     """`python -m services.edge --config F`: a process of its own, so its RSS can be read."""
 
-    def __init__(self, config: Path, port: int, work: Path) -> None:
+    def __init__(self, config: Path, port: int, work: Path, name: str = "edge") -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.address = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "services.edge", "--config", str(config)]
-        super().__init__("edge", argv, work / "edge.log", _env())
+        super().__init__(name, argv, work / f"{name}.log", _env())
         self.wait_ready(self._answers, TIMEOUT, "edge")
 
     def _answers(self) -> bool:
@@ -85,11 +91,11 @@ class Edge(ManagedProcess):
 
 
 class Workers(ManagedProcess):
-    def __init__(self, config: Path, work: Path) -> None:
+    def __init__(self, config: Path, work: Path, name: str = "workers") -> None:
         # As users run them: `seawall worker`, with the processes and threads of the config.
         argv = [sys.executable, "-m", "services.cli", "worker", "--config", str(config)]
         env = {**_env(), "SEAWALL_CONFIG": str(config)}
-        super().__init__("workers", argv, work / "workers.log", env)
+        super().__init__(name, argv, work / f"{name}.log", env)
         self.wait_ready(
             lambda: "is ready for action" in self.log_path.read_text(errors="replace"),
             TIMEOUT,
@@ -101,12 +107,30 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEAWALL_", "REGISTRY_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    # The password the workers push to the second Seawall with (P10's rule).
+    env[PUSH_PASSWORD_ENV] = BENCH_USER[1]
     return env
 
 
-def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str, data_dir: Path) -> dict[str, Any]:
-    """`hub` caches with a long tag TTL (P1, P2), `hubttl0` revalidates every tag GET (P6)."""
-    proxy = {"type": "proxy", "public": True, "upstream": "hub"}
+def replication_rules() -> list[dict[str, Any]]:
+    """P9's pull rule with the defaults (and the same without referrers), P10's push rule."""
+    pull = {"mode": "pull", "source": "hub", "filters": {"name": REP_REPOS}, "destination": "mirror"}
+    return [
+        {"name": "bench-p9", **pull},
+        {"name": "bench-p9-norefs", **pull, "copy_referrers": False},
+        {
+            "name": "bench-p10",
+            "mode": "push",
+            "source": "mirror",
+            "filters": {"name": "mirror/bench-rep-*"},
+            "destination": "seawall-b",
+            "destination_namespace": "rep",
+        },
+    ]
+
+
+def site_config(port: int, redis_url: str, s3: Any, data_dir: Path, *, threads: int = 8) -> dict[str, Any]:
+    """What every Seawall of the bench shares: listen address, Redis, bucket, the bench user."""
     return {
         "listen": f"127.0.0.1:{port}",
         "data_dir": str(data_dir),
@@ -123,8 +147,33 @@ def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str, data_dir: P
         "log_level": "info",
         "edge_processes": 1,
         "worker_processes": 1,
-        "worker_threads": 8,
+        "worker_threads": threads,
         "users": [{"name": BENCH_USER[0], "password_hash": hash_password(BENCH_USER[1])}],
+    }
+
+
+def redis_db(url: str, db: int) -> str:
+    """The same Redis server, another database (each Seawall of the bench keeps its own keys)."""
+    return url.rsplit("/", 1)[0] + f"/{db}"
+
+
+def seawall_b_config(port: int, redis_url: str, s3: Any, data_dir: Path) -> dict[str, Any]:
+    """The push destination of P10: hosted projects `rep` (the rule's) and `sync` (skopeo's)."""
+    hosted = {"type": "hosted", "public": True, "push": [BENCH_USER[0]], "delete": [BENCH_USER[0]]}
+    return {
+        **site_config(port, redis_url, s3, data_dir),
+        "projects": [{"name": "rep", **hosted}, {"name": "sync", **hosted}],
+    }
+
+
+def seawall_config(
+    port: int, redis_url: str, s3: Any, hub_url: str, data_dir: Path, seawall_b_url: str
+) -> dict[str, Any]:
+    """`hub` caches with a long tag TTL (P1, P2), `hubttl0` revalidates every tag GET (P6);
+    `mirror` is P9's destination and P10's source, `seawall-b` P10's destination."""
+    proxy = {"type": "proxy", "public": True, "upstream": "hub"}
+    return {
+        **site_config(port, redis_url, s3, data_dir),
         "upstreams": [
             {
                 "name": "hub",
@@ -133,7 +182,15 @@ def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str, data_dir: P
                 # A paid account: no pull quota, and no per-minute cap to throttle the bench.
                 "quota": {"preset": "unlimited"},
                 "requests_per_minute": 1_000_000,
-            }
+            },
+            {
+                "name": "seawall-b",
+                "url": seawall_b_url,
+                "flavor": "registry",
+                "username": BENCH_USER[0],
+                "password_env": PUSH_PASSWORD_ENV,
+                "requests_per_minute": 0,
+            },
         ],
         "projects": [
             {
@@ -145,8 +202,10 @@ def seawall_config(port: int, redis_url: str, s3: Any, hub_url: str, data_dir: P
             },
             {"name": "hub", **proxy, "tag_ttl": "1h"},
             {"name": "hubttl0", **proxy, "tag_ttl": "0s"},
+            {"name": "mirror", "type": "hosted", "public": True, "push": [BENCH_USER[0]]},
         ],
         "mirror": {"default": "hub", "namespaces": {"docker.io": "hub"}},
+        "replication": replication_rules(),
     }
 
 
@@ -160,7 +219,9 @@ class Stack:
         self.workers: Workers
         self.dist_proxy: Distribution
         self.dist_hosted: Distribution
+        self.seawall_b: Edge
         self.config_path = self.work / "seawall.yaml"
+        self.config_b_path = self.work / "seawall-b.yaml"
 
     def start(self) -> Stack:
         try:
@@ -177,13 +238,26 @@ class Stack:
         redis = enter(start_redis(self.work / "redis"))
         s3 = enter(start_s3(self.work / "s3"))
         s3.ensure_bucket("seawall")
-        port = free_port()
-        config = seawall_config(port, redis.url, s3.settings("seawall"), self.hub.url, self.work / "data")
+        s3.ensure_bucket("seawall-b")
+        port, port_b = free_port(), free_port()
+        config_b = seawall_b_config(
+            port_b, redis_db(redis.url, 1), s3.settings("seawall-b"), self.work / "data-b"
+        )
+        self.config_b_path.write_text(yaml.safe_dump(config_b, sort_keys=False))
+        config = seawall_config(
+            port,
+            redis.url,
+            s3.settings("seawall"),
+            self.hub.url,
+            self.work / "data",
+            f"http://127.0.0.1:{port_b}",
+        )
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.edge = enter(Edge(self.config_path, port, self.work))
         self.workers = enter(Workers(self.config_path, self.work))
         self.dist_proxy = enter(start_distribution(self.work / "dist-proxy", proxy_url=self.hub.url))
         self.dist_hosted = enter(start_distribution(self.work / "dist-hosted"))
+        self.seawall_b = enter(Edge(self.config_b_path, port_b, self.work, name="edge-b"))
         self.redis, self.s3 = redis, s3
 
     def stop(self) -> None:
@@ -197,6 +271,7 @@ class Stack:
 
     def processes(self) -> dict[str, int]:
         names = ["upstream", "hub", "redis", "s3", "edge", "workers", "dist_proxy", "dist_hosted"]
+        names.append("seawall_b")
         return {n: getattr(self, n).pid for n in names if hasattr(self, n)}
 
 

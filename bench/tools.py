@@ -151,6 +151,23 @@ class Skopeo:
             raise ToolError(f"skopeo copy {src} {dest} failed: {done.stderr[-1500:]}")
         return elapsed
 
+    def sync(self, source_yaml: Path, dest: str, *, dest_creds: str | None = None) -> float:
+        """Seconds a `skopeo sync --src yaml --dest docker` of `source_yaml` to `dest` took."""
+        argv = [
+            str(self.binary), "--policy", str(self.work / "policy.json"),
+            "--registries.d", str(self.work / "registries.d"), "--tmpdir", str(self.work / "tmp"),
+            "sync", "--src", "yaml", "--dest", "docker", "--retry-times", "0", "--preserve-digests",
+            "--dest-tls-verify=false",
+            *(["--dest-creds", dest_creds] if dest_creds else ["--dest-no-creds"]),
+            str(source_yaml), dest,
+        ]  # fmt: skip
+        started = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=900, check=False)
+        elapsed = time.perf_counter() - started
+        if done.returncode != 0:
+            raise ToolError(f"skopeo sync {source_yaml} {dest} failed: {done.stderr[-1500:]}")
+        return elapsed
+
 
 class MemorySampler:
     """Samples a process's VmRSS every `interval` seconds in a thread; reads VmHWM at the end.
