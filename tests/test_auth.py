@@ -176,10 +176,12 @@ def bad_credentials(edge: EdgeServer, secret: bytes, hashes: dict[str, str]) -> 
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def callers(
     edge: EdgeServer, token_secret: bytes, user_hashes: dict[str, str]
 ) -> Iterator[dict[str, Caller]]:
+    """One set for the module: issuing the tokens costs a password check each, and nothing
+    here changes a caller."""
     made = {
         "anonymous": Caller(edge.url, None),
         "alice": Caller(edge.url, ALICE),

@@ -19,7 +19,7 @@ QUEUE = "wake-test"
 RECORD = Job("record", QUEUE)
 # Longer than the first message may take below: only a wake token gets it taken in time.
 # (Also how long the worker's threads take to notice the stop at teardown.)
-IDLE_MS = 8_000
+IDLE_MS = 3_000
 
 
 @pytest.fixture
