@@ -15,7 +15,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.cli import RET_KILLED
 from dramatiq.errors import ConnectionClosed
-from dramatiq.middleware import AsyncIO
+from dramatiq.middleware import AsyncIO, CurrentMessage
 from dramatiq.middleware.prometheus import Prometheus
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -157,6 +157,8 @@ def setup_broker(settings: Settings, *, read_timeout: float = READ_TIMEOUT_SECON
     # Actors are coroutines; this middleware runs them on one event loop per process.
     use_uvloop()
     broker.add_middleware(AsyncIO())
+    # Replication starts read their message's id (workers/actors/replication.py).
+    broker.add_middleware(CurrentMessage())
     # Prefetch and warm messages have their own queue, so a burst of them is visible
     # apart from client-driven fills (Dramatiq consumes both queues side by side).
     # No actor declares it for fill messages, so declare it here.

@@ -211,18 +211,24 @@ async def start_execution(
     trigger: str,
     only_repository: str | None = None,
     only_tag: str | None = None,
+    *,
+    claim: str | None = None,
 ) -> Execution:
     """Start an execution of the rule (see the module's docstring); the execution as it
-    stands once its first tasks are published (or skipped, or over at once)."""
+    stands once its first tasks are published (or skipped, or over at once). `claim` names
+    the request (the job message's id): the same request again resumes the execution it
+    started, planning it again (adding only tasks not yet added), as a redelivered message
+    must after its worker died while planning."""
     rule = ctx.settings.rule(rule_name)
     if rule is None:
         raise UnknownRule(f"no replication rule named {rule_name!r}")
     store = _store(ctx)
-    execution = await store.start(rule.name, trigger)
+    execution = await store.start(rule.name, trigger, claim=claim)
     bound = log.bind(rule=rule.name, execution=execution.id, trigger=trigger)
-    if execution.status is ExecutionStatus.SKIPPED:
-        REPLICATION_EXECUTIONS.labels(rule.name, ExecutionStatus.SKIPPED.value).inc()
-        bound.info("replication_skipped", reason=execution.message)
+    if execution.done:  # skipped; or this request's execution, over already
+        if execution.status is ExecutionStatus.SKIPPED:
+            REPLICATION_EXECUTIONS.labels(rule.name, ExecutionStatus.SKIPPED.value).inc()
+            bound.info("replication_skipped", reason=execution.message)
         return execution
     only = Only(only_repository, only_tag) if only_repository and only_tag else None
     try:

@@ -83,6 +83,15 @@ if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 return 1
 """
 
+# Drop the live records of an execution its workers left (its marker lapsed), which the
+# bucket now keeps as interrupted; not if it runs again (reopened: the marker names it).
+INTERRUPT = """
+if redis.call('get', KEYS[3]) == ARGV[1] then return 0 end
+if redis.call('hget', KEYS[1], 'status') ~= '"running"' then return 0 end
+redis.call('del', KEYS[1], KEYS[2])
+return 1
+"""
+
 # Renew the marker if this execution holds it (never shorten it).
 REFRESH = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end

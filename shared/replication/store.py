@@ -9,7 +9,10 @@ bucket: flushing Redis loses no finished history (the running ones are live stat
 
 A rule runs once at a time: its running marker holds the id of the execution that runs,
 with a TTL that task updates and `refresh` keep alive, so a marker whose workers all died
-lapses. A trigger that finds the marker taken is recorded as a skipped execution.
+lapses. A trigger that finds the marker taken is recorded as a skipped execution. A
+running execution whose marker lapsed lost its workers: it is finished as failed
+(interrupted) when next read. A start names its request (the job message's id): the same
+request again, redelivered after its worker died, resumes the execution it started.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ RUNNING_TTL_SECONDS = 600
 RECORD_TTL_SECONDS = 7 * 86400
 # A finished execution stays in Redis this long (the bucket has it for good).
 FINISHED_TTL_SECONDS = 3600
+# What an execution whose workers all died (its marker lapsed) says, and its unfinished tasks.
+INTERRUPTED = "interrupted: its workers stopped before it finished"
 
 _PREFIX = "seawall:replication"
 
@@ -61,6 +66,11 @@ def execution_key(execution_id: str) -> str:
 def tasks_key(execution_id: str) -> str:
     """A hash: task id -> the Task as JSON."""
     return f"{_PREFIX}:execution:{execution_id}:tasks"
+
+
+def claim_key(claim: str) -> str:
+    """The id of the execution a request (a job message) started."""
+    return f"{_PREFIX}:claim:{claim}"
 
 
 def index_key(rule: str | None) -> str:
@@ -111,12 +121,27 @@ class ExecutionStore:
 
     # Starting
 
-    async def start(self, rule: str, trigger: str) -> Execution:
+    async def start(self, rule: str, trigger: str, claim: str | None = None) -> Execution:
         """A new running execution of `rule`, holding its running marker; when another
-        execution of the rule still runs, a `skipped` one, already kept in the bucket."""
+        execution of the rule still runs, a `skipped` one, already kept in the bucket.
+
+        `claim` names the request (a job message's id): started again with it (the message
+        redelivered after its worker died, or retried), the execution it started is
+        returned as it stands, running (to be planned again) or over."""
         now = time.time()
+        execution_id = new_execution_id(now)
+        if claim is not None and not await self._redis.set(
+            claim_key(claim), execution_id, nx=True, ex=RECORD_TTL_SECONDS
+        ):
+            execution_id = _text(await self._redis.get(claim_key(claim)) or execution_id)
+            earlier = await self.execution(execution_id)
+            if earlier is not None and earlier.message != INTERRUPTED:
+                return earlier
+            if earlier is not None:  # interrupted (its marker lapsed): this request starts anew
+                execution_id = new_execution_id(now)
+                await self._redis.set(claim_key(claim), execution_id, ex=RECORD_TTL_SECONDS)
         execution = Execution.model_validate(
-            {"id": new_execution_id(now), "rule": rule, "trigger": trigger, "started": now}
+            {"id": execution_id, "rule": rule, "trigger": trigger, "started": now}
         )
         running = await self._take(execution)
         if running is None:
@@ -322,7 +347,7 @@ class ExecutionStore:
         """The execution as it is now: from Redis while it runs, else from the bucket."""
         live = await self._live(execution_id)
         if live is not None:
-            return live
+            return await self._unless_interrupted(live)
         record = await self._kept(execution_id)
         return record.execution if record else None
 
@@ -357,8 +382,10 @@ class ExecutionStore:
     async def _summary(self, execution_id: str, kept_key: str | None) -> Execution | None:
         """Redis first (the live state), then the summary the bucket keeps."""
         live = await self._live(execution_id)
-        if live is not None or kept_key is None:
-            return live
+        if live is not None:
+            return await self._unless_interrupted(live)
+        if kept_key is None:
+            return None
         try:
             return Execution.model_validate_json(await self._objects.get_bytes(kept_key))
         except ObjectMissing:
@@ -376,6 +403,23 @@ class ExecutionStore:
         if live is not None:
             return ExecutionRecord(execution=live, tasks=await self.tasks(execution_id))
         return await self._kept(execution_id)
+
+    async def _unless_interrupted(self, live: Execution) -> Execution:
+        """A running execution whose rule's marker no longer names it lost its workers (the
+        marker lapsed: nothing renewed it): finished as failed, with its unfinished tasks."""
+        if live.done or _text(await self._redis.get(running_key(live.rule)) or "") == live.id:
+            return live
+        now = time.time()
+        failed = {"status": TaskStatus.FAILED, "finished": now, "error": INTERRUPTED}
+        tasks = [t.model_copy(update=failed) if t.active else t for t in await self.tasks(live.id)]
+        update = {"status": ExecutionStatus.FAILED, "finished": now, "message": INTERRUPTED}
+        final = _counted(live, tasks).model_copy(update=update)
+        # Kept first: should the execution run again meanwhile (reopened), its finish rewrites it.
+        await self._keep(ExecutionRecord(execution=final, tasks=tasks))
+        keys = (execution_key(live.id), tasks_key(live.id), running_key(live.rule))
+        if not await self._redis.eval(scripts.INTERRUPT, 3, *keys, live.id):
+            return await self._live(live.id) or final
+        return final
 
     # The bucket
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import dramatiq
+from dramatiq.middleware import CurrentMessage
 
 from shared import jobs
 from workers import context
@@ -15,8 +16,8 @@ from workers.replication import UnknownRule, UnknownTask, run_task, start_execut
 JOB_RETRIES = 20
 
 
-# Retried when Redis or the bucket failed it. A start that got as far as taking the
-# rule's running marker is recorded as skipped when retried: the marker lapses by its TTL.
+# Retried when Redis or the bucket failed it. The message's id names the execution it
+# starts: retried, or redelivered after its worker died, it resumes that execution.
 @dramatiq.actor(
     actor_name=jobs.REPLICATE.actor,
     queue_name=jobs.REPLICATE.queue,
@@ -29,7 +30,9 @@ JOB_RETRIES = 20
 async def replicate_rule(
     rule: str, trigger: str, only_repository: str | None = None, only_tag: str | None = None
 ) -> None:
-    await start_execution(context.current(), rule, trigger, only_repository, only_tag)
+    message = CurrentMessage.get_current_message()
+    claim = message.message_id if message is not None else None
+    await start_execution(context.current(), rule, trigger, only_repository, only_tag, claim=claim)
 
 
 def _retry_when(retries: int, exception: BaseException) -> bool:

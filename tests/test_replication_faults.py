@@ -1,0 +1,226 @@
+"""Replication when workers die: real Dramatiq worker processes SIGKILLed while an execution is
+being planned, and while a task copies. Dramatiq's Redis broker gives a dead worker's unacked
+messages back to the queue once its heartbeat is older than the broker's heartbeat timeout,
+during the queue maintenance a small share of broker commands runs. The tests run that
+maintenance themselves (`_redeliver`), with a timeout of seconds, instead of waiting for
+the workers' minute and their chance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
+
+from shared import jobs
+from shared.registry import layout
+from shared.replication.records import Execution, ExecutionStatus, TaskStatus
+from shared.replication.store import INTERRUPTED, RUNNING_TTL_SECONDS, ExecutionStore, running_key
+from tests.fixtures.proxy import CacheStack, StackFactory, wait_for
+from tests.fixtures.servers import InProcessWorker, WorkerFactory
+from tests.support.distribution import Distribution
+from tests.support.dockerhub import DockerHubEmulator
+from tests.support.images import Image, make_image, make_layer
+from tests.support.seed import push_image
+
+KIB = 1024
+# A worker that has sent no broker command for this long counts as dead. Idle live workers
+# fetch about every second, so this is safely longer.
+HEARTBEAT_SECONDS = 2.5
+
+
+def _rule(name: str, repository: str) -> dict[str, Any]:
+    """A manual pull rule from the emulated Docker Hub into the hosted project `local`."""
+    return {
+        "name": name,
+        "mode": "pull",
+        "source": "hub",
+        "filters": {"name": repository},
+        "destination": "local",
+    }
+
+
+def _image(label: str, size: int = 4 * KIB) -> Image:
+    return make_image([make_layer(size=size, seed=label)], label=label)
+
+
+def _publish_start(redis_url: str, rule: str) -> None:
+    """A REPLICATE message, as the CLI, the scheduler or the edge publish it."""
+    broker = jobs.make_broker(redis_url)
+    try:
+        jobs.enqueue(broker, jobs.REPLICATE, (rule, "manual", None, None))
+    finally:
+        broker.close()
+
+
+def _redeliver(redis_url: str) -> None:
+    """Dramatiq's queue maintenance, now: the unacked replication messages of workers silent
+    for HEARTBEAT_SECONDS go back to their queue; then wake an idle worker for them."""
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
+        url=redis_url,
+        namespace=jobs.NAMESPACE,
+        heartbeat_timeout=int(HEARTBEAT_SECONDS * 1000),
+        maintenance_chance=MAINTENANCE_SCALE,
+    )
+    try:
+        for queue in (jobs.REPLICATION_QUEUE, f"{jobs.REPLICATION_QUEUE}.DQ"):
+            broker.do_qsize(queue)
+        broker.client.lpush(jobs.wake_key(jobs.REPLICATION_QUEUE), "1")
+    finally:
+        broker.close()
+
+
+def _stack(cache_stack: StackFactory, rule: str, repository: str) -> CacheStack:
+    return cache_stack(workers=0, replication=[_rule(rule, repository)])
+
+
+def _reader(worker_factory: WorkerFactory, stack: CacheStack) -> InProcessWorker:
+    """The test's own view of the stack's Redis and bucket (no upstreams: it only reads)."""
+    return worker_factory(projects=[{"name": "local", "type": "hosted"}], data_dir=stack.work_dir / "reader")
+
+
+def _executions(reader: InProcessWorker, rule: str) -> list[Execution]:
+    return reader.run(ExecutionStore(reader.context.redis, reader.context.objects).executions(rule))
+
+
+def _tagged(reader: InProcessWorker, repository: str, tag: str) -> str | None:
+    digest = reader.run(reader.context.repositories.resolve_tag(repository, tag))
+    return str(digest) if digest else None
+
+
+def _wait_done(
+    reader: InProcessWorker, rule: str, timeout: float, logs: Callable[[], str]
+) -> list[Execution]:
+    """The rule's executions once none of them runs."""
+    try:
+        wait_for(
+            lambda: all(e.done for e in _executions(reader, rule)) and bool(_executions(reader, rule)),
+            timeout,
+            "every execution of the rule over",
+        )
+    except Exception as exc:
+        raise AssertionError(f"{exc}; executions: {_executions(reader, rule)}\n{logs()}") from exc
+    return _executions(reader, rule)
+
+
+def test_a_start_whose_worker_died_while_planning_is_resumed_when_its_message_comes_back(
+    cache_stack: StackFactory,
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    images = {tag: _image(f"{name}:{tag}") for tag in ("v1", "v2")}
+    for tag, image in images.items():
+        push_image(distribution.url, name, image, tag=tag)
+    stack = _stack(cache_stack, "planned", name)
+    reader = _reader(worker_factory, stack)
+    doomed = stack.start_worker(threads=1)
+    # The first tags list hangs: the worker is still planning when it dies.
+    hub.stall("tags", 30, times=1)
+
+    _publish_start(redis_url, "planned")
+    wait_for(lambda: any(r.kind == "tags" for r in hub.requests), 10, "planning lists the tags")
+    [planning] = _executions(reader, "planned")
+    assert (planning.status, planning.total) == (ExecutionStatus.RUNNING, 0)
+    doomed.kill()
+    died = time.monotonic()
+    stack.start_worker(threads=2)
+    time.sleep(max(0.0, died + HEARTBEAT_SECONDS + 0.2 - time.monotonic()))
+    _redeliver(redis_url)
+
+    # The message came back to the other worker: it planned and ran the same execution,
+    # rather than finding the rule's marker taken by it and recording a skipped one.
+    [done] = _wait_done(reader, "planned", 20, stack.worker_logs)
+    assert done.id == planning.id
+    assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2)
+    destination = f"local/{name.split('/', 1)[1]}"
+    for tag, image in images.items():
+        assert _tagged(reader, destination, tag) == image.digest
+
+
+def test_a_task_whose_worker_was_killed_mid_copy_is_redelivered_and_the_execution_finishes(
+    cache_stack: StackFactory,
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    slow = _image(f"{name}:slow", size=512 * KIB)
+    images = {"slow": slow, "quick": _image(f"{name}:quick")}
+    for tag, image in images.items():
+        push_image(distribution.url, name, image, tag=tag)
+    [layer] = [digest for digest, data in slow.blobs.items() if data in slow.layers]
+    # Half a MiB at 64 KiB/s: the copy is well under way, not over, when its worker dies.
+    hub.throttle_blob(layer, 64 * KIB)
+    stack = _stack(cache_stack, "killed", name)
+    reader = _reader(worker_factory, stack)
+    doomed = stack.start_worker(threads=1)
+
+    _publish_start(redis_url, "killed")
+    wait_for(lambda: bool(hub.blob_gets(layer)), 15, "the slow layer being copied")
+    time.sleep(0.5)
+    [running] = _executions(reader, "killed")
+    store = ExecutionStore(reader.context.redis, reader.context.objects)
+    [copying] = [t for t in reader.run(store.tasks(running.id)) if t.tag == "slow"]
+    assert copying.status is TaskStatus.RUNNING
+    doomed.kill()
+    died = time.monotonic()
+    hub.throttle_blob(layer, None)
+    stack.start_worker(threads=2)
+    time.sleep(max(0.0, died + HEARTBEAT_SECONDS + 0.2 - time.monotonic()))
+    _redeliver(redis_url)
+
+    [done] = _wait_done(reader, "killed", 20, stack.worker_logs)
+    assert done.id == running.id
+    assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2)
+    destination = f"local/{name.split('/', 1)[1]}"
+    for tag, image in images.items():
+        assert _tagged(reader, destination, tag) == image.digest
+    # The bucket keeps it, the slow task run a second time.
+    kept = reader.run(reader.context.objects.get_bytes(layout.replication_execution(done.id)))
+    assert b'"succeeded"' in kept
+    assert len(hub.blob_gets(layer)) >= 2
+
+
+def test_an_execution_whose_workers_all_died_is_finished_as_interrupted_once_its_marker_lapses(
+    cache_stack: StackFactory,
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    push_image(distribution.url, name, _image(name), tag="v1")
+    stack = _stack(cache_stack, "orphaned", name)
+    reader = _reader(worker_factory, stack)
+    doomed = stack.start_worker(threads=1)
+    hub.stall("tags", 30, times=1)
+    _publish_start(redis_url, "orphaned")
+    wait_for(lambda: any(r.kind == "tags" for r in hub.requests), 10, "planning lists the tags")
+    doomed.kill()
+    [orphan] = _executions(reader, "orphaned")
+    assert orphan.status is ExecutionStatus.RUNNING
+    # Nobody renews the rule's marker now; it lapses (RUNNING_TTL_SECONDS), here at once.
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.pttl(running_key("orphaned")) > (RUNNING_TTL_SECONDS - 60) * 1000
+        client.delete(running_key("orphaned"))
+
+    # Read again, it is over: failed, saying why, kept in the bucket; the rule runs again.
+    [seen] = _executions(reader, "orphaned")
+    assert (seen.id, seen.status, seen.message) == (orphan.id, ExecutionStatus.FAILED, INTERRUPTED)
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+    store = ExecutionStore(reader.context.redis, reader.context.objects)
+    kept = reader.run(store.execution(orphan.id))
+    assert kept is not None
+    assert (kept.status, kept.message) == (ExecutionStatus.FAILED, INTERRUPTED)
+    again = reader.run(store.start("orphaned", "manual"))
+    assert again.status is ExecutionStatus.RUNNING
