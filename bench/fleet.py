@@ -112,12 +112,17 @@ def p11(ctx: Context) -> list[Row]:
                 f"P11 round {r + 1}: {sum(res['requests'] for res in results)} pulls, {errors} failed; "
                 f"upstream manifest GETs {n_manifest}, most GETs of a blob {most}; {describe(statuses)}"
             )
+        fallbacks = sum(
+            path.read_text(errors="replace").count("upstream_fallback")
+            for path in (ctx.work / "fleet").glob("site-*.log")
+        )
     note = (
         f"{SITES} edge Seawalls (edge + 1 worker process of 4 threads each; own bucket, own Redis "
         "database) with `upstreams: [central, hub]`, behind the stack's Seawall as central, behind the "
         f"emulator. {PULLS} pulls at once ({PULLS // SITES} per site, loadgen pull mode, blobs checked) "
         f"of a new 3-layer image ({3 * ctx.sizes.p4_layer // 2**20} MiB) each round; GETs answered "
-        f"200/206 by the emulator. Failed pulls: {failed}. Everything the emulator saw in round 1: "
+        f"200/206 by the emulator. Failed pulls: {failed}; fallbacks to the emulator the sites logged "
+        f"(`upstream_fallback`): {fallbacks}. Everything the emulator saw in round 1: "
         f"{describe(first)}"
     )
     workload = f"{PULLS} cold pulls over {SITES} edges via a central Seawall"
