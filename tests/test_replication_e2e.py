@@ -1,0 +1,139 @@
+"""Push replication end to end: a hosted project on one Seawall pushed to a second Seawall
+(its own bucket and Redis, a configured upstream with credentials) and to a CNCF
+Distribution, run through the job functions as workers run them; then skopeo pulls the
+images back from each destination and they are the bytes pushed at the source."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from services.embedded import S3Server
+from shared import jobs
+from shared.replication.records import Execution, ExecutionStatus
+from shared.replication.store import ExecutionStore
+from tests.fixtures.clients import Skopeo
+from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer, build_settings
+from tests.fixtures.servers import InProcessWorker, WorkerFactory
+from tests.support.distribution import Distribution
+from tests.support.images import Image, make_image, make_layer
+from tests.support.seed import push_image
+from workers.replication import run_task, start_execution
+
+KIB = 1024
+ALICE = ("alice", USERS["alice"])
+PASSWORD_ENV = "E2E_SITE_B_PASSWORD"
+TIMEOUTS = {"head_timeout": "2s", "read_timeout": "10s", "connect_timeout": "2s"}
+
+
+@pytest.fixture
+def site_b(redis_url: str, s3_server: S3Server, user_hashes: dict[str, str]) -> Iterator[EdgeServer]:
+    """A second Seawall: its own bucket and its own Redis database (the one after this test's)."""
+    bucket = f"site-b-{secrets.token_hex(3)}"
+    s3_server.ensure_bucket(bucket)
+    base, database = redis_url.rsplit("/", 1)
+    url = f"{base}/{int(database) % 1023 + 1}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    with EdgeServer(build_settings(url, s3_server.settings(bucket), user_hashes)) as server:
+        yield server
+
+
+def _drain(worker: InProcessWorker, redis_url: str) -> None:
+    """Run every queued replication job, as workers would, until none is queued."""
+    client = redis.Redis.from_url(redis_url)
+    queue = f"{jobs.NAMESPACE}:{jobs.REPLICATION_QUEUE}"
+    try:
+        while raw := client.hvals(f"{queue}.msgs"):
+            client.delete(f"{queue}.msgs", queue)
+            for message in sorted((json.loads(m) for m in raw), key=lambda m: m["message_timestamp"]):
+                if message["actor_name"] == jobs.REPLICATE.actor:
+                    worker.run(start_execution(worker.context, *message["args"]))
+                else:
+                    worker.run(run_task(worker.context, *message["args"]))
+    finally:
+        client.close()
+
+
+def _run(worker: InProcessWorker, redis_url: str, rule: str) -> Execution:
+    started = worker.run(start_execution(worker.context, rule, "manual"))
+    _drain(worker, redis_url)
+    found = worker.run(ExecutionStore(worker.context.redis, worker.context.objects).execution(started.id))
+    assert found is not None
+    return found
+
+
+def _pulled(
+    skopeo: Skopeo, reference: str, into: Path, creds: tuple[str, str] | None = None
+) -> dict[str, bytes]:
+    """What skopeo pulls of `reference` (docker://), by file name: manifest.json and blobs by hex."""
+    skopeo.copy(f"docker://{reference}", f"dir:{into}", src_creds=creds)
+    return {path.name: path.read_bytes() for path in into.iterdir() if path.name != "version"}
+
+
+def _expected(image: Image) -> dict[str, bytes]:
+    return {"manifest.json": image.manifest} | {d.split(":", 1)[1]: data for d, data in image.blobs.items()}
+
+
+def test_a_push_rule_copies_a_hosted_project_to_another_seawall_and_to_distribution(
+    edge_factory: EdgeFactory,
+    worker_factory: WorkerFactory,
+    site_b: EdgeServer,
+    distribution: Distribution,
+    skopeo: Skopeo,
+    repo_name: Callable[[], str],
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, USERS["alice"])
+    site_a = edge_factory()
+    repository = f"local/e2e-{secrets.token_hex(4)}"
+    images = {
+        tag: make_image(
+            [make_layer(size=300 * KIB, seed=f"{repository}:{tag}"), make_layer(size=20 * KIB, seed=tag)],
+            label=f"{repository}:{tag}",
+        )
+        for tag in ("v1", "v2")
+    }
+    for tag, image in images.items():
+        push_image(site_a.url, repository, image, tag, auth=ALICE)
+    rules: list[dict[str, Any]] = [
+        {"name": "to-b", "mode": "push", "source": "local", "destination": "site-b", "flatten": 0},
+        {"name": "to-dist", "mode": "push", "source": "local", "destination": "dist", "flatten": 0},
+    ]
+    for rule in rules:
+        rule["filters"] = {"name": repository}
+    worker = worker_factory(
+        upstreams=[
+            {
+                "name": "site-b",
+                "url": site_b.url,
+                "username": "alice",
+                "password_env": PASSWORD_ENV,
+                **TIMEOUTS,
+            },
+            {"name": "dist", "url": distribution.url, **TIMEOUTS},
+        ],
+        projects=[{"name": "local", "type": "hosted"}],
+        replication=rules,
+    )
+    size = sum(len(data) for image in images.values() for data in image.blobs.values())
+
+    for rule_name, url, creds in (("to-b", site_b.url, ALICE), ("to-dist", distribution.url, None)):
+        done = _run(worker, redis_url, rule_name)
+        assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2), done
+        assert done.bytes_moved == size
+        host = url.removeprefix("http://")
+        for tag, image in images.items():
+            pulled = _pulled(skopeo, f"{host}/{repository}:{tag}", tmp_path / f"{rule_name}-{tag}", creds)
+            assert pulled == _expected(image)
+        # A second run finds every tag in place: nothing moves.
+        again = _run(worker, redis_url, rule_name)
+        assert (again.status, again.succeeded, again.bytes_moved) == (ExecutionStatus.SUCCEEDED, 2, 0)
