@@ -1,16 +1,19 @@
-"""Push replication end to end: a hosted project on one Seawall pushed to a second Seawall
+"""Replication end to end. A push: a hosted project on one Seawall pushed to a second Seawall
 (its own bucket and Redis, a configured upstream with credentials) and to a CNCF
 Distribution, run through the job functions as workers run them; then skopeo pulls the
-images back from each destination and they are the bytes pushed at the source."""
+images back from each destination and they are the bytes pushed at the source. A pull
+against a small quota, run by real worker processes beside an edge serving clients."""
 
 from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -20,9 +23,11 @@ from shared.replication.records import Execution, ExecutionStatus
 from shared.replication.store import ExecutionStore
 from tests.fixtures.clients import Skopeo
 from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer, build_settings
+from tests.fixtures.proxy import StackFactory, wait_for
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
 from tests.support.distribution import Distribution
-from tests.support.images import Image, make_image, make_layer
+from tests.support.dockerhub import DockerHubEmulator
+from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer
 from tests.support.seed import push_image
 from workers.replication import run_task, start_execution
 
@@ -137,3 +142,87 @@ def test_a_push_rule_copies_a_hosted_project_to_another_seawall_and_to_distribut
         # A second run finds every tag in place: nothing moves.
         again = _run(worker, redis_url, rule_name)
         assert (again.status, again.succeeded, again.bytes_moved) == (ExecutionStatus.SUCCEEDED, 2, 0)
+
+
+def test_a_pull_run_under_a_small_quota_pauses_without_a_429_keeps_the_reserve_and_finishes_after_the_window(
+    cache_stack: StackFactory,
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+) -> None:
+    name = repo_name()
+    tags = [f"v{n}" for n in range(10)]
+    images = {
+        tag: make_image([make_layer(size=KIB, seed=f"{name}:{tag}")], label=f"{name}:{tag}") for tag in tags
+    }
+    for tag, image in images.items():
+        push_image(distribution.url, name, image, tag)
+    client_image = make_image([make_layer(size=KIB, seed=f"{name}:client")], label=f"{name}:client")
+    push_image(distribution.url, name, client_image, "client")
+    # Five pulls per 1.5 s: background work may take four of them, the reserve keeps one.
+    window = 1.5
+    hub.set_quota(limit=5, window_seconds=window)
+    filters = {"name": name, "tag": "v*"}
+    rule = {"name": "quota", "mode": "pull", "source": "hub", "destination": "local", "filters": filters}
+    stack = cache_stack(
+        workers=0,
+        upstream={"quota": {"limit": 5, "window": f"{window * 1000:.0f}ms", "reserve": 0.2}},
+        replication=[rule],
+    )
+    stack.start_worker(threads=4)
+    reader = worker_factory(
+        projects=[{"name": "local", "type": "hosted"}], data_dir=stack.work_dir / "reader"
+    )
+    store = ExecutionStore(reader.context.redis, reader.context.objects)
+    hub.reset_counters()
+
+    started = time.monotonic()
+    broker = jobs.make_broker(stack.edge.settings.redis_url or "")
+    try:
+        jobs.enqueue(broker, jobs.REPLICATE, ("quota", "manual", None, None))
+    finally:
+        broker.close()
+
+    def execution() -> Execution | None:
+        found = reader.run(store.executions("quota"))
+        return found[0] if found else None
+
+    def waiting() -> bool:
+        current = execution()
+        return current is not None and (current.message or "").startswith("waiting for quota")
+
+    wait_for(waiting, 10, "the execution waiting for quota")
+    paused = execution()
+    assert paused is not None
+    assert paused.status is ExecutionStatus.RUNNING
+    assert paused.succeeded < len(tags)
+    # A client pull meanwhile gets the reserve.
+    with httpx.Client(base_url=stack.edge.url, timeout=10) as client:
+        answer = client.get(f"/v2/hub/{name}/manifests/client", headers={"Accept": OCI_MANIFEST})
+    assert answer.status_code == 200, answer.text
+    assert answer.content == client_image.manifest
+
+    def over() -> bool:
+        current = execution()
+        return current is not None and current.done
+
+    try:
+        wait_for(over, 30, "the execution over")
+    except Exception as exc:
+        raise AssertionError(f"{exc}; {execution()}\n{stack.worker_logs()}") from exc
+    took = time.monotonic() - started
+    done = execution()
+    assert done is not None
+    assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, len(tags), len(tags))
+    assert done.message is None
+    # Ten pulls at four a window cannot fit in fewer than two windows.
+    assert took > 2 * window
+    assert [r for r in hub.requests if r.status == 429] == []
+    assert hub.pulls() == len(tags) + 1
+    destination = f"local/{name.split('/', 1)[1]}"
+    for tag, image in images.items():
+        digest = reader.run(reader.context.repositories.resolve_tag(destination, tag))
+        assert str(digest) == image.digest
+    for worker_process in stack.workers:
+        worker_process.kill()  # nothing of it is kept: no need to wait for a graceful stop

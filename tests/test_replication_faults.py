@@ -76,6 +76,12 @@ def _stack(cache_stack: StackFactory, rule: str, repository: str) -> CacheStack:
     return cache_stack(workers=0, replication=[_rule(rule, repository)])
 
 
+def _crash(stack: CacheStack) -> None:
+    """End the stack's workers at once: nothing of them is kept, no need for a graceful stop."""
+    for worker in stack.workers:
+        worker.kill()
+
+
 def _reader(worker_factory: WorkerFactory, stack: CacheStack) -> InProcessWorker:
     """The test's own view of the stack's Redis and bucket (no upstreams: it only reads)."""
     return worker_factory(projects=[{"name": "local", "type": "hosted"}], data_dir=stack.work_dir / "reader")
@@ -141,6 +147,7 @@ def test_a_start_whose_worker_died_while_planning_is_resumed_when_its_message_co
     destination = f"local/{name.split('/', 1)[1]}"
     for tag, image in images.items():
         assert _tagged(reader, destination, tag) == image.digest
+    _crash(stack)
 
 
 def test_a_task_whose_worker_was_killed_mid_copy_is_redelivered_and_the_execution_finishes(
@@ -183,6 +190,7 @@ def test_a_task_whose_worker_was_killed_mid_copy_is_redelivered_and_the_executio
     destination = f"local/{name.split('/', 1)[1]}"
     for tag, image in images.items():
         assert _tagged(reader, destination, tag) == image.digest
+    _crash(stack)
     # The bucket keeps it, the slow task run a second time.
     kept = reader.run(reader.context.objects.get_bytes(layout.replication_execution(done.id)))
     assert b'"succeeded"' in kept
