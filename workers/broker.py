@@ -38,6 +38,13 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 HEALTH_CHECK_SECONDS = 30
 # How much sooner than the read timeout a blocking wait for a wake token must end.
 _WAIT_MARGIN_SECONDS = 1.0
+# Share (per million) of broker commands that also run the queue's maintenance, which gives
+# the unacked messages of a worker silent for a minute (dead) back to the queue. An idle
+# worker process fetches each queue about once a second: with Dramatiq's 1000, one other
+# process took a dead one's message back some 17 minutes after the minute, on average,
+# longer than a replication execution's running marker lives (10 minutes); with 10000,
+# under two minutes after it.
+MAINTENANCE_CHANCE = 10_000
 
 # What a lost or stalled Redis raises. Dramatiq turns only connection errors into its
 # ConnectionClosed (consumers reconnect, acks are retried); a timeout would end up in its
@@ -153,7 +160,9 @@ def setup_broker(settings: Settings, *, read_timeout: float = READ_TIMEOUT_SECON
     if parent is not None and parent.pid is not None:
         _settle_worker_process(parent.pid)
     pool = connection_pool(settings.redis_url, read_timeout)
-    broker = WakeableRedisBroker(namespace=NAMESPACE, connection_pool=pool)  # type: ignore[no-untyped-call]
+    broker = WakeableRedisBroker(  # type: ignore[no-untyped-call]
+        namespace=NAMESPACE, connection_pool=pool, maintenance_chance=MAINTENANCE_CHANCE
+    )
     # Actors are coroutines; this middleware runs them on one event loop per process.
     use_uvloop()
     broker.add_middleware(AsyncIO())
