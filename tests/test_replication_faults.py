@@ -16,7 +16,7 @@ from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 
 from shared import jobs
 from shared.registry import layout
-from shared.replication.records import Execution, ExecutionStatus, TaskStatus
+from shared.replication.records import Execution, ExecutionStatus, Task, TaskStatus
 from shared.replication.store import INTERRUPTED, RUNNING_TTL_SECONDS, ExecutionStore, running_key
 from tests.fixtures.proxy import CacheStack, StackFactory, wait_for
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
@@ -197,7 +197,7 @@ def test_a_task_whose_worker_was_killed_mid_copy_is_redelivered_and_the_executio
     assert len(hub.blob_gets(layer)) >= 2
 
 
-def test_an_execution_whose_workers_all_died_is_finished_as_interrupted_once_its_marker_lapses(
+def test_an_execution_whose_worker_died_planning_is_finished_as_interrupted_once_its_marker_lapses(
     cache_stack: StackFactory,
     worker_factory: WorkerFactory,
     hub: DockerHubEmulator,
@@ -232,3 +232,31 @@ def test_an_execution_whose_workers_all_died_is_finished_as_interrupted_once_its
     assert (kept.status, kept.message) == (ExecutionStatus.FAILED, INTERRUPTED)
     again = reader.run(store.start("orphaned", "manual"))
     assert again.status is ExecutionStatus.RUNNING
+
+
+def test_an_execution_with_tasks_outlives_its_marker_and_finishes_when_its_tasks_do(
+    worker_factory: WorkerFactory, redis_url: str
+) -> None:
+    reader = worker_factory()
+    store = ExecutionStore(reader.context.redis, reader.context.objects)
+    execution = reader.run(store.start("queued", "manual"))
+    task = Task(
+        id=f"{execution.id}:0",
+        execution=execution.id,
+        rule="queued",
+        source_repository="library/a",
+        tag="v1",
+        destination_repository="local/a",
+    )
+    reader.run(store.add_tasks(execution.id, [task]))
+    # Its task's message waits in a busy queue longer than the marker lives: the task will
+    # still run, so the execution is not taken for interrupted.
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(running_key("queued"))
+    seen = reader.run(store.execution(execution.id))
+    assert seen is not None
+    assert seen.status is ExecutionStatus.RUNNING
+    reader.run(store.update_task(task.model_copy(update={"status": TaskStatus.SUCCEEDED})))
+    finished = reader.run(store.finish_if_done(execution.id))
+    assert finished is not None
+    assert finished.status is ExecutionStatus.SUCCEEDED

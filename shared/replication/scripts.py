@@ -83,12 +83,13 @@ if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 return 1
 """
 
-# Drop the live records of an execution its workers left (its marker lapsed), which the
-# bucket now keeps as interrupted; not if it runs again (reopened: the marker names it).
+# Finish an execution left by its worker while planning (its marker lapsed) with the fields
+# given; not if it runs again (the marker names it) or is over already.
 INTERRUPT = """
-if redis.call('get', KEYS[3]) == ARGV[1] then return 0 end
+if redis.call('get', KEYS[2]) == ARGV[1] then return 0 end
 if redis.call('hget', KEYS[1], 'status') ~= '"running"' then return 0 end
-redis.call('del', KEYS[1], KEYS[2])
+for i = 3, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('expire', KEYS[1], ARGV[2])
 return 1
 """
 

@@ -9,10 +9,10 @@ bucket: flushing Redis loses no finished history (the running ones are live stat
 
 A rule runs once at a time: its running marker holds the id of the execution that runs,
 with a TTL that task updates and `refresh` keep alive, so a marker whose workers all died
-lapses. A trigger that finds the marker taken is recorded as a skipped execution. A
-running execution whose marker lapsed lost its workers: it is finished as failed
-(interrupted) when next read. A start names its request (the job message's id): the same
-request again, redelivered after its worker died, resumes the execution it started.
+lapses. A trigger that finds the marker taken is recorded as a skipped execution. A start
+names its request (the job message's id): the same request again, redelivered after its
+worker died, resumes the execution it started; one that still has no tasks once its marker
+lapsed is finished as failed (interrupted) when next read.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ RUNNING_TTL_SECONDS = 600
 RECORD_TTL_SECONDS = 7 * 86400
 # A finished execution stays in Redis this long (the bucket has it for good).
 FINISHED_TTL_SECONDS = 3600
-# What an execution whose workers all died (its marker lapsed) says, and its unfinished tasks.
-INTERRUPTED = "interrupted: its workers stopped before it finished"
+# What an execution whose worker died while planning says once its marker has lapsed.
+INTERRUPTED = "interrupted: its worker stopped while planning it"
 
 _PREFIX = "seawall:replication"
 
@@ -405,19 +405,20 @@ class ExecutionStore:
         return await self._kept(execution_id)
 
     async def _unless_interrupted(self, live: Execution) -> Execution:
-        """A running execution whose rule's marker no longer names it lost its workers (the
-        marker lapsed: nothing renewed it): finished as failed, with its unfinished tasks."""
-        if live.done or _text(await self._redis.get(running_key(live.rule)) or "") == live.id:
+        """A running execution with no tasks whose rule's marker no longer names it lost its
+        worker while planning, and nothing will plan it now (a redelivered start that finds
+        it so starts anew): finished as failed. Tasks published are run and finish their
+        execution whenever a worker takes them (a dead worker's come back to the queue)."""
+        if live.done or live.total or _text(await self._redis.get(running_key(live.rule)) or "") == live.id:
             return live
-        now = time.time()
-        failed = {"status": TaskStatus.FAILED, "finished": now, "error": INTERRUPTED}
-        tasks = [t.model_copy(update=failed) if t.active else t for t in await self.tasks(live.id)]
-        update = {"status": ExecutionStatus.FAILED, "finished": now, "message": INTERRUPTED}
-        final = _counted(live, tasks).model_copy(update=update)
-        # Kept first: should the execution run again meanwhile (reopened), its finish rewrites it.
-        await self._keep(ExecutionRecord(execution=final, tasks=tasks))
-        keys = (execution_key(live.id), tasks_key(live.id), running_key(live.rule))
-        if not await self._redis.eval(scripts.INTERRUPT, 3, *keys, live.id):
+        final = live.model_copy(
+            update={"status": ExecutionStatus.FAILED, "finished": time.time(), "message": INTERRUPTED}
+        )
+        # Kept first: should the execution run again meanwhile (a resumed start), its finish rewrites it.
+        await self._keep(ExecutionRecord(execution=final))
+        keys = (execution_key(live.id), running_key(live.rule))
+        ttl = str(FINISHED_TTL_SECONDS)
+        if not await self._redis.eval(scripts.INTERRUPT, 2, *keys, live.id, ttl, *_fields(final)):
             return await self._live(live.id) or final
         return final
 
