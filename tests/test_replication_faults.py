@@ -260,3 +260,27 @@ def test_an_execution_with_tasks_outlives_its_marker_and_finishes_when_its_tasks
     finished = reader.run(store.finish_if_done(execution.id))
     assert finished is not None
     assert finished.status is ExecutionStatus.SUCCEEDED
+
+
+def test_a_start_names_its_request_and_the_same_request_again_resumes_or_starts_anew(
+    worker_factory: WorkerFactory, redis_url: str
+) -> None:
+    reader = worker_factory()
+    store = ExecutionStore(reader.context.redis, reader.context.objects)
+    first = reader.run(store.start("claimed", "manual", claim="message-1"))
+    # The same message again while its execution holds the marker: that execution.
+    again = reader.run(store.start("claimed", "manual", claim="message-1"))
+    assert (again.id, again.status) == (first.id, ExecutionStatus.RUNNING)
+    # Another message meanwhile is skipped, and stays skipped when it comes back.
+    other = reader.run(store.start("claimed", "cron", claim="message-2"))
+    assert other.status is ExecutionStatus.SKIPPED
+    assert reader.run(store.start("claimed", "cron", claim="message-2")).id == other.id
+    # Back only after the marker lapsed, with its execution interrupted: a new execution.
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(running_key("claimed"))
+    late = reader.run(store.start("claimed", "manual", claim="message-1"))
+    assert late.id != first.id
+    assert late.status is ExecutionStatus.RUNNING
+    interrupted = reader.run(store.execution(first.id))
+    assert interrupted is not None
+    assert (interrupted.status, interrupted.message) == (ExecutionStatus.FAILED, INTERRUPTED)
