@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def site_yaml(stack: Stack, index: int, port: int, work: Path) -> dict[str, Any]
 
 
 @contextlib.contextmanager
-def sites(ctx: Context, count: int) -> Any:
+def sites(ctx: Context, count: int) -> Iterator[list[Edge]]:
     """`count` edge sites (edge + workers each), stopped on the way out."""
     work = ctx.work / "fleet"
     work.mkdir(parents=True, exist_ok=True)
