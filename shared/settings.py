@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from croniter import croniter
-from pydantic import BaseModel, BeforeValidator, ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,25 +16,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shared.durations import Duration
+from shared.lifecycle.policies import CachePolicy, LifecycleSettings, ProjectGC, RetentionRule
 from shared.replication.rules import ReplicationRule, check_rules
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-
-
-def parse_duration(value: Any) -> Any:
-    """Accept `90`, `90s`, `5m`, `6h`, `1d` (and timedeltas) where a duration is expected."""
-    if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 6h, 1d")
-        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
 class S3Settings(BaseModel):
@@ -76,6 +59,22 @@ class Project(BaseModel):
     upstreams: list[str] = Field(default_factory=list)
     upstream: str | None = None
     tag_ttl: Duration = timedelta(minutes=5)
+    # The storage lifecycle (docs/storage.md): a hosted project's quota and tag retention,
+    # a proxy project's cache bounds, and what garbage collection may delete.
+    quota: ByteSize | None = None
+    retention: list[RetentionRule] = Field(default_factory=list)
+    cache: CachePolicy = Field(default_factory=CachePolicy)
+    gc: ProjectGC = Field(default_factory=ProjectGC)
+
+    @model_validator(mode="after")
+    def _lifecycle_fits_the_type(self) -> Project:
+        if self.type == "proxy":
+            for field in ("quota", "retention"):
+                if getattr(self, field):
+                    raise ValueError(f"project {self.name!r}: {field} applies to hosted projects only")
+        elif self.cache.max_bytes is not None or self.cache.evict_after is not None:
+            raise ValueError(f"project {self.name!r}: cache applies to proxy projects only")
+        return self
 
     @model_validator(mode="after")
     def _upstreams_listed(self) -> Project:
@@ -237,6 +236,8 @@ class Settings(BaseSettings):
     limits: EdgeLimits = Field(default_factory=EdgeLimits)
     logins: LoginSettings = Field(default_factory=LoginSettings)
     scrub: ScrubSettings = Field(default_factory=ScrubSettings)
+    # When garbage collection, cache eviction and tag retention run (docs/storage.md).
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     # Rules that copy images from upstreams into hosted projects and from projects to
     # upstreams (docs/replication.md).
     replication: list[ReplicationRule] = Field(default_factory=list)

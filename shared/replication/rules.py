@@ -27,58 +27,12 @@ from pydantic import (
 )
 from wcmatch import glob
 
+from shared.globs import GLOB_FLAGS, Patterns, name_globs, tag_globs
+
 # Rule names follow project names: they appear in Redis keys, bucket keys and metric labels.
 RULE_NAME = r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$"
 
-# `**` crosses `/` (any depth of repository path), `*` and `?` stay within one component,
-# `{a,b}` is either. Each pattern is matched whole.
-_GLOB_FLAGS = glob.GLOBSTAR | glob.BRACE
-# What a pattern may contain besides the glob syntax (`*?{},[]!`): the characters of a
-# repository name (lowercase, OCI's grammar) or of a tag. Anything else could never match.
-_NAME_GLOB = re.compile(r"^[a-z0-9._\-/*?{},\[\]!]+$")
-_TAG_GLOB = re.compile(r"^[A-Za-z0-9._\-*?{},\[\]!]+$")
 _NAMESPACE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-
-
-def _as_list(value: Any) -> Any:
-    """A filter accepts one pattern or a list of them; `null` means none."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return value
-
-
-def _check_glob(pattern: str, allowed: re.Pattern[str], what: str) -> str:
-    if not pattern:
-        raise ValueError(f"empty {what} pattern")
-    if not allowed.match(pattern):
-        raise ValueError(f"{what} pattern {pattern!r} has characters no {what} can contain")
-    depth = 0
-    in_class = False
-    for char in pattern:
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"{what} pattern {pattern!r} closes a '}}' it never opened")
-    if in_class:
-        raise ValueError(f"{what} pattern {pattern!r} leaves a '[' open")
-    if depth:
-        raise ValueError(f"{what} pattern {pattern!r} leaves a '{{' open")
-    try:
-        glob.translate(pattern, flags=_GLOB_FLAGS)
-    except Exception as exc:  # wcmatch's own refusals (e.g. a brace expansion too large)
-        raise ValueError(f"{what} pattern {pattern!r} is not a valid glob: {exc}") from None
-    return pattern
-
-
-Patterns = Annotated[list[str], BeforeValidator(_as_list)]
 
 
 class Filters(BaseModel):
@@ -91,25 +45,25 @@ class Filters(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_globs(cls, patterns: list[str]) -> list[str]:
-        return [_check_glob(p, _NAME_GLOB, "repository name") for p in patterns]
+        return name_globs(patterns)
 
     @field_validator("tag", "exclude_tag")
     @classmethod
     def _tag_globs(cls, patterns: list[str]) -> list[str]:
-        return [_check_glob(p, _TAG_GLOB, "tag") for p in patterns]
+        return tag_globs(patterns)
 
     def matches_repository(self, repository: str) -> bool:
-        return not self.name or glob.globmatch(repository, self.name, flags=_GLOB_FLAGS)
+        return not self.name or glob.globmatch(repository, self.name, flags=GLOB_FLAGS)
 
     def matches_tag(self, tag: str) -> bool:
-        if self.tag and not glob.globmatch(tag, self.tag, flags=_GLOB_FLAGS):
+        if self.tag and not glob.globmatch(tag, self.tag, flags=GLOB_FLAGS):
             return False
-        return not (self.exclude_tag and glob.globmatch(tag, self.exclude_tag, flags=_GLOB_FLAGS))
+        return not (self.exclude_tag and glob.globmatch(tag, self.exclude_tag, flags=GLOB_FLAGS))
 
     def literal_names(self) -> list[str]:
         """The name patterns that are plain names (no glob syntax): what a run lists when
         the source has no catalog (Docker Hub), where a pattern cannot be expanded."""
-        return [p for p in self.name if not glob.is_magic(p, flags=_GLOB_FLAGS)]
+        return [p for p in self.name if not glob.is_magic(p, flags=GLOB_FLAGS)]
 
 
 class ManualTrigger(BaseModel):

@@ -1,0 +1,1 @@
+"""The storage lifecycle: garbage collection, cache eviction, tag retention, quotas."""
