@@ -85,33 +85,17 @@ class RetentionRule(BaseModel):
         return matches(repository, self.repositories) and matches(tag, self.tags)
 
 
-class GCSchedule(BaseModel):
-    # Cron expression for the scheduled collection; `null` turns it off.
-    schedule: str | None = "0 4 * * *"
-    # A blob (or orphan) younger than this is never collected: a blob pushed just before
-    # its manifest, an upload or fill in progress.
-    grace: Duration = timedelta(hours=1)
-
-    _schedule = field_validator("schedule")(_cron)
-
-
-class EvictionSchedule(BaseModel):
-    schedule: str | None = "*/10 * * * *"
-    # Eviction brings a project over `max_bytes` down to (1 - headroom) * max_bytes.
-    headroom: float = Field(default=0.1, ge=0, lt=1)
-
-    _schedule = field_validator("schedule")(_cron)
-
-
-class RetentionSchedule(BaseModel):
-    schedule: str | None = "30 4 * * *"
-
-    _schedule = field_validator("schedule")(_cron)
-
-
 class LifecycleSettings(BaseModel):
-    """When the scheduler runs each lifecycle job (one at a time cluster-wide)."""
+    """When the scheduler runs each lifecycle job (one at a time cluster-wide); a `null`
+    schedule turns that job off."""
 
-    gc: GCSchedule = Field(default_factory=GCSchedule)
-    eviction: EvictionSchedule = Field(default_factory=EvictionSchedule)
-    retention: RetentionSchedule = Field(default_factory=RetentionSchedule)
+    gc_schedule: str | None = "0 4 * * *"
+    # A blob (or orphan) younger than this is never collected: a blob pushed just before
+    # its manifest, an upload or a fill in progress.
+    gc_grace: Duration = timedelta(hours=1)
+    eviction_schedule: str | None = "*/10 * * * *"
+    # Eviction brings a project over `max_bytes` down to (1 - headroom) * max_bytes.
+    eviction_headroom: float = Field(default=0.1, ge=0, lt=1)
+    retention_schedule: str | None = "30 4 * * *"
+
+    _schedules = field_validator("gc_schedule", "eviction_schedule", "retention_schedule")(_cron)
