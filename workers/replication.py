@@ -4,15 +4,18 @@ An execution starts with `start_execution` (the REPLICATE job): the rule's runni
 is taken (a trigger that finds another execution of the rule running is recorded as
 skipped), the source is listed and one task per tag is added. Its tasks are published a
 few at a time (`TASKS_IN_FLIGHT`): each task that ends publishes the next, so one big
-execution never takes every worker thread from the fills clients wait for.
+execution never takes every worker thread from the fills clients wait for; none is lost to
+a worker that dies while publishing (workers/replication_dispatch.py).
 
 A task (`run_task`, the REPLICATE_TASK job) copies its tag at background priority, so its
 manifest GETs never touch the quota reserve of client pulls. When the governor refuses,
 the task waits (status `waiting`, the execution says until when) and its message comes
 back then; other failures are tried again with backoff, `MAX_TASK_ATTEMPTS` times in all,
 except those that will not change (a tag gone from the source, a refused push). A running
-task checks every few seconds whether its execution was asked to stop. Every step is safe
-to repeat: a redelivered task copies only what is missing.
+task checks every few seconds whether its execution was asked to stop. Tasks copying at
+the same moment send a blob they share once (the blob gate, shared/replication/
+coordination.py). Every step is safe to repeat: a redelivered task copies only what is
+missing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from collections.abc import AsyncIterator
 import structlog
 from redis.exceptions import RedisError
 
-from shared import jobs
 from shared.metrics import (
     REPLICATION_BYTES,
     REPLICATION_EXECUTIONS,
@@ -34,6 +36,7 @@ from shared.metrics import (
 )
 from shared.oci.errors import RegistryError
 from shared.ratelimit import background
+from shared.replication.coordination import RedisBlobGate, RedisListedTags, save_listed_tags
 from shared.replication.copy import CopyResult, QuotaWait, copy_tag
 from shared.replication.endpoints import Destination, Missing, Source, endpoints_for
 from shared.replication.records import (
@@ -46,9 +49,10 @@ from shared.replication.records import (
 )
 from shared.replication.rules import ReplicationRule
 from shared.replication.run import Only, delete_missing, list_source, retry_failed, tasks_for
-from shared.replication.store import RECORD_TTL_SECONDS, ExecutionStore
+from shared.replication.store import ExecutionStore
 from shared.upstream import UpstreamFailure
 from workers.context import WorkerContext
+from workers.replication_dispatch import START, dispatch, publish_stale, publish_tasks
 
 log = structlog.get_logger("worker")
 
@@ -79,11 +83,6 @@ class _Stopped(Exception):
     """The execution was asked to stop while the task copied."""
 
 
-def dispatched_key(execution_id: str) -> str:
-    """How many of the execution's tasks, in order, have been published (a counter)."""
-    return f"seawall:replication:execution:{execution_id}:dispatched"
-
-
 def _store(ctx: WorkerContext) -> ExecutionStore:
     return ExecutionStore(ctx.redis, ctx.objects)
 
@@ -106,41 +105,6 @@ async def _endpoints(ctx: WorkerContext, rule: ReplicationRule) -> tuple[Source,
         objects=ctx.objects,
         upstreams=ctx.upstreams,
     )
-
-
-async def publish_tasks(ctx: WorkerContext, task_ids: list[str]) -> None:
-    """One REPLICATE_TASK message per task id."""
-    if not task_ids:
-        return
-    redis_url = ctx.settings.redis_url
-    assert redis_url is not None  # a WorkerContext is only built with one
-
-    def publish() -> None:
-        broker = jobs.make_broker(redis_url)
-        try:
-            for one in task_ids:
-                jobs.enqueue(broker, jobs.REPLICATE_TASK, (one,))
-        finally:
-            broker.close()
-
-    # The broker's client is synchronous; keep the event loop free meanwhile.
-    await asyncio.to_thread(publish)
-
-
-async def _dispatch(ctx: WorkerContext, store: ExecutionStore, execution_id: str, count: int) -> None:
-    """Publish the execution's next `count` tasks not yet published, in planned order."""
-    execution = await store.execution(execution_id)
-    if execution is None or execution.done:
-        return
-    key = dispatched_key(execution_id)
-    chosen = []
-    for _ in range(count):
-        taken = int(await ctx.redis.incr(key))
-        if taken > execution.total:
-            break
-        chosen.append(task_id(execution_id, taken - 1))
-    await ctx.redis.expire(key, RECORD_TTL_SECONDS)
-    await publish_tasks(ctx, chosen)
 
 
 @contextlib.asynccontextmanager
@@ -189,6 +153,12 @@ async def _plan(
     source, destination = await _endpoints(ctx, rule)
     listing = await list_source(rule, source, only)
     tasks = tasks_for(rule, listing, execution.id)
+    try:
+        # Before any task is published: its copy reads them.
+        await save_listed_tags(ctx.redis, execution.id, listing.scheme_tags)
+    except RedisError as exc:
+        # The tasks ask the source for each tag-scheme tag instead.
+        log.warning("replication_listed_tags_unsaved", rule=rule.name, execution=execution.id, error=str(exc))
     deleted: list[str] = []
     try:
         # Before any copy is published: the execution must not finish before this step
@@ -244,7 +214,7 @@ async def start_execution(
         "replication_planned", tasks=len(tasks), only=f"{only_repository}:{only_tag}" if only else None
     )
     if any(task.active for task in tasks):
-        await _dispatch(ctx, store, execution.id, TASKS_IN_FLIGHT)
+        await dispatch(ctx, store, execution.id, START, TASKS_IN_FLIGHT)
     else:
         await _finish(store, execution.id)
     return await store.execution(execution.id) or execution
@@ -269,8 +239,10 @@ async def _finish(store: ExecutionStore, execution_id: str) -> Execution | None:
 
 
 async def _ended(ctx: WorkerContext, store: ExecutionStore, task: Task) -> None:
-    """A task is over: publish the execution's next one, or close the execution."""
-    await _dispatch(ctx, store, task.execution, 1)
+    """A task is over: publish the execution's next one (and any a dead worker claimed
+    without publishing), or close the execution."""
+    await dispatch(ctx, store, task.execution, task.id, 1)
+    await publish_stale(ctx, task.execution)
     await _finish(store, task.execution)
 
 
@@ -311,6 +283,8 @@ async def _copy(ctx: WorkerContext, store: ExecutionStore, rule: ReplicationRule
                 copy_referrers=rule.copy_referrers,
                 bandwidth=rule.bandwidth,
                 log=note,
+                gate=RedisBlobGate(ctx.redis, destination.name),
+                listed_tags=RedisListedTags(ctx.redis, task.execution, task.source_repository),
             )
         )
     saved = lines
@@ -406,6 +380,7 @@ async def run_task(ctx: WorkerContext, task_id_: str) -> Task:
         bytes=result.bytes_moved,
         blobs_copied=result.blobs_copied,
         blobs_present=result.blobs_present,
+        blob_waits=result.blob_waits,
         skipped=result.skipped,
     )
     return await _end(ctx, store, task)

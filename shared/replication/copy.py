@@ -13,7 +13,15 @@ may run twice; a re-run of a finished execution moves nothing):
 3. Manifests go up children first, the tag last, so a client never sees a tag whose
    content is incomplete.
 4. Referrers travel too: those the referrers API lists for each copied manifest and the
-   `sha256-<hex>.sig` / `.att` / `.sbom` tags of the tag scheme, and theirs in turn.
+   `sha256-<hex>.sig` / `.att` / `.sbom` tags of the tag scheme, and theirs in turn. When
+   the run listed the source repository (`ListedTags`), only the tag-scheme tags it found
+   are asked for; otherwise each is looked up with a HEAD.
+
+Two optional collaborators make concurrent tasks cheaper without changing what a copy
+does: a `BlobGate` sends each blob to a destination once however many tasks need it at
+the same moment (the others wait, then find it there or mount it), and `ListedTags` saves
+the HEADs of tag-scheme tags the source does not have. Without them (or when they cannot
+answer) a copy works alone, as it always could.
 
 When the upstream's governor refuses a request (or the upstream answers 429), the copy
 raises `QuotaWait` so that the task waits for the window to reopen instead of failing.
@@ -22,11 +30,12 @@ raises `QuotaWait` so that the task waits for the window to reopen instead of fa
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -44,12 +53,53 @@ BLOB_CONCURRENCY = 4
 MAX_DEPTH = 4
 # The tag scheme of cosign and others: `sha256-<hex>.sig` next to the image it signs.
 REFERRER_TAG_SUFFIXES = (".sig", ".att", ".sbom")
+# Any tag of that scheme, whatever the digest's algorithm.
+_SCHEME_TAG = re.compile(r"^[a-z0-9]+-[0-9a-f]+\.(?:sig|att|sbom)$")
 # Upstream failures that mean "not now": the governor holding back, or a 429.
 QUOTA_KINDS = frozenset({"governor", "quota", "abuse"})
 # When a refusal does not say when the upstream reopens.
 DEFAULT_WAIT_SECONDS = 60.0
 
 Log = Callable[[str], None]
+
+
+def is_scheme_tag(tag: str) -> bool:
+    """A tag of the referrer tag scheme (`<algorithm>-<hex>.sig`, `.att`, `.sbom`)."""
+    return bool(_SCHEME_TAG.match(tag))
+
+
+class BlobPass(Protocol):
+    """Leave to send one blob to the destination; `release()` it when done, sent or not."""
+
+    # A repository of the destination where a task stored the blob lately (None if unknown).
+    located: str | None
+
+    async def sent(self, repository: str) -> None:
+        """The blob is stored in `repository`: tasks waiting for it may mount it from there."""
+        ...
+
+    async def release(self) -> None: ...
+
+
+class BlobGate(Protocol):
+    """One upload per blob and destination across the tasks running at once."""
+
+    async def enter(self, digest: str) -> BlobPass | None:
+        """Leave to send `digest`; None while another task sends it. A gate that cannot
+        tell (its store away) gives leave, so the copy goes on without it."""
+        ...
+
+    async def wait(self, digest: str) -> None:
+        """Return once the task sending `digest` is done, or known to have stopped."""
+        ...
+
+
+class ListedTags(Protocol):
+    """The referrer tag-scheme tags the run found listing the source repository."""
+
+    async def present(self, tags: Sequence[str]) -> set[str] | None:
+        """Those of `tags` the listing found; None when it is not known (ask the source)."""
+        ...
 
 
 class CopyResult(BaseModel):
@@ -64,6 +114,7 @@ class CopyResult(BaseModel):
     referrers: int = 0  # referrer manifests pushed (counted in `manifests` too)
     skipped: bool = False  # the destination tag already pointed at the same digest
     kept: bool = False  # the destination tag pointed elsewhere and the rule does not overwrite
+    blob_waits: int = 0  # blobs waited for while another task sent them
 
 
 class QuotaWait(Exception):
@@ -117,6 +168,8 @@ async def copy_tag(
     copy_referrers: bool,
     bandwidth: int | None,
     log: Log,
+    gate: BlobGate | None = None,
+    listed_tags: ListedTags | None = None,
 ) -> CopyResult:
     """Copy `source_repository:tag` to `destination_repository:tag` (see the module's
     docstring). Raises `QuotaWait` when an upstream's quota holds the copy back, `Missing`
@@ -129,6 +182,8 @@ async def copy_tag(
         overwrite=overwrite,
         bandwidth=bandwidth,
         log=log,
+        gate=gate,
+        listed_tags=listed_tags,
     )
     try:
         return await copier.copy(tag, copy_referrers=copy_referrers)
@@ -166,6 +221,8 @@ class _TagCopier:
         overwrite: bool,
         bandwidth: int | None,
         log: Log,
+        gate: BlobGate | None = None,
+        listed_tags: ListedTags | None = None,
     ) -> None:
         self._source = source
         self._destination = destination
@@ -174,6 +231,8 @@ class _TagCopier:
         self._overwrite = overwrite
         self._bandwidth = bandwidth
         self._log = log
+        self._gate = gate
+        self._listed_tags = listed_tags
         self._blobs_seen: set[str] = set()
         self._referrers_seen: set[str] = set()
         self._pushed: list[str] = []
@@ -242,26 +301,66 @@ class _TagCopier:
         await _all(self._copy_blob(descriptor) for descriptor in wanted)
 
     async def _copy_blob(self, descriptor: Descriptor) -> None:
+        """Send the blob unless the destination repository has it or can mount it. With a
+        gate, only one task sends it: the others wait (without a slot), then look again."""
         digest = str(descriptor.digest)
+        waited_since: float | None = None
+        while True:
+            async with self._slots:
+                if await self._held(digest):
+                    self._waited(digest, waited_since, "copied by another task")
+                    return
+                if self._gate is None:
+                    await self._send(descriptor)
+                    return
+                gate_pass = await self._gate.enter(digest)
+                if gate_pass is not None:
+                    try:
+                        # Sent by a task that let go between our look and our entry?
+                        if gate_pass.located and await self._held(digest, gate_pass.located):
+                            self._waited(digest, waited_since, "copied by another task")
+                            return
+                        self._waited(digest, waited_since, "whose sender stopped or failed: sending it")
+                        await self._send(descriptor)
+                        await gate_pass.sent(self._to)
+                    finally:
+                        await gate_pass.release()
+                    return
+            if waited_since is None:
+                waited_since = time.monotonic()
+                self.result.blob_waits += 1
+            await self._gate.wait(digest)
+
+    def _waited(self, digest: str, since: float | None, outcome: str) -> None:
+        if since is not None:
+            seconds = time.monotonic() - since
+            self._log(f"waited {seconds:.1f}s for blob {short(digest)} {outcome}")
+
+    async def _held(self, digest: str, origin: str | None = None) -> bool:
+        """Whether the destination repository holds the blob, or now does by a mount (from
+        `origin`, else from where the destination knows of it)."""
         result = self.result
-        async with self._slots:
-            if await self._destination.has_blob(self._to, digest):
-                result.blobs_present += 1
-                return
-            if await self._destination.mount(self._to, digest):
-                result.blobs_present += 1
-                result.blobs_mounted += 1
-                self._log(f"mounted blob {short(digest)}")
-                return
+        if await self._destination.has_blob(self._to, digest):
+            result.blobs_present += 1
+            return True
+        if await self._destination.mount(self._to, digest, origin):
+            result.blobs_present += 1
+            result.blobs_mounted += 1
+            self._log(f"mounted blob {short(digest)}")
+            return True
+        return False
 
-            def open_source(offset: int) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-                return self._source.open_blob(self._from, digest, offset)
+    async def _send(self, descriptor: Descriptor) -> None:
+        digest = str(descriptor.digest)
 
-            sent = await self._destination.put_blob(
-                self._to, digest, descriptor.size, open_source, self._bandwidth
-            )
-        result.bytes_moved += sent
-        result.blobs_copied += 1
+        def open_source(offset: int) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+            return self._source.open_blob(self._from, digest, offset)
+
+        sent = await self._destination.put_blob(
+            self._to, digest, descriptor.size, open_source, self._bandwidth
+        )
+        self.result.bytes_moved += sent
+        self.result.blobs_copied += 1
         self._log(f"copied blob {short(digest)} ({size_text(descriptor.size)})")
 
     async def _copy_referrers(self, subject: str, *, depth: int) -> None:
@@ -274,16 +373,25 @@ class _TagCopier:
             digest = descriptor.get("digest")
             if isinstance(digest, str) and await self._copy_referrer(digest, digest):
                 followed.append(digest)
-        algorithm, _, encoded = subject.partition(":")
-        for suffix in REFERRER_TAG_SUFFIXES:
-            tag = f"{algorithm}-{encoded}{suffix}"
-            if not is_valid_tag(tag):
-                break  # a digest too long to be named in a tag (sha512)
+        for tag in await self._scheme_tags(subject):
             digest = await self._source.manifest_digest(self._from, tag)
             if digest is not None and await self._copy_referrer(tag, digest):
                 followed.append(digest)
         for digest in followed:
             await self._copy_referrers(digest, depth=depth + 1)
+
+    async def _scheme_tags(self, subject: str) -> list[str]:
+        """The tag-scheme tags of `subject` to look up at the source: those the run's
+        listing found, or all three when it is not known."""
+        algorithm, _, encoded = subject.partition(":")
+        # A digest too long to be named in a tag (sha512) has none.
+        tags = [
+            tag for suffix in REFERRER_TAG_SUFFIXES if is_valid_tag(tag := f"{algorithm}-{encoded}{suffix}")
+        ]
+        if not tags or self._listed_tags is None:
+            return tags
+        listed = await self._listed_tags.present(tags)
+        return tags if listed is None else [tag for tag in tags if tag in listed]
 
     async def _copy_referrer(self, reference: str, digest: str) -> bool:
         """Copy one referrer manifest under `reference` (its digest, or its tag); False when

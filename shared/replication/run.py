@@ -6,7 +6,9 @@ the governor's request rate behind client pulls: the catalog where the source ha
 (else the literal names of the rule's name filter: Docker Hub has no catalog), then each
 repository's tags, kept when the filters match. Tags of the referrer tag scheme
 (`sha256-<hex>.sig`, `.att`, `.sbom`) are not planned on their own: they travel with the
-image they refer to (see shared/replication/copy.py).
+image they refer to (see shared/replication/copy.py). When the rule copies referrers, the
+listing keeps those tags per repository, so that the tasks look up only the ones the
+source has rather than asking it for each with a HEAD.
 
 The workers (workers/replication.py) and the CLI share the rest: what a stop or a retry
 does to the records is the same whoever asks.
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from shared.ratelimit import background
-from shared.replication.copy import QuotaWait, quota_wait
+from shared.replication.copy import QuotaWait, is_scheme_tag, quota_wait
 from shared.replication.endpoints import Destination, ListingUnsupported, Source
 from shared.replication.records import Task, TaskStatus, task_id
 from shared.replication.rules import ReplicationRule
@@ -49,6 +51,9 @@ class Listing:
     """What a run found at the source: each repository listed, with its tags to copy."""
 
     tags: dict[str, list[str]] = field(default_factory=dict)
+    # The referrer tag-scheme tags found in each repository listed (when the rule copies
+    # referrers); a repository missing here was not listed (an on-push run).
+    scheme_tags: dict[str, list[str]] = field(default_factory=dict)
     # False when only part of the source was looked at (an on-push run): nothing may be
     # deleted at the destination on its account.
     complete: bool = True
@@ -108,6 +113,8 @@ async def list_source(rule: ReplicationRule, source: Source, only: Only | None =
         for name in names:
             tags = await _listed(partial(source.tags, name), f"the tags of {name}")
             listing.tags[name] = sorted(tag for tag in tags if wanted_tag(rule, tag))
+            if rule.copy_referrers:
+                listing.scheme_tags[name] = sorted(tag for tag in tags if is_scheme_tag(tag))
     return listing
 
 
