@@ -158,3 +158,56 @@ def declare_replication_series(rules: list[str]) -> None:
             REPLICATION_TASKS.labels(rule, result)
         REPLICATION_BYTES.labels(rule)
         REPLICATION_QUOTA_WAITS.labels(rule)
+
+
+# The storage lifecycle (shared/lifecycle/, docs/storage.md). `job` is gc, eviction or
+# retention; `kind` what was deleted (blob, manifest, tag, link, ...: a handful of values);
+# outcomes are succeeded, failed and busy (another lifecycle job held the lease).
+LIFECYCLE_JOBS = ("gc", "eviction", "retention")
+LIFECYCLE_OUTCOMES = ("succeeded", "failed", "busy")
+LIFECYCLE_RECLAIMED_BYTES = Counter(
+    "seawall_lifecycle_reclaimed_bytes_total",
+    "Bytes deleted by garbage collection, eviction and retention, by job and kind of object",
+    ["job", "kind"],
+)
+LIFECYCLE_RECLAIMED_OBJECTS = Counter(
+    "seawall_lifecycle_reclaimed_objects_total",
+    "Objects deleted by garbage collection, eviction and retention, by job and kind of object",
+    ["job", "kind"],
+)
+LIFECYCLE_RUNS = Counter(
+    "seawall_lifecycle_runs_total", "Lifecycle runs ended, by job and outcome", ["job", "outcome"]
+)
+# Declared at zero for each job as a worker starts, so that an alert can tell "never" from
+# "not scraped": `max()` over the workers is the last success anywhere.
+LIFECYCLE_LAST_SUCCESS = Gauge(
+    "seawall_lifecycle_last_success_timestamp_seconds",
+    "When the last successful (not dry) run of each lifecycle job finished (Unix time; 0: none yet)",
+    ["job"],
+    multiprocess_mode="max",
+)
+# A hosted project's usage (the unique bytes its manifests reference, what its quota counts)
+# or a proxy project's cached bytes, as last measured.
+PROJECT_BYTES = Gauge(
+    "seawall_project_bytes",
+    "Unique bytes a project's images reference (hosted: its quota usage; proxy: its cache)",
+    ["project"],
+    multiprocess_mode="mostrecent",
+)
+PROJECT_LIMIT_BYTES = Gauge(
+    "seawall_project_limit_bytes",
+    "A project's configured bound: a hosted project's quota, a proxy project's cache max_bytes",
+    ["project"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def declare_lifecycle_series(limits: dict[str, int]) -> None:
+    """The lifecycle series at zero, and each bounded project's limit (`limits`: project ->
+    quota or cache max_bytes)."""
+    for job in LIFECYCLE_JOBS:
+        for outcome in LIFECYCLE_OUTCOMES:
+            LIFECYCLE_RUNS.labels(job, outcome)
+        LIFECYCLE_LAST_SUCCESS.labels(job)
+    for project, limit in limits.items():
+        PROJECT_LIMIT_BYTES.labels(project).set(limit)

@@ -18,6 +18,13 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from shared.leases import Lease
+from shared.metrics import (
+    LIFECYCLE_LAST_SUCCESS,
+    LIFECYCLE_RECLAIMED_BYTES,
+    LIFECYCLE_RECLAIMED_OBJECTS,
+    LIFECYCLE_RUNS,
+    PROJECT_BYTES,
+)
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore
 from shared.registry.storage import ObjectStore
@@ -70,6 +77,9 @@ class LifecycleReport(BaseModel):
     deleted: dict[str, Tally] = Field(default_factory=dict)
     items: list[str] = Field(default_factory=list)
     items_omitted: int = 0
+    # The project's bytes after the run, where the job measured them (eviction: the cache's
+    # bytes; retention: the usage): exported as seawall_project_bytes{project}.
+    project_bytes: int | None = None
 
     def deleting(self, kind: str, size: int = 0, item: str | None = None, count: int = 1) -> None:
         """Count one deletion (done, or to be done in a dry run) of `kind`."""
@@ -107,3 +117,66 @@ async def exclusive(redis: Redis, job: Job) -> AsyncIterator[Lease]:
         raise Busy(f"another lifecycle job (gc, eviction or retention) is running; {job} not started")
     async with lease.heartbeat():
         yield lease
+
+
+def record(report: LifecycleReport) -> None:
+    """Count a finished run in the metrics: its outcome, what it reclaimed (not in a dry run)
+    and, for a successful real run, when it finished."""
+    LIFECYCLE_RUNS.labels(report.job, report.outcome).inc()
+    if report.dry_run:
+        return
+    # A failed run may have deleted some of its batches before it failed: those count too.
+    for kind, tally in report.deleted.items():
+        LIFECYCLE_RECLAIMED_OBJECTS.labels(report.job, kind).inc(tally.objects)
+        LIFECYCLE_RECLAIMED_BYTES.labels(report.job, kind).inc(tally.bytes)
+    if report.outcome == "succeeded":
+        LIFECYCLE_LAST_SUCCESS.labels(report.job).set(report.started + report.seconds)
+    if report.project is not None and report.project_bytes is not None:
+        PROJECT_BYTES.labels(report.project).set(report.project_bytes)
+
+
+# Which projects each per-project job applies to, and why one does not.
+
+
+def evicted_projects(settings: Settings) -> list[str]:
+    """Proxy projects with a cache bound (`max_bytes` or `evict_after`): eviction runs on these."""
+    return [
+        p.name
+        for p in settings.projects
+        if p.type == "proxy" and (p.cache.max_bytes is not None or p.cache.evict_after is not None)
+    ]
+
+
+def retained_projects(settings: Settings) -> list[str]:
+    """Hosted projects with retention rules: retention runs on these."""
+    return [p.name for p in settings.projects if p.type == "hosted" and p.retention]
+
+
+def project_limits(settings: Settings) -> dict[str, int]:
+    """Each bounded project's limit: a hosted project's quota, a proxy project's cache max_bytes."""
+    limits = {}
+    for project in settings.projects:
+        limit = project.quota if project.type == "hosted" else project.cache.max_bytes
+        if limit is not None:
+            limits[project.name] = int(limit)
+    return limits
+
+
+def policy_problem(settings: Settings, job: Job, project_name: str) -> str | None:
+    """Why `job` cannot run on the project (unknown, of the wrong type, without the policy),
+    or None when it can."""
+    project = settings.project(project_name)
+    if project is None:
+        known = ", ".join(p.name for p in settings.projects) or "none"
+        return f"no project named {project_name!r} (projects: {known})"
+    if job == "eviction":
+        if project.type != "proxy":
+            return f"project {project_name!r} is {project.type}: eviction applies to proxy projects"
+        if project_name not in evicted_projects(settings):
+            return f"project {project_name!r} has no cache policy (cache: max_bytes or evict_after)"
+    elif job == "retention":
+        if project.type != "hosted":
+            return f"project {project_name!r} is {project.type}: retention applies to hosted projects"
+        if not project.retention:
+            return f"project {project_name!r} has no retention rules"
+    return None
