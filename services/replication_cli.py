@@ -27,8 +27,11 @@ from shared.replication.store import ExecutionStore
 from shared.replication.triggers import replicate_args
 from shared.settings import Settings
 
-# How often `seawall replicate --wait` reads the execution's progress.
-POLL_SECONDS = 0.5
+# How often `seawall replicate --wait` reads the execution's progress: often at first, so
+# a short run's end is seen at once, then less as the run goes on (a fortieth of the time
+# it has taken), up to the longest pause.
+POLL_SECONDS = 0.1
+POLL_MAX_SECONDS = 1.0
 # Exit codes of `seawall replicate --wait`, by how the execution ended.
 EXIT_CODES = {
     ExecutionStatus.SUCCEEDED: 0,
@@ -138,8 +141,14 @@ async def _follow(
     )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("waiting for a worker", total=None, moved="", rate="")
+        following = time.monotonic()
+        execution: Execution | None = None
         while True:
-            execution = await _started(store, rule, before, asked)
+            if execution is None:
+                # Found among the rule's executions (a listing) once, then read by its id.
+                execution = await _started(store, rule, before, asked)
+            else:
+                execution = await store.execution(execution.id)  # None: look for it again
             if execution is not None:
                 done = execution.succeeded + execution.failed + execution.stopped
                 elapsed = max(execution.seconds, 0.001)
@@ -153,7 +162,12 @@ async def _follow(
                 )
                 if execution.done:
                     return execution
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(poll_pause(time.monotonic() - following))
+
+
+def poll_pause(elapsed: float) -> float:
+    """The pause before the next progress read, `elapsed` seconds into following a run."""
+    return min(POLL_MAX_SECONDS, max(POLL_SECONDS, elapsed / 40))
 
 
 async def _started(store: ExecutionStore, rule: str, before: set[str], asked: float) -> Execution | None:

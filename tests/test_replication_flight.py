@@ -1,0 +1,279 @@
+"""Replication tasks sharing work (workers/replication.py, workers/replication_dispatch.py,
+shared/replication/coordination.py), run in-process on a WorkerContext against the real
+Redis, the real S3 server and the Docker Hub emulator: a blob shared by tasks running at
+once goes up once, a re-run asks the source one manifest HEAD per tag, and tasks claimed by
+a worker that died before publishing them are published again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from shared import jobs
+from shared.leases import Lease
+from shared.replication.coordination import GATE_TTL_SECONDS, gate_key
+from shared.replication.records import ExecutionStatus, Task, TaskStatus
+from shared.replication.run import Listing, tasks_for
+from shared.replication.store import ExecutionStore
+from tests.fixtures.servers import InProcessWorker, WorkerFactory
+from tests.support.distribution import Distribution
+from tests.support.dockerhub import DockerHubEmulator
+from tests.support.images import Image, make_image, make_layer, sha256
+from tests.support.seed import push_image
+from workers.replication import TASKS_IN_FLIGHT, run_task, start_execution
+from workers.replication_dispatch import STALE_CLAIM_SECONDS, START, claim, dispatch
+
+KIB = 1024
+TIMEOUTS = {"head_timeout": "2s", "read_timeout": "10s", "connect_timeout": "2s"}
+
+
+def _replicator(
+    worker_factory: WorkerFactory, hub: DockerHubEmulator, rule: str, name: str
+) -> InProcessWorker:
+    """A worker with a manual pull rule `rule` from the emulator's `name` into project `mirror`."""
+    return worker_factory(
+        upstreams=[{"name": "hub", "url": hub.url, "flavor": "dockerhub", **TIMEOUTS}],
+        projects=[{"name": "mirror", "type": "hosted"}],
+        replication=[
+            {
+                "name": rule,
+                "mode": "pull",
+                "source": "hub",
+                "filters": {"name": name},
+                "destination": "mirror",
+            }
+        ],
+    )
+
+
+def _take(redis_url: str) -> list[dict[str, Any]]:
+    """The replication messages queued now, taken off the queue (as a worker would)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        queue = f"{jobs.NAMESPACE}:{jobs.REPLICATION_QUEUE}"
+        with client.pipeline() as pipe:
+            pipe.hvals(f"{queue}.msgs")
+            pipe.delete(f"{queue}.msgs", queue)
+            raw, _ = pipe.execute()
+        return sorted((json.loads(message) for message in raw), key=lambda m: m["message_timestamp"])
+    finally:
+        client.close()
+
+
+def _drain(worker: InProcessWorker, redis_url: str) -> list[Task]:
+    """Run every queued replication job, one at a time, until none is queued."""
+    ran = []
+    while messages := _take(redis_url):
+        for message in messages:
+            if message["actor_name"] == jobs.REPLICATE.actor:
+                worker.run(start_execution(worker.context, *message["args"]))
+            else:
+                ran.append(worker.run(run_task(worker.context, *message["args"])))
+    return ran
+
+
+def _store(worker: InProcessWorker) -> ExecutionStore:
+    return ExecutionStore(worker.context.redis, worker.context.objects)
+
+
+def _status(worker: InProcessWorker, execution_id: str) -> ExecutionStatus:
+    execution = worker.run(_store(worker).execution(execution_id))
+    assert execution is not None
+    return execution.status
+
+
+def _tagged(worker: InProcessWorker, name: str, tag: str) -> str | None:
+    digest = worker.run(worker.context.repositories.resolve_tag(name, tag))
+    return str(digest) if digest else None
+
+
+def _image(label: str, *shared: bytes) -> Image:
+    return make_image([*shared, make_layer(size=2 * KIB, seed=label)], label=label)
+
+
+def test_tasks_running_at_once_send_a_layer_they_share_once(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    base = make_layer(size=256 * KIB, seed=f"{name}-base")
+    images = {tag: _image(f"{name}:{tag}", base) for tag in ("v1", "v2", "v3")}
+    for tag, image in images.items():
+        push_image(distribution.url, name, image, tag=tag)
+    # Half a second for the shared layer: every task reaches it while the first sends it.
+    hub.throttle_blob(sha256(base), 512 * KIB)
+    worker = _replicator(worker_factory, hub, "shared", name)
+    ctx = worker.context
+    execution = worker.run(start_execution(ctx, "shared", "manual"))
+    task_ids = [message["args"][0] for message in _take(redis_url)]
+    assert len(task_ids) == 3
+
+    async def all_at_once() -> list[Task]:
+        return list(await asyncio.gather(*(run_task(ctx, one) for one in task_ids)))
+
+    tasks = worker.run(all_at_once())
+
+    assert [task.status for task in tasks] == [TaskStatus.SUCCEEDED] * 3
+    distinct = {digest: data for image in images.values() for digest, data in image.blobs.items()}
+    assert sum(task.bytes_moved for task in tasks) == sum(len(data) for data in distinct.values())
+    assert len(hub.blob_gets(sha256(base))) == 1
+    waited = [task for task in tasks if any("copied by another task" in line for line in task.log)]
+    assert len(waited) == 2
+    assert _status(worker, execution.id) is ExecutionStatus.SUCCEEDED
+    destination = f"mirror/{name.split('/', 1)[1]}"
+    for tag, image in images.items():
+        assert _tagged(worker, destination, tag) == image.digest
+
+
+def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_lease_lapses(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    layer = make_layer(size=16 * KIB, seed=name)
+    image = make_image([layer], label=name)
+    push_image(distribution.url, name, image, tag="v1")
+    worker = _replicator(worker_factory, hub, "orphan", name)
+    ctx = worker.context
+    worker.run(start_execution(ctx, "orphan", "manual"))
+    [message] = _take(redis_url)
+    # A task took the layer's gate, then its worker died: no heartbeat renews the lease,
+    # which lapses within its TTL (short here: as if the holder died most of a TTL ago).
+    lapse = 1.0
+    assert worker.run(Lease(ctx.redis, gate_key("mirror", sha256(layer)), ttl=lapse).acquire())
+
+    started = time.monotonic()
+    task = worker.run(run_task(ctx, message["args"][0]))
+    took = time.monotonic() - started
+
+    assert task.status is TaskStatus.SUCCEEDED
+    assert lapse - 0.1 < took < lapse + 1.5 < GATE_TTL_SECONDS
+    assert task.bytes_moved == sum(len(data) for data in image.blobs.values())
+    assert any("sender stopped or failed: sending it" in line for line in task.log)
+    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
+
+
+def test_a_rerun_heads_each_tag_once_at_the_source_and_copies_a_signature_tag_added_since(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    images = {tag: _image(f"{name}:{tag}") for tag in ("v1", "v2", "v3")}
+    for tag, image in images.items():
+        push_image(distribution.url, name, image, tag=tag)
+    worker = _replicator(worker_factory, hub, "signed", name)  # copy_referrers: true by default
+    ctx = worker.context
+    destination = f"mirror/{name.split('/', 1)[1]}"
+    worker.run(start_execution(ctx, "signed", "manual"))
+    _drain(worker, redis_url)
+
+    hub.reset_counters()
+    again = worker.run(start_execution(ctx, "signed", "manual"))
+    rerun = _drain(worker, redis_url)
+    assert [task.bytes_moved for task in rerun] == [0, 0, 0]
+    assert _status(worker, again.id) is ExecutionStatus.SUCCEEDED
+    # The tag's own HEAD only: the listing showed no `.sig`, `.att` or `.sbom` tag.
+    assert hub.count("HEAD", "manifest") == len(images)
+    assert hub.count("GET", "manifest") == 0
+
+    # v1 is signed under the tag scheme; the image itself is unchanged.
+    signature = make_image([make_layer(size=KIB, seed=f"{name}-signature")], label=f"{name}-signature")
+    signature_tag = images["v1"].digest.replace(":", "-") + ".sig"
+    push_image(distribution.url, name, signature, tag=signature_tag)
+    hub.reset_counters()
+    third = worker.run(start_execution(ctx, "signed", "manual"))
+    _drain(worker, redis_url)
+    assert _status(worker, third.id) is ExecutionStatus.SUCCEEDED
+    assert _tagged(worker, destination, signature_tag) == signature.digest
+    # The tags' HEADs and the signature tag's, which the listing found.
+    assert hub.count("HEAD", "manifest") == len(images) + 1
+
+
+def _planned(
+    worker: InProcessWorker, rule: str, name: str, tags: list[str], claim_id: str
+) -> tuple[str, list[Task]]:
+    """An execution of `rule` started by the message `claim_id`, with a task per tag added,
+    as its start leaves it just before publishing any."""
+    store = _store(worker)
+    execution = worker.run(store.start(rule, "manual", claim=claim_id))
+    found = worker.context.settings.rule(rule)
+    assert found is not None
+    tasks = tasks_for(found, Listing({name: tags}), execution.id)
+    worker.run(store.add_tasks(execution.id, tasks))
+    return execution.id, tasks
+
+
+def test_tasks_a_start_claimed_but_never_published_are_published_when_its_message_comes_back(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    for tag in ("v1", "v2"):
+        push_image(distribution.url, name, _image(f"{name}:{tag}"), tag=tag)
+    worker = _replicator(worker_factory, hub, "gap", name)
+    ctx = worker.context
+    execution_id, tasks = _planned(worker, "gap", name, ["v1", "v2"], "message-1")
+    # The start's worker advanced the dispatched counter, then died before publishing.
+    claimed, unpublished = worker.run(claim(ctx.redis, execution_id, START, TASKS_IN_FLIGHT, len(tasks)))
+    assert (claimed, unpublished) == ([task.id for task in tasks], True)
+    assert _take(redis_url) == []
+
+    # Its message comes back: the start resumes the execution and publishes what it claimed.
+    resumed = worker.run(start_execution(ctx, "gap", "manual", claim="message-1"))
+    assert resumed.id == execution_id
+    ran = _drain(worker, redis_url)
+    assert sorted(task.tag for task in ran) == ["v1", "v2"]
+    assert _status(worker, execution_id) is ExecutionStatus.SUCCEEDED
+
+
+def test_a_task_claimed_by_a_dead_worker_is_published_by_the_next_task_that_ends(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    tags = ["v1", "v2", "v3"]
+    images = {tag: _image(f"{name}:{tag}") for tag in tags}
+    for tag, image in images.items():
+        push_image(distribution.url, name, image, tag=tag)
+    worker = _replicator(worker_factory, hub, "lost", name)
+    ctx = worker.context
+    store = _store(worker)
+    execution_id, tasks = _planned(worker, "lost", name, tags, "message-1")
+    assert worker.run(dispatch(ctx, store, execution_id, START, 2)) == [tasks[0].id, tasks[1].id]
+    # The first task ended, and its worker died right after claiming the next task, long
+    # enough ago: its message has not come back yet.
+    first = tasks[0].model_copy(
+        update={"status": TaskStatus.SUCCEEDED, "attempts": 1, "finished": time.time()}
+    )
+    worker.run(store.update_task(first))
+    dead_since = time.time() - STALE_CLAIM_SECONDS - 1
+    worker.run(claim(ctx.redis, execution_id, first.id, 1, len(tasks), now=dead_since))
+    messages = [message["args"][0] for message in _take(redis_url)]
+    assert messages == [tasks[0].id, tasks[1].id]
+
+    # The second task ends: the third is published, and the execution finishes.
+    assert worker.run(run_task(ctx, tasks[1].id)).status is TaskStatus.SUCCEEDED
+    [third] = _drain(worker, redis_url)
+    assert (third.id, third.status) == (tasks[2].id, TaskStatus.SUCCEEDED)
+    assert _status(worker, execution_id) is ExecutionStatus.SUCCEEDED
+    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v3") == images["v3"].digest
