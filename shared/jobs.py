@@ -37,6 +37,12 @@ PREFETCH = Job("prefetch_blobs", PREFETCH_QUEUE)
 WARM = Job("warm_tag", PREFETCH_QUEUE)
 PURGE_EXPIRED_UPLOADS = Job("purge_expired_uploads_job", MAINTENANCE_QUEUE)
 SCRUB_BLOBS = Job("scrub_blobs_job", MAINTENANCE_QUEUE)
+# The storage lifecycle, one at a time cluster-wide. Args: the attempt (0 when scheduled;
+# a run that found another lifecycle job running, or failed, comes back with the next),
+# and for eviction and retention first the project's name.
+COLLECT_GARBAGE = Job("collect_garbage_job", MAINTENANCE_QUEUE)
+EVICT_CACHE = Job("evict_cache_job", MAINTENANCE_QUEUE)
+APPLY_RETENTION = Job("apply_retention_job", MAINTENANCE_QUEUE)
 # Args: rule name, trigger ("manual", "cron", "on_push"), and for an on-push run the one
 # repository and tag pushed (else None, None): plans an execution, enqueues its tasks.
 REPLICATE = Job("replicate_rule", REPLICATION_QUEUE)
