@@ -15,6 +15,7 @@ from shared import diskcache, redisguard
 from shared.auth.access import Access
 from shared.auth.tokens import TokenSigner
 from shared.jobs import make_broker
+from shared.lifecycle.pulls import PullRecorder
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents
@@ -116,6 +117,18 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         events.close()
 
 
+async def _pulls(app: web.Application) -> AsyncIterator[None]:
+    """Pulls noted in memory and flushed to Redis every few seconds (eviction and retention
+    read them); the last notes are flushed at shutdown."""
+    recorder = PullRecorder(app[keys.REDIS])
+    app[keys.PULLS] = recorder
+    await recorder.start()
+    try:
+        yield
+    finally:
+        await recorder.close()
+
+
 def create_app(settings: Settings) -> web.Application:
     # The upload size cap is per request body; blobs are streamed, so no cap applies there.
     app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
@@ -123,6 +136,7 @@ def create_app(settings: Settings) -> web.Application:
     declare_series([p.name for p in settings.projects], [u.name for u in settings.upstreams])
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_pulls)
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(_proxy)

@@ -56,10 +56,18 @@ async def get_manifest(request: web.Request) -> web.Response:
         REQUESTS.labels(repo.project.name, "manifest", "miss").inc()
         raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
     body = await app[keys.BLOBS].read(revision.digest)
+    _note_pull(request, repo, revision, reference)
     REQUESTS.labels(repo.project.name, "manifest", "hit").inc()
     if request.method == "GET":
         BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(body))
     return manifest_response(request, revision, body)
+
+
+def _note_pull(request: web.Request, repo: Target, revision: Revision, reference: str) -> None:
+    """Remember the pull for eviction and retention (in memory; flushed every few seconds).
+    A HEAD counts too: containerd resolves a tag with HEAD, then GETs by digest."""
+    tag = None if Digest.is_digest(reference) else reference
+    request.app[keys.PULLS].pulled(repo.name, revision.digest, tag)
 
 
 async def _get_cached_manifest(request: web.Request, repo: Target, reference: str) -> web.Response:
@@ -68,6 +76,7 @@ async def _get_cached_manifest(request: web.Request, repo: Target, reference: st
     except RegistryError:
         REQUESTS.labels(repo.project.name, "manifest", "error").inc()
         raise
+    _note_pull(request, repo, cached.revision, reference)
     REQUESTS.labels(repo.project.name, "manifest", cached.result).inc()
     if request.method == "GET":
         BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(cached.body))
