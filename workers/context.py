@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from shared import diskcache
 from shared.diskcache import DiskCache
 from shared.jobs import make_broker
+from shared.lifecycle.runs import LifecycleDeps
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents
 from shared.proxy.fill import FillDeps
@@ -105,6 +106,17 @@ class WorkerContext:
                 ),
                 _opened=opened.pop_all(),
             )
+
+    @property
+    def lifecycle(self) -> LifecycleDeps:
+        """The clients the storage lifecycle's jobs (workers/lifecycle.py) work with."""
+        return LifecycleDeps(
+            settings=self.settings,
+            objects=self.objects,
+            blobs=self.blobs,
+            repositories=self.repositories,
+            redis=self.redis,
+        )
 
     async def close(self) -> None:
         """Close what `open` built, the last built first."""
