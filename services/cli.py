@@ -9,7 +9,7 @@ import shutil
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import click
@@ -210,6 +210,61 @@ def scrub(config: Path | None, rate: str | None) -> None:
         sys.exit(asyncio.run(run_scrub(settings, rate)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+_DRY_RUN_OPTION = click.option("--dry-run", is_flag=True, help="Delete nothing; list what would be deleted.")
+
+
+def _lifecycle(
+    config: Path | None, job: Literal["gc", "eviction", "retention"], project: str | None, dry_run: bool
+) -> None:
+    """Run a storage lifecycle job here and print its report; exit 0 when it succeeded, 1 when
+    it failed, 3 when another lifecycle job was running (2: the project cannot have this job)."""
+    from services.lifecycle_cli import run_command
+    from shared.lifecycle.runs import policy_problem
+
+    settings = _load_or_exit(config)
+    if project is not None and (problem := policy_problem(settings, job, project)) is not None:
+        raise click.BadParameter(problem, param_hint="'PROJECT'")
+    try:
+        sys.exit(asyncio.run(run_command(settings, _redis_url(settings), job, project, dry_run)))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@_CONFIG_OPTION
+@_DRY_RUN_OPTION
+def gc(config: Path | None, dry_run: bool) -> None:
+    """Collect garbage now: delete the blobs, manifests and leftovers nothing references.
+
+    Exits 0 when it succeeded, 1 when it failed, 3 when another lifecycle job was running.
+    """
+    _lifecycle(config, "gc", None, dry_run)
+
+
+@main.command()
+@_CONFIG_OPTION
+@_DRY_RUN_OPTION
+@click.argument("project")
+def evict(config: Path | None, dry_run: bool, project: str) -> None:
+    """Evict a proxy project's least recently pulled images down to its cache policy.
+
+    Exits 0 when it succeeded, 1 when it failed, 3 when another lifecycle job was running.
+    """
+    _lifecycle(config, "eviction", project, dry_run)
+
+
+@main.command()
+@_CONFIG_OPTION
+@_DRY_RUN_OPTION
+@click.argument("project")
+def retention(config: Path | None, dry_run: bool, project: str) -> None:
+    """Delete the tags of a hosted project that no retention rule keeps.
+
+    Exits 0 when it succeeded, 1 when it failed, 3 when another lifecycle job was running.
+    """
+    _lifecycle(config, "retention", project, dry_run)
 
 
 def _replication(
