@@ -160,30 +160,31 @@ def declare_replication_series(rules: list[str]) -> None:
         REPLICATION_QUOTA_WAITS.labels(rule)
 
 
-# The storage lifecycle (shared/lifecycle/, docs/storage.md). `job` is gc, eviction or
-# retention; `kind` what was deleted (blob, manifest, tag, link, ...: a handful of values);
-# outcomes are succeeded, failed and busy (another lifecycle job held the lease).
+# The storage lifecycle (shared/lifecycle/, docs/storage.md). `kind` is the job: gc,
+# eviction or retention (not `job`, which Prometheus sets to the scrape job); `object` what
+# was deleted (blob, manifest, tag, link, ...: a handful of values); outcomes are succeeded,
+# failed and busy (another lifecycle job held the lease).
 LIFECYCLE_JOBS = ("gc", "eviction", "retention")
 LIFECYCLE_OUTCOMES = ("succeeded", "failed", "busy")
 LIFECYCLE_RECLAIMED_BYTES = Counter(
     "seawall_lifecycle_reclaimed_bytes_total",
-    "Bytes deleted by garbage collection, eviction and retention, by job and kind of object",
-    ["job", "kind"],
+    "Bytes deleted by garbage collection, eviction and retention, by job kind and object",
+    ["kind", "object"],
 )
 LIFECYCLE_RECLAIMED_OBJECTS = Counter(
     "seawall_lifecycle_reclaimed_objects_total",
-    "Objects deleted by garbage collection, eviction and retention, by job and kind of object",
-    ["job", "kind"],
+    "Objects deleted by garbage collection, eviction and retention, by job kind and object",
+    ["kind", "object"],
 )
 LIFECYCLE_RUNS = Counter(
-    "seawall_lifecycle_runs_total", "Lifecycle runs ended, by job and outcome", ["job", "outcome"]
+    "seawall_lifecycle_runs_total", "Lifecycle runs ended, by job kind and outcome", ["kind", "outcome"]
 )
-# Declared at zero for each job as a worker starts, so that an alert can tell "never" from
+# Declared at zero for each kind as a worker starts, so that an alert can tell "never" from
 # "not scraped": `max()` over the workers is the last success anywhere.
 LIFECYCLE_LAST_SUCCESS = Gauge(
     "seawall_lifecycle_last_success_timestamp_seconds",
     "When the last successful (not dry) run of each lifecycle job finished (Unix time; 0: none yet)",
-    ["job"],
+    ["kind"],
     multiprocess_mode="max",
 )
 # A hosted project's usage (the unique bytes its manifests reference, what its quota counts)

@@ -126,9 +126,9 @@ def record(report: LifecycleReport) -> None:
     if report.dry_run:
         return
     # A failed run may have deleted some of its batches before it failed: those count too.
-    for kind, tally in report.deleted.items():
-        LIFECYCLE_RECLAIMED_OBJECTS.labels(report.job, kind).inc(tally.objects)
-        LIFECYCLE_RECLAIMED_BYTES.labels(report.job, kind).inc(tally.bytes)
+    for kind_of_object, tally in report.deleted.items():
+        LIFECYCLE_RECLAIMED_OBJECTS.labels(report.job, kind_of_object).inc(tally.objects)
+        LIFECYCLE_RECLAIMED_BYTES.labels(report.job, kind_of_object).inc(tally.bytes)
     if report.outcome == "succeeded":
         LIFECYCLE_LAST_SUCCESS.labels(report.job).set(report.started + report.seconds)
     if report.project is not None and report.project_bytes is not None:
