@@ -79,6 +79,14 @@ class ObjectInfo:
     key: str
     size: int
     metadata: dict[str, str]
+    # Last-modified, epoch seconds (whole seconds on most stores); listings give it.
+    modified: float = 0.0
+
+
+def _user_metadata(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {
+        k.lower().removeprefix("x-amz-meta-"): v for k, v in headers if k.lower().startswith("x-amz-meta-")
+    }
 
 
 async def _read_exactly(source: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
@@ -173,12 +181,7 @@ class ObjectStore:
             result = await self._ask(self._quick.stat_object, self.bucket, key)
         except ObjectMissing:
             return None
-        metadata = {
-            k.lower().removeprefix("x-amz-meta-"): v
-            for k, v in (result.metadata or {}).items()
-            if k.lower().startswith("x-amz-meta-")
-        }
-        return ObjectInfo(key, int(result.size or 0), metadata)
+        return ObjectInfo(key, int(result.size or 0), _user_metadata((result.metadata or {}).items()))
 
     async def get_bytes(self, key: str) -> bytes:
         """Read a small object (manifests, links) whole, within `request_timeout`."""
@@ -187,6 +190,20 @@ class ObjectStore:
             response = self._quick.get_object(self.bucket, key)
             try:
                 return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        return await self._ask(fetch)
+
+    async def get_bytes_and_metadata(self, key: str) -> tuple[bytes, dict[str, str]]:
+        """Read a small object whole with its user metadata, in one request."""
+
+        def fetch() -> tuple[bytes, dict[str, str]]:
+            response = self._quick.get_object(self.bucket, key)
+            try:
+                data = bytes(response.read())
+                return data, _user_metadata(response.headers.items())
             finally:
                 response.close()
                 response.release_conn()
@@ -325,12 +342,27 @@ class ObjectStore:
         if batch:
             await self._ask(remove, batch)
 
-    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
-        """Every object under `prefix`, with its size, in key order (within `request_timeout`)."""
+    async def list_objects(
+        self, prefix: str, *, start_after: str | None = None, limit: int | None = None
+    ) -> list[ObjectInfo]:
+        """Every object under `prefix` (the first `limit` after `start_after` if given), with
+        its size and last-modified, in key order (within `request_timeout`)."""
 
         def objects() -> list[ObjectInfo]:
-            listing = self._quick.list_objects(self.bucket, prefix=prefix, recursive=True)
-            return [ObjectInfo(o.object_name, int(o.size or 0), {}) for o in listing if o.object_name]
+            listing = self._quick.list_objects(
+                self.bucket, prefix=prefix, recursive=True, start_after=start_after
+            )
+            found = (
+                ObjectInfo(
+                    o.object_name,
+                    int(o.size or 0),
+                    {},
+                    o.last_modified.timestamp() if o.last_modified is not None else 0.0,
+                )
+                for o in listing
+                if o.object_name
+            )
+            return list(itertools.islice(found, limit))
 
         return await self._ask(objects)
 
