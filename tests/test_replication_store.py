@@ -9,9 +9,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 from redis.asyncio import Redis
 
 from shared.registry.storage import ObjectStore
+from shared.replication import records as records_module
+from shared.replication import store as store_module
 from shared.replication.records import ExecutionStatus, Task, TaskStatus, task_id
 from shared.replication.store import ExecutionStore, running_key
 from shared.settings import S3Settings
@@ -215,13 +218,55 @@ def test_executions_lists_running_and_finished_ones_newest_first(
         running = await store.start("b", "manual")
         skipped = await store.start("b", "cron")
         listed = await store.executions()
-        assert [e.id for e in listed] == sorted([done.id, running.id, skipped.id], reverse=True)
+        # By start time, not by id: ids sort only to the millisecond, and these three
+        # often start within one.
+        assert [e.id for e in listed] == [skipped.id, running.id, done.id]
         assert {e.id: e.status for e in listed} == {
             done.id: ExecutionStatus.SUCCEEDED,
             running.id: ExecutionStatus.RUNNING,
             skipped.id: ExecutionStatus.SKIPPED,
         }
         assert {e.id for e in await store.executions("b")} == {running.id, skipped.id}
+
+    run(redis_url, s3_settings, body)
+
+
+class SameMillisecondClock:
+    """`time.time()` for the store: the current millisecond, ten microseconds further on
+    each call, so every execution started under it shares its id's millisecond."""
+
+    def __init__(self) -> None:
+        self._now = int(time.time() * 1000) / 1000
+
+    def time(self) -> float:
+        self._now += 0.00001
+        return self._now
+
+
+class DescendingSuffixes:
+    """`secrets.token_hex` for execution ids: each id's random part sorts before the one
+    before it (and never repeats), so an order by id is the reverse of the start order."""
+
+    def __init__(self) -> None:
+        self._next = 0x10000
+
+    def token_hex(self, nbytes: int) -> str:
+        self._next -= 0x10  # an id keeps the first three hex digits
+        return f"{self._next:0{nbytes * 2}x}"
+
+
+def test_executions_started_within_one_millisecond_are_listed_by_start_time(
+    redis_url: str, s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ids sort only to the millisecond (a random part follows): within one, the start time orders.
+    monkeypatch.setattr(store_module, "time", SameMillisecondClock())
+    monkeypatch.setattr(records_module, "secrets", DescendingSuffixes())
+
+    async def body(store: ExecutionStore, redis: Redis) -> None:
+        started = [await store.start(f"rule-{n}", "manual") for n in range(5)]
+        assert len({e.id[:-3] for e in started}) == 1, "one millisecond"
+        assert [e.id for e in started] == sorted((e.id for e in started), reverse=True)
+        assert [e.id for e in await store.executions()] == [e.id for e in reversed(started)]
 
     run(redis_url, s3_settings, body)
 
