@@ -13,10 +13,20 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.asyncio import Redis
 
+from services.processes import free_port
 from shared import jobs
 from shared.leases import Lease
-from shared.replication.coordination import GATE_TTL_SECONDS, gate_key
+from shared.replication.coordination import (
+    GATE_TTL_SECONDS,
+    RedisBlobGate,
+    RedisListedTags,
+    destination_scope,
+    gate_key,
+)
+from shared.replication.copy import CopyResult, copy_tag
+from shared.replication.endpoints import endpoints_for
 from shared.replication.records import ExecutionStatus, Task, TaskStatus
 from shared.replication.run import Listing, tasks_for
 from shared.replication.store import ExecutionStore
@@ -151,7 +161,9 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     # A task took the layer's gate, then its worker died: no heartbeat renews the lease,
     # which lapses within its TTL (short here: as if the holder died most of a TTL ago).
     lapse = 1.0
-    assert worker.run(Lease(ctx.redis, gate_key("mirror", sha256(layer)), ttl=lapse).acquire())
+    assert worker.run(
+        Lease(ctx.redis, gate_key(destination_scope(True, "mirror"), sha256(layer)), ttl=lapse).acquire()
+    )
 
     started = time.monotonic()
     task = worker.run(run_task(ctx, message["args"][0]))
@@ -162,6 +174,57 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     assert task.bytes_moved == sum(len(data) for data in image.blobs.values())
     assert any("sender stopped or failed: sending it" in line for line in task.log)
     assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
+
+
+def test_a_copy_whose_gate_and_listing_cannot_reach_redis_goes_on_without_them(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+) -> None:
+    name = repo_name()
+    image = _image(name)
+    push_image(distribution.url, name, image, tag="v1")
+    worker = _replicator(worker_factory, hub, "unreachable", name)
+    ctx = worker.context
+    destination_repository = f"mirror/{name.split('/', 1)[1]}"
+
+    async def copy() -> CopyResult:
+        rule = ctx.settings.rule("unreachable")
+        assert rule is not None
+        source, destination = await endpoints_for(
+            rule,
+            ctx.settings,
+            blobs=ctx.blobs,
+            repositories=ctx.repositories,
+            objects=ctx.objects,
+            upstreams=ctx.upstreams,
+        )
+        # Nothing listens there: every Redis command fails at once.
+        gone = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+        try:
+            return await copy_tag(
+                source,
+                destination,
+                name,
+                "v1",
+                destination_repository,
+                overwrite=True,
+                copy_referrers=True,
+                bandwidth=None,
+                log=lambda line: None,
+                gate=RedisBlobGate(gone, destination_scope(True, "mirror")),
+                listed_tags=RedisListedTags(gone, "20261202T000000Z-000000", name),
+            )
+        finally:
+            await gone.aclose()
+
+    hub.reset_counters()
+    result = worker.run(copy())
+    assert result.bytes_moved == sum(len(data) for data in image.blobs.values())
+    assert _tagged(worker, destination_repository, "v1") == image.digest
+    # The three tag-scheme tags were asked for with HEADs (none there), as without a listing.
+    assert hub.count("HEAD", "manifest", status=404) == 3
 
 
 def test_a_rerun_heads_each_tag_once_at_the_source_and_copies_a_signature_tag_added_since(

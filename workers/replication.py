@@ -36,7 +36,12 @@ from shared.metrics import (
 )
 from shared.oci.errors import RegistryError
 from shared.ratelimit import background
-from shared.replication.coordination import RedisBlobGate, RedisListedTags, save_listed_tags
+from shared.replication.coordination import (
+    RedisBlobGate,
+    RedisListedTags,
+    destination_scope,
+    save_listed_tags,
+)
 from shared.replication.copy import CopyResult, QuotaWait, copy_tag
 from shared.replication.endpoints import Destination, Missing, Source, endpoints_for
 from shared.replication.records import (
@@ -283,7 +288,7 @@ async def _copy(ctx: WorkerContext, store: ExecutionStore, rule: ReplicationRule
                 copy_referrers=rule.copy_referrers,
                 bandwidth=rule.bandwidth,
                 log=note,
-                gate=RedisBlobGate(ctx.redis, destination.name),
+                gate=RedisBlobGate(ctx.redis, destination_scope(rule.mode == "pull", destination.name)),
                 listed_tags=RedisListedTags(ctx.redis, task.execution, task.source_repository),
             )
         )

@@ -37,8 +37,13 @@ TAGS_PER_COMMAND = 1000
 _LISTED = ""
 
 
+def destination_scope(local: bool, name: str) -> str:
+    """A destination as the gate names it: a local project and an upstream may share a name."""
+    return f"{'project' if local else 'upstream'}:{name}"
+
+
 def gate_key(destination: str, digest: str) -> str:
-    """The lease of the task sending `digest` to the destination endpoint `destination`."""
+    """The lease of the task sending `digest` to `destination` (a `destination_scope`)."""
     return f"{_PREFIX}:blob:{destination}:{digest}"
 
 
@@ -88,8 +93,8 @@ class _LeasePass:
 
 
 class RedisBlobGate:
-    """The `BlobGate` of copy.py over a Redis lease per destination and digest
-    (shared/leases.py), so tasks in every worker process share it."""
+    """The `BlobGate` of copy.py over a Redis lease per destination (a `destination_scope`)
+    and digest (shared/leases.py), so tasks in every worker process share it."""
 
     def __init__(self, redis: Redis, destination: str, *, ttl: float = GATE_TTL_SECONDS) -> None:
         self._redis = redis
