@@ -179,8 +179,8 @@ LIFECYCLE_RECLAIMED_OBJECTS = Counter(
 LIFECYCLE_RUNS = Counter(
     "seawall_lifecycle_runs_total", "Lifecycle runs ended, by job kind and outcome", ["kind", "outcome"]
 )
-# Declared at zero for each kind as a worker starts, so that an alert can tell "never" from
-# "not scraped": `max()` over the workers is the last success anywhere.
+# Declared at zero for each scheduled kind as a worker starts, so that an alert can tell
+# "never" from "not scraped": `max()` over the workers is the last success anywhere.
 LIFECYCLE_LAST_SUCCESS = Gauge(
     "seawall_lifecycle_last_success_timestamp_seconds",
     "When the last successful (not dry) run of each lifecycle job finished (Unix time; 0: none yet)",
@@ -203,12 +203,14 @@ PROJECT_LIMIT_BYTES = Gauge(
 )
 
 
-def declare_lifecycle_series(limits: dict[str, int]) -> None:
-    """The lifecycle series at zero, and each bounded project's limit (`limits`: project ->
-    quota or cache max_bytes)."""
-    for job in LIFECYCLE_JOBS:
+def declare_lifecycle_series(scheduled: list[str], limits: dict[str, int]) -> None:
+    """The lifecycle series at zero (the last success only of the `scheduled` kinds: a kind
+    never scheduled has no success to wait for), and each bounded project's limit
+    (`limits`: project -> quota or cache max_bytes)."""
+    for kind in LIFECYCLE_JOBS:
         for outcome in LIFECYCLE_OUTCOMES:
-            LIFECYCLE_RUNS.labels(job, outcome)
-        LIFECYCLE_LAST_SUCCESS.labels(job)
+            LIFECYCLE_RUNS.labels(kind, outcome)
+    for kind in scheduled:
+        LIFECYCLE_LAST_SUCCESS.labels(kind)
     for project, limit in limits.items():
         PROJECT_LIMIT_BYTES.labels(project).set(limit)

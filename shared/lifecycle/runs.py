@@ -152,6 +152,20 @@ def retained_projects(settings: Settings) -> list[str]:
     return [p.name for p in settings.projects if p.type == "hosted" and p.retention]
 
 
+def scheduled_jobs(settings: Settings) -> list[Job]:
+    """The jobs the scheduler runs: those with a schedule, and for eviction and retention a
+    project to run on."""
+    schedules = settings.lifecycle
+    jobs: list[Job] = []
+    if schedules.gc_schedule:
+        jobs.append("gc")
+    if schedules.eviction_schedule and evicted_projects(settings):
+        jobs.append("eviction")
+    if schedules.retention_schedule and retained_projects(settings):
+        jobs.append("retention")
+    return jobs
+
+
 def project_limits(settings: Settings) -> dict[str, int]:
     """Each bounded project's limit: a hosted project's quota, a proxy project's cache max_bytes."""
     limits = {}
