@@ -153,9 +153,15 @@ def _fallbacks(project: str = "hub", from_upstream: str = "central", to_upstream
     return REGISTRY.get_sample_value("seawall_upstream_fallback_total", labels) or 0.0
 
 
-def _pull(base_url: str, path: str, tag: str, image: Image) -> None:
-    """What a client does: the manifest by tag, then config and layers; every byte checked."""
+def _pull(base_url: str, path: str, tag: str, image: Image, start: threading.Barrier | None = None) -> None:
+    """What a client does: the manifest by tag, then config and layers; every byte checked.
+
+    With `start`, the first request waits for the other pulls at that barrier, so all of
+    them meet the cold caches at once.
+    """
     with httpx.Client(base_url=base_url, timeout=30) as client:
+        if start is not None:
+            start.wait(timeout=30)
         manifest = client.get(f"/v2/{path}/manifests/{tag}", headers={"Accept": ACCEPT})
         assert manifest.status_code == 200, manifest.text
         assert manifest.content == image.manifest
@@ -174,6 +180,11 @@ def image(distribution: Distribution, repo_name: Callable[[], str]) -> tuple[str
     return name, pushed
 
 
+# The issue's fleet: five edge sites behind one central Seawall, four pulls per site.
+SITES = 5
+PULLS_PER_SITE = 4
+
+
 def test_concurrent_cold_pulls_over_the_sites_reach_docker_hub_once_per_object(
     site_factory: SiteFactory, hub: DockerHubEmulator, image: tuple[str, Image]
 ) -> None:
@@ -185,6 +196,9 @@ def test_concurrent_cold_pulls_over_the_sites_reach_docker_hub_once_per_object(
         projects=[_proxy(["dockerhub"])],
         mirror={"default": "hub"},
     )
+    # Started one after the other from this (the main) thread: a worker spawned from a
+    # pool's thread would be sent SIGTERM when that thread ends (see shared/lifetime.py),
+    # and on two cores the edges start no faster side by side.
     sites = [
         site_factory(
             f"site{n}",
@@ -192,18 +206,28 @@ def test_concurrent_cold_pulls_over_the_sites_reach_docker_hub_once_per_object(
             upstreams=[_central(central.url), _dockerhub(hub)],
             projects=[_proxy(["central", "dockerhub"])],
         )
-        for n in range(2)
+        for n in range(SITES)
     ]
     _wait_for_workers([central, *sites])
     before = _fallbacks()
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda n: _pull(sites[n % 2].url, f"hub/{name}", "1.0", pushed), range(12)))
+    pulls = SITES * PULLS_PER_SITE
+    start = threading.Barrier(pulls)
+    with ThreadPoolExecutor(pulls) as pool:
+        list(
+            pool.map(lambda n: _pull(sites[n % SITES].url, f"hub/{name}", "1.0", pushed, start), range(pulls))
+        )
 
     assert hub.count("GET", "manifest", status=200) == 1
     for digest in pushed.blobs:
         assert len([r for r in hub.blob_gets(digest) if r.status == 200]) == 1, digest
+    # No site went around central: neither its edge (counted in this process) nor its
+    # worker (a process of its own, which logs each fallback).
     assert _fallbacks() == before
+    for site in sites:
+        assert site.worker is not None
+        log = site.worker.log_path.read_text(errors="replace")
+        assert "upstream_fallback" not in log, site.worker.log_tail()
 
 
 def test_a_site_falls_back_to_docker_hub_at_once_when_central_is_stopped(
