@@ -21,7 +21,9 @@ from redis.asyncio import Redis
 from shared import diskcache
 from shared.diskcache import DiskCache
 from shared.jobs import make_broker
+from shared.lifecycle.guard import ReferenceGuard
 from shared.lifecycle.runs import LifecycleDeps
+from shared.lifecycle.usage import UsageLedger
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents
 from shared.proxy.fill import FillDeps
@@ -54,6 +56,10 @@ class WorkerContext:
     disk_cache: DiskCache | None
     manifests: ManifestCache
     fill: FillDeps
+    # What a lifecycle job condemns against, and the project usage ledger (also given to
+    # `repositories`, so every write here claims and counts).
+    guard: ReferenceGuard
+    ledger: UsageLedger
     _opened: contextlib.AsyncExitStack = field(repr=False)
 
     @classmethod
@@ -78,7 +84,9 @@ class WorkerContext:
                 opened.push_async_callback(disk_cache.aclose)
             spool = Spool(settings.disk_cache_path)
             blobs = BlobStore(objects)
-            repositories = RepositoryStore(objects, redis)
+            guard = ReferenceGuard(redis)
+            ledger = UsageLedger(redis, settings, objects, blobs)
+            repositories = RepositoryStore(objects, redis, guard=guard, ledger=ledger)
 
             async def prefetch(target: Target, digests: list[Digest]) -> None:
                 await events.want_prefetched(redis, target, digests)
@@ -104,6 +112,8 @@ class WorkerContext:
                     spool=spool,
                     disk_cache=disk_cache,
                 ),
+                guard=guard,
+                ledger=ledger,
                 _opened=opened.pop_all(),
             )
 
@@ -116,6 +126,7 @@ class WorkerContext:
             blobs=self.blobs,
             repositories=self.repositories,
             redis=self.redis,
+            guard=self.guard,
         )
 
     async def close(self) -> None:

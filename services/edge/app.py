@@ -15,7 +15,9 @@ from shared import diskcache, redisguard
 from shared.auth.access import Access
 from shared.auth.tokens import TokenSigner
 from shared.jobs import make_broker
+from shared.lifecycle.guard import ReferenceGuard
 from shared.lifecycle.pulls import PullRecorder
+from shared.lifecycle.usage import UsageLedger
 from shared.metrics import declare_series
 from shared.oci.digest import Digest
 from shared.proxy.events import CacheEvents
@@ -42,7 +44,11 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         blobs = BlobStore(store)
         app[keys.STORE] = store
         app[keys.BLOBS] = blobs
-        app[keys.REPOSITORIES] = RepositoryStore(store, app[keys.REDIS])
+        # Pushes tell a running collection what they reference, and are counted against quotas.
+        redis = app[keys.REDIS]
+        app[keys.GUARD] = guard = ReferenceGuard(redis)
+        app[keys.LEDGER] = ledger = UsageLedger(redis, settings, store, blobs)
+        app[keys.REPOSITORIES] = RepositoryStore(store, redis, guard=guard, ledger=ledger)
         app[keys.UPLOADS] = UploadStore(store, blobs)
         yield
     finally:

@@ -73,7 +73,11 @@ async def _held_size(request: web.Request, repo: Target, digest: Digest) -> int 
     linked = await _linked_size(request, repo, digest)
     if linked is not None:
         return linked
-    if repo.project.type == "proxy" and await app[keys.REPOSITORIES].project_holds(repo.project.name, digest):
+    if repo.project.type != "proxy":
+        return None
+    # Claimed before the checks (an eviction may be deleting it: lifecycle/guard.py).
+    await app[keys.REPOSITORIES].claim([digest], app[keys.BLOBS])
+    if await app[keys.REPOSITORIES].project_holds(repo.project.name, digest):
         # A layer another image of this cache brought in (base layers are shared widely)
         # is a hit here too: it was verified when it was committed.
         size = await app[keys.BLOBS].size(digest)

@@ -7,7 +7,9 @@ from redis.asyncio import Redis
 
 from shared.auth.access import Access
 from shared.diskcache import DiskCache
+from shared.lifecycle.guard import ReferenceGuard
 from shared.lifecycle.pulls import PullRecorder
+from shared.lifecycle.usage import UsageLedger
 from shared.proxy.events import CacheEvents
 from shared.proxy.follow import BlobFollower
 from shared.proxy.manifests import ManifestCache
@@ -32,6 +34,8 @@ MANIFEST_CACHE = web.AppKey("manifest_cache", ManifestCache)
 FOLLOWER = web.AppKey("follower", BlobFollower)
 PUSH_EVENTS = web.AppKey("push_events", PushEvents)
 PULLS = web.AppKey("pulls", PullRecorder)
+GUARD = web.AppKey("guard", ReferenceGuard)
+LEDGER = web.AppKey("ledger", UsageLedger)
 # Absent when the disk tier is off (`disk_cache.max_bytes: 0`).
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 

@@ -16,6 +16,7 @@ from shared.oci.errors import RegistryError
 from shared.oci.manifest import Manifest, parse_manifest
 from shared.oci.reference import is_valid_tag, validate_tag
 from shared.proxy.manifests import STALE
+from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore, Revision
 from shared.routing import Target
 
@@ -131,6 +132,18 @@ async def _check_references(repositories: RepositoryStore, name: str, manifest: 
             )
 
 
+async def _check_still_stored(blobs: BlobStore, name: str, digests: set[Digest]) -> None:
+    """Blobs a collection deleted lately may still be linked (the link goes after the
+    blob): for those, the blob itself must be there."""
+    for digest in sorted(digests, key=str):
+        if await blobs.size(digest) is None:
+            raise RegistryError(
+                "MANIFEST_BLOB_UNKNOWN",
+                f"{digest} is not in repository {name}",
+                detail={"digest": str(digest)},
+            )
+
+
 async def put_manifest(request: web.Request) -> web.Response:
     repo = target(request, Action.PUSH)
     app = request.app
@@ -145,10 +158,18 @@ async def put_manifest(request: web.Request) -> web.Response:
         tag = validate_tag(reference)
         digest = Digest.of(body)
     manifest = parse_manifest(body, request.headers.get("Content-Type"))
-    repositories = app[keys.REPOSITORIES]
+    repositories, blobs = app[keys.REPOSITORIES], app[keys.BLOBS]
+    # Claimed before the checks: a collection running now either keeps what this manifest
+    # names or has deleted it, and then the checks below find it gone (lifecycle/guard.py).
+    named = [digest, *(d.digest for d in manifest.blobs), *(d.digest for d in manifest.manifests)]
+    rechecked = await repositories.claim(named, blobs)
     await _check_references(repositories, repo.name, manifest)
+    await _check_still_stored(blobs, repo.name, rechecked - {digest})
+    if repositories.ledger is not None:
+        # Refused over the quota before anything of the manifest is stored.
+        await repositories.ledger.admit(repo.name, digest, manifest)
 
-    await app[keys.BLOBS].commit_bytes(digest, body)
+    await blobs.commit_bytes(digest, body)
     await repositories.add_revision(repo.name, digest, manifest)
     if tag is not None:
         await repositories.set_tag(repo.name, tag, digest)

@@ -59,6 +59,8 @@ async def start_upload(request: web.Request) -> web.Response:
     if monolithic is not None:
         digest = Digest.parse(monolithic)
         length = content_length(request)
+        # Claimed before `commit` decides whether the blob is stored already (lifecycle/guard.py).
+        await app[keys.REPOSITORIES].claim([digest], app[keys.BLOBS])
         size = await app[keys.BLOBS].commit(digest, body_source(request), length)
         await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
         BYTES_RECEIVED.labels(repo.project.name).inc(size)
@@ -77,6 +79,8 @@ async def _mount(request: web.Request, name: str, digest: Digest, source: str | 
     """
     app = request.app
     repositories = app[keys.REPOSITORIES]
+    # Claimed before the checks that find the blob held (lifecycle/guard.py).
+    await repositories.claim([digest], app[keys.BLOBS])
     if source is None and not await repositories.project_holds(project_of(name), digest):
         return False
     if source is not None:
@@ -144,6 +148,8 @@ async def finish_upload(request: web.Request) -> web.Response:
     if length or request.headers.get("Transfer-Encoding", "").lower() == "chunked":
         start, expected = _chunk_range(request, length)
         upload = await uploads.append(upload, body_source(request), expected, start)
+    # Claimed before `finish` decides whether the blob is stored already (lifecycle/guard.py).
+    await app[keys.REPOSITORIES].claim([digest], app[keys.BLOBS])
     size = await uploads.finish(upload, digest)
     await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
     return _created(_request_name(request), digest)

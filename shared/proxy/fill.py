@@ -86,6 +86,9 @@ async def fill_blob(
     to wait, when another fill holds the blob, until that fill's download is over.
     Raises UpstreamFailure (retryable) or DigestMismatch (permanent).
     """
+    # Claimed before anything below finds the blob stored and skips writing it: a
+    # collection running now keeps it, or has deleted it and the checks see that.
+    await deps.repositories.claim([digest], deps.blobs)
     # Held by this proxy project already: link it. Held only by another project: fetch it
     # anyway, so the upstream proves it serves this content here (the bytes are hashed,
     # not written again).

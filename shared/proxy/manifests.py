@@ -216,6 +216,8 @@ class ManifestCache:
                 "UPSTREAM_ERROR", f"upstream sent an invalid manifest: {invalid.message}"
             ) from None
 
+        # Claimed before commit_bytes finds it stored (an eviction may be deleting it).
+        await self._repositories.claim([actual], self._blobs)
         await self._blobs.commit_bytes(actual, fetched.body)
         revision = await self._repositories.add_revision(target.name, actual, manifest)
         if tag is not None:

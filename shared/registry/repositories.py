@@ -7,8 +7,9 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from redis.asyncio import Redis
@@ -18,6 +19,11 @@ from shared.oci.digest import Digest
 from shared.oci.manifest import Descriptor, Manifest
 from shared.registry import layout
 from shared.registry.storage import ObjectMissing, ObjectStore
+
+if TYPE_CHECKING:
+    from shared.lifecycle.guard import ReferenceGuard
+    from shared.lifecycle.usage import UsageLedger
+    from shared.registry.blobs import BlobStore
 
 log = structlog.get_logger("repositories")
 
@@ -71,9 +77,22 @@ def project_of(name: str) -> str:
 
 
 class RepositoryStore:
-    def __init__(self, store: ObjectStore, cache: Redis | None = None) -> None:
+    """`guard` (the storage lifecycle's reference guard) and `ledger` (project usage and
+    quotas) are optional: without them references are written without telling a collection,
+    and nothing is counted."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: Redis | None = None,
+        *,
+        guard: ReferenceGuard | None = None,
+        ledger: UsageLedger | None = None,
+    ) -> None:
         self._store = store
         self._cache = cache
+        self.guard = guard
+        self.ledger = ledger
         self._links: OrderedDict[tuple[str, Digest], tuple[int, float]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[bytes | None]] = {}
 
@@ -111,6 +130,24 @@ class RepositoryStore:
     async def names(self) -> list[str]:
         keys = await self._store.list_keys(layout.CATALOG)
         return sorted(layout.catalog_name(k) for k in keys)
+
+    # -- references and the collection -----------------------------------------------
+    async def claim(self, digests: Iterable[Digest], blobs: BlobStore | None = None) -> set[Digest]:
+        """Tell a running collection that a write is about to reference `digests` (see
+        shared/lifecycle/guard.py); call it before the checks that let the write skip work.
+        For the digests it returns (condemned or deleted lately) what this process
+        remembers is dropped (links here, placements in `blobs`), so those checks ask the
+        bucket again."""
+        if self.guard is None:
+            return set()
+        found = await self.guard.claim(digests)
+        if found:
+            for key in [key for key in self._links if key[1] in found]:
+                del self._links[key]
+            if blobs is not None:
+                for digest in found:
+                    blobs.forget(digest)
+        return found
 
     # -- blob links --------------------------------------------------------------------
     async def link_blob(self, name: str, digest: Digest, size: int) -> None:
@@ -174,6 +211,10 @@ class RepositoryStore:
 
     # -- manifests ---------------------------------------------------------------------
     async def add_revision(self, name: str, digest: Digest, manifest: Manifest) -> Revision:
+        """Store the manifest's revision (and referrer entry); with a ledger, counted first
+        (DENIED, with nothing written, if that takes the project over its quota)."""
+        if self.ledger is not None:
+            await self.ledger.admit(name, digest, manifest)
         revision = Revision(
             digest,
             manifest.media_type,
@@ -245,6 +286,8 @@ class RepositoryStore:
         await self._forget(
             _revision_cache_key(name, revision.digest), *(_tag_cache_key(name, t) for t in gone_tags)
         )
+        if self.ledger is not None:
+            await self.ledger.remove(name, revision.digest)
 
     # -- tags --------------------------------------------------------------------------
     async def resolve_tag(self, name: str, tag: str) -> Digest | None:

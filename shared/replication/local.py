@@ -124,6 +124,8 @@ class LocalProject:
         """
         name = self._own(repository)
         parsed = Digest.parse(digest)
+        # Claimed before the checks find it held (a collection may be deleting it).
+        await self._repositories.claim([parsed], self._blobs)
         if from_repository is not None:
             if not await self._repositories.blob_linked(self._own(from_repository), parsed):
                 return False
@@ -143,6 +145,8 @@ class LocalProject:
         name = self._own(repository)
         parsed = Digest.parse(digest)
         reader = ResumingReader(open_source, bandwidth=bandwidth)
+        # Claimed before `commit` finds the blob stored and skips writing it.
+        await self._repositories.claim([parsed], self._blobs)
         try:
             stored = await self._blobs.commit(parsed, reader.read, size)
         finally:
@@ -163,7 +167,14 @@ class LocalProject:
             tag = validate_tag(reference)
             digest = Digest.of(body)
         manifest = parse_manifest(body, media_type)
+        # Claimed before the checks (shared/lifecycle/guard.py); what a collection deleted
+        # lately may still be linked, so those must be stored too.
+        named = [digest, *(d.digest for d in manifest.blobs), *(d.digest for d in manifest.manifests)]
+        rechecked = await self._repositories.claim(named, self._blobs)
         await self._check_references(name, manifest.blobs, manifest.manifests)
+        for gone in rechecked - {digest}:
+            if await self._blobs.size(gone) is None:
+                raise RegistryError("MANIFEST_BLOB_UNKNOWN", f"{gone} is not in repository {name}")
         await self._blobs.commit_bytes(digest, body)
         await self._repositories.add_revision(name, digest, manifest)
         if tag is not None:
