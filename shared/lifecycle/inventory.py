@@ -36,7 +36,7 @@ CONCURRENT_READS = 32
 # thousands of extents): its metadata is read with a HEAD rather than a GET of its bytes.
 RECORD_READ_LIMIT = 64 * 1024
 _RECORD_META = "seawall-extents"
-REPOSITORIES = "repositories/"
+REPOSITORIES = layout.REPOSITORIES
 
 Progress = Callable[[int], None]
 
@@ -73,9 +73,16 @@ class RepositoryView:
     def reachable(self, *, untagged: bool) -> set[Digest]:
         """Manifests reachable from the tags: tagged ones, an index's children and the
         referrers of reachable ones, recursively. With `untagged`, every image counts as a
-        starting point. Children this repository does not hold are included (their blob
-        may be held for another repository)."""
-        start = set(self.images) if untagged else {digest for digest, _ in self.tags.values()}
+        starting point."""
+        return self.reachable_from(set(self.images) if untagged else self.tagged())
+
+    def tagged(self) -> set[Digest]:
+        return {digest for digest, _ in self.tags.values()}
+
+    def reachable_from(self, start: Iterable[Digest]) -> set[Digest]:
+        """`start` and what it reaches: an index's children and the referrers of reached
+        manifests, recursively. Children this repository does not hold are included (their
+        blob may be held for another repository)."""
         referrers: dict[Digest, list[Digest]] = {}
         for image in self.images.values():
             if image.subject is not None:
@@ -134,7 +141,8 @@ async def bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int = CONC
     return list(await asyncio.gather(*(one(call) for call in calls)))
 
 
-def _digest(algorithm: str, hex_part: str) -> Digest | None:
+def digest_of(algorithm: str, hex_part: str) -> Digest | None:
+    """The digest `<algorithm>:<hex>` as keys spell it, None when it is not a valid one."""
     try:
         return Digest.parse(f"{algorithm}:{hex_part}")
     except RegistryError:
@@ -166,11 +174,11 @@ def _classify(info: ObjectInfo, listed: dict[str, _Listed]) -> None:
     name, parts = rest[:cut], rest[cut + 2 :].split("/")
     entry = listed.setdefault(name, _Listed())
     if parts[0] == "layers" and len(parts) == 3:
-        digest = _digest(parts[1], parts[2])
+        digest = digest_of(parts[1], parts[2])
         if digest is not None:
             entry.links[digest] = info.modified
     elif parts[:2] == ["manifests", "revisions"] and len(parts) == 4:
-        digest = _digest(parts[2], parts[3])
+        digest = digest_of(parts[2], parts[3])
         if digest is not None:
             entry.revisions[digest] = info.modified
     elif parts[:2] == ["manifests", "tags"] and len(parts) == 3:
@@ -244,7 +252,7 @@ async def _view(objects: ObjectStore, manifests: _Manifests, name: str, listed: 
 
     async def tag(tag_name: str, key: str, modified: float) -> None:
         raw = await _small(objects, key)
-        digest = _digest(*raw.decode().split(":", 1)) if raw and b":" in raw else None
+        digest = digest_of(*raw.decode().split(":", 1)) if raw and b":" in raw else None
         if digest is not None:
             view.tags[tag_name] = (digest, modified)
 
@@ -336,7 +344,7 @@ def blob_key_digest(key: str) -> Digest | None:
     parts = key.removeprefix(layout.BLOBS).split("/")
     if len(parts) != 3:
         return None
-    digest = _digest(parts[0], parts[2])
+    digest = digest_of(parts[0], parts[2])
     return digest if digest is not None and layout.blob(digest) == key else None
 
 

@@ -41,6 +41,13 @@ def quarantined(digest: Digest, stamp: str) -> str:
 
 QUARANTINE = "quarantine/"
 BLOBS = "blobs/"
+# The other top-level prefixes, for listings over all of them (the garbage collection).
+BLOB_DATA = "blobdata/"
+REPOSITORIES = "repositories/"
+PROJECTS = "projects/"
+UPLOADS = "uploads/"
+UPLOAD_PARTS = "extents/"
+FILLS = "fills/"
 
 
 def layer_link(name: str, digest: Digest) -> str:
