@@ -176,6 +176,37 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
 
 
+def test_a_task_delivered_again_takes_over_the_blob_gate_its_dead_run_left(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    repo_name: Callable[[], str],
+    redis_url: str,
+) -> None:
+    name = repo_name()
+    layer = make_layer(size=16 * KIB, seed=name)
+    image = make_image([layer], label=name)
+    push_image(distribution.url, name, image, tag="v1")
+    worker = _replicator(worker_factory, hub, "again", name)
+    ctx = worker.context
+    worker.run(start_execution(ctx, "again", "manual"))
+    [message] = _take(redis_url)
+    task_id = message["args"][0]
+    # The task's first run took the layer's gate and its worker died: the lease has most of
+    # its TTL left when the message comes back.
+    dead = Lease(ctx.redis, gate_key(destination_scope(True, "mirror"), sha256(layer)), ttl=GATE_TTL_SECONDS)
+    dead.holder = f"{task_id} {dead.holder}"
+    assert worker.run(dead.acquire())
+
+    started = time.monotonic()
+    task = worker.run(run_task(ctx, task_id))
+
+    assert time.monotonic() - started < GATE_TTL_SECONDS / 2
+    assert task.status is TaskStatus.SUCCEEDED
+    assert not any("waited" in line for line in task.log)
+    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
+
+
 def test_a_copy_whose_gate_and_listing_cannot_reach_redis_goes_on_without_them(
     worker_factory: WorkerFactory,
     hub: DockerHubEmulator,

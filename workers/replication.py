@@ -288,7 +288,9 @@ async def _copy(ctx: WorkerContext, store: ExecutionStore, rule: ReplicationRule
                 copy_referrers=rule.copy_referrers,
                 bandwidth=rule.bandwidth,
                 log=note,
-                gate=RedisBlobGate(ctx.redis, destination_scope(rule.mode == "pull", destination.name)),
+                gate=RedisBlobGate(
+                    ctx.redis, destination_scope(rule.mode == "pull", destination.name), owner=task.id
+                ),
                 listed_tags=RedisListedTags(ctx.redis, task.execution, task.source_repository),
             )
         )

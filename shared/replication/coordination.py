@@ -25,7 +25,7 @@ log = structlog.get_logger("worker")
 _PREFIX = "seawall:replication"
 # A task sending a blob holds the gate this long past its last heartbeat (a third of it),
 # so a task whose worker died keeps the others waiting at most this long.
-GATE_TTL_SECONDS = 15.0
+GATE_TTL_SECONDS = 10.0
 # A waiting task looks at the gate this often, doubling up to the longest pause.
 GATE_POLL_SECONDS = 0.05
 GATE_POLL_MAX_SECONDS = 0.5
@@ -55,6 +55,19 @@ def location_key(destination: str, digest: str) -> str:
 def listed_tags_key(execution_id: str, repository: str) -> str:
     """A set: the tag-scheme tags the execution's listing found in source `repository`."""
     return f"{_PREFIX}:execution:{execution_id}:scheme-tags:{repository}"
+
+
+# Take over the gate from an earlier run of the same task (the holder starts with ARGV[1]):
+# its worker died and its message came back, or it runs twice; either way it is not to be
+# waited for.
+_TAKE_OVER = """
+local holder = redis.call('get', KEYS[1])
+if holder and string.sub(holder, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'px', ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -94,17 +107,26 @@ class _LeasePass:
 
 class RedisBlobGate:
     """The `BlobGate` of copy.py over a Redis lease per destination (a `destination_scope`)
-    and digest (shared/leases.py), so tasks in every worker process share it."""
+    and digest (shared/leases.py), so tasks in every worker process share it. `owner` names
+    the task: a lease an earlier run of it left is taken over, not waited for."""
 
-    def __init__(self, redis: Redis, destination: str, *, ttl: float = GATE_TTL_SECONDS) -> None:
+    def __init__(
+        self, redis: Redis, destination: str, *, owner: str = "", ttl: float = GATE_TTL_SECONDS
+    ) -> None:
         self._redis = redis
         self._destination = destination
+        self._owner = f"{owner} " if owner else ""
         self._ttl = ttl
 
     async def enter(self, digest: str) -> _LeasePass | _Ungated | None:
-        lease = Lease(self._redis, gate_key(self._destination, digest), ttl=self._ttl)
+        key = gate_key(self._destination, digest)
+        lease = Lease(self._redis, key, ttl=self._ttl)
+        lease.holder = f"{self._owner}{lease.holder}"
         try:
-            if not await lease.acquire():
+            if not await lease.acquire() and not (
+                self._owner
+                and await self._redis.eval(_TAKE_OVER, 1, key, self._owner, lease.holder, str(lease.ttl_ms))
+            ):
                 return None
             located = _text(await self._redis.get(location_key(self._destination, digest)))
         except RedisError as exc:
