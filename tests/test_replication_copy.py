@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from shared.oci.digest import Digest
 from shared.oci.manifest import parse_manifest
 from shared.ratelimit import background
 from shared.replication.copy import CopyResult, QuotaWait, copy_tag
-from shared.replication.endpoints import Destination, LocalProject, RemoteRegistry, Source, endpoints_for
+from shared.replication.endpoints import Destination, LocalProject, RemoteRegistry, Source
 from shared.replication.rules import ReplicationRule
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
 from tests.support.distribution import Distribution
@@ -32,9 +33,9 @@ from tests.support.images import (
     make_layer,
     sha256,
 )
+from tests.support.replication import KIB, TIMEOUTS, hub_upstream, rule_endpoints, stored, tagged
 from tests.support.seed import push_image, push_index
 
-KIB = 1024
 COSIGN_LAYER = "application/vnd.dev.cosign.simplesigning.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 SPDX = "application/spdx+json"
@@ -46,11 +47,10 @@ def replicator(
 ) -> InProcessWorker:
     """A worker whose upstreams are the emulator (`hub`) and Distribution itself (`dist`),
     with hosted projects `local` and `mirror`."""
-    timeouts = {"head_timeout": "2s", "read_timeout": "10s", "connect_timeout": "2s"}
     return worker_factory(
         upstreams=[
-            {"name": "hub", "url": hub.url, "flavor": "dockerhub", **timeouts},
-            {"name": "dist", "url": distribution.url, "flavor": "registry", **timeouts},
+            hub_upstream(hub),
+            {"name": "dist", "url": distribution.url, "flavor": "registry", **TIMEOUTS},
         ],
         projects=[{"name": "local", "type": "hosted"}, {"name": "mirror", "type": "hosted"}],
     )
@@ -74,44 +74,31 @@ def _copy(
     *,
     overwrite: bool = True,
     copy_referrers: bool = True,
+    bandwidth: int | None = None,
+    as_background_work: bool = False,
     log: list[str] | None = None,
 ) -> CopyResult:
+    """Copy one tag between the ends named (upstreams or projects), as a task does; as
+    background work (replication's priority with the governor) when asked."""
     lines = [] if log is None else log
 
     async def run() -> CopyResult:
-        source: Source = await _end(worker, ends[0])
-        destination: Destination = await _end(worker, ends[1])
-        return await copy_tag(
-            source,
-            destination,
-            source_repository,
-            tag,
-            destination_repository,
-            overwrite=overwrite,
-            copy_referrers=copy_referrers,
-            bandwidth=None,
-            log=lines.append,
-        )
+        with background() if as_background_work else nullcontext():
+            source: Source = await _end(worker, ends[0])
+            destination: Destination = await _end(worker, ends[1])
+            return await copy_tag(
+                source,
+                destination,
+                source_repository,
+                tag,
+                destination_repository,
+                overwrite=overwrite,
+                copy_referrers=copy_referrers,
+                bandwidth=bandwidth,
+                log=lines.append,
+            )
 
     return worker.run(run())
-
-
-def _stored(worker: InProcessWorker, name: str, digest: str) -> bytes | None:
-    """The blob as repository `name` of this Seawall serves it, if it is linked there."""
-    ctx = worker.context
-
-    async def read() -> bytes | None:
-        parsed = Digest.parse(digest)
-        if not await ctx.repositories.blob_linked(name, parsed):
-            return None
-        return b"".join([chunk async for chunk in ctx.blobs.stream(parsed)])
-
-    return worker.run(read())
-
-
-def _tagged(worker: InProcessWorker, name: str, tag: str) -> str | None:
-    digest = worker.run(worker.context.repositories.resolve_tag(name, tag))
-    return str(digest) if digest else None
 
 
 def _manifest_held(worker: InProcessWorker, name: str, digest: str) -> bytes | None:
@@ -140,17 +127,9 @@ def test_a_tag_pulled_from_docker_hub_lands_byte_for_byte_and_a_rerun_moves_noth
     push_image(distribution.url, name, image, tag="v1")
     rule = ReplicationRule(name="python", mode="pull", source="hub", destination="mirror")
     destination_repository = rule.destination_repository(name)
-    ctx = replicator.context
 
     async def run() -> CopyResult:
-        source, destination = await endpoints_for(
-            rule,
-            ctx.settings,
-            blobs=ctx.blobs,
-            repositories=ctx.repositories,
-            objects=ctx.objects,
-            upstreams=ctx.upstreams,
-        )
+        source, destination = await rule_endpoints(replicator, rule)
         return await copy_tag(
             source,
             destination,
@@ -166,10 +145,10 @@ def test_a_tag_pulled_from_docker_hub_lands_byte_for_byte_and_a_rerun_moves_noth
     first = replicator.run(run())
     assert (first.blobs_copied, first.blobs_present, first.manifests) == (2, 0, 1)
     assert first.bytes_moved == sum(len(data) for data in image.blobs.values())
-    assert _tagged(replicator, destination_repository, "v1") == image.digest
+    assert tagged(replicator, destination_repository, "v1") == image.digest
     assert _manifest_held(replicator, destination_repository, image.digest) == image.manifest
     for digest, data in image.blobs.items():
-        assert _stored(replicator, destination_repository, digest) == data
+        assert stored(replicator, destination_repository, digest) == data
 
     hub.reset_counters()
     again = replicator.run(run())
@@ -196,12 +175,12 @@ def test_a_multi_arch_index_is_copied_whole_and_shared_layers_travel_once(
 
     assert result.manifests == 3
     assert result.blobs_copied == 5  # two configs, two own layers, the shared base once
-    assert _tagged(replicator, target, "multi") == sha256(index)
+    assert tagged(replicator, target, "multi") == sha256(index)
     assert _manifest_held(replicator, target, sha256(index)) == index
     for image in (amd64, arm64):
         assert _manifest_held(replicator, target, image.digest) == image.manifest
         for digest, data in image.blobs.items():
-            assert _stored(replicator, target, digest) == data
+            assert stored(replicator, target, digest) == data
 
 
 def test_blobs_another_repository_of_the_project_holds_are_mounted_not_sent(
@@ -217,7 +196,7 @@ def test_blobs_another_repository_of_the_project_holds_are_mounted_not_sent(
 
     assert (result.blobs_mounted, result.blobs_copied, result.bytes_moved) == (2, 0, 0)
     for digest, data in image.blobs.items():
-        assert _stored(replicator, f"mirror/{second_name}", digest) == data
+        assert stored(replicator, f"mirror/{second_name}", digest) == data
 
 
 def test_without_overwrite_a_destination_tag_pointing_elsewhere_is_left_alone(
@@ -235,14 +214,14 @@ def test_without_overwrite_a_destination_tag_pointing_elsewhere_is_left_alone(
     kept = _copy(replicator, ("hub", "mirror"), name, "v1", f"mirror/{name}", overwrite=False, log=lines)
     assert kept.kept
     assert kept.manifests == 0
-    assert _tagged(replicator, f"mirror/{name}", "v1") == old.digest
+    assert tagged(replicator, f"mirror/{name}", "v1") == old.digest
     assert any("overwrite is off" in line for line in lines)
 
     moved = _copy(replicator, ("hub", "mirror"), name, "v1", f"mirror/{name}", overwrite=True)
     assert moved.manifests == 1
     # The shared layer is in the repository already: neither sent nor mounted.
     assert (moved.blobs_copied, moved.blobs_present, moved.blobs_mounted) == (2, 1, 0)
-    assert _tagged(replicator, f"mirror/{name}", "v1") == new.digest
+    assert tagged(replicator, f"mirror/{name}", "v1") == new.digest
 
 
 def test_a_source_stream_cut_midway_resumes_from_where_it_stopped(
@@ -262,7 +241,7 @@ def test_a_source_stream_cut_midway_resumes_from_where_it_stopped(
 
     result = _copy(replicator, ("hub", "mirror"), name, "v1", f"mirror/{name}")
 
-    assert _stored(replicator, f"mirror/{name}", sha256(layer)) == layer
+    assert stored(replicator, f"mirror/{name}", sha256(layer)) == layer
     gets = hub.blob_gets(sha256(layer))
     assert len(gets) >= 3
     assert gets[0].range is None
@@ -280,21 +259,10 @@ def test_a_bandwidth_cap_holds_the_copy_to_its_rate(
     total = sum(len(data) for data in image.blobs.values())
     cap = 512 * KIB
 
-    async def run() -> CopyResult:
-        return await copy_tag(
-            await _end(replicator, "hub"),
-            await _end(replicator, "mirror"),
-            name,
-            "v1",
-            f"mirror/{name}",
-            overwrite=True,
-            copy_referrers=False,
-            bandwidth=cap,
-            log=lambda line: None,
-        )
-
     started = time.monotonic()
-    result = replicator.run(run())
+    result = _copy(
+        replicator, ("hub", "mirror"), name, "v1", f"mirror/{name}", copy_referrers=False, bandwidth=cap
+    )
     elapsed = time.monotonic() - started
 
     assert result.bytes_moved == total
@@ -323,23 +291,9 @@ def test_a_refusal_by_the_governor_is_a_quota_wait_and_reaches_no_upstream_429(
         projects=[{"name": "mirror", "type": "hosted"}],
     )
 
-    async def run() -> CopyResult:
-        # Replication spends quota as background work: the last pull is the clients' reserve.
-        with background():
-            return await copy_tag(
-                await _end(worker, "hub"),
-                await _end(worker, "mirror"),
-                name,
-                "v1",
-                f"mirror/{name}",
-                overwrite=True,
-                copy_referrers=True,
-                bandwidth=None,
-                log=lambda line: None,
-            )
-
+    # Replication spends quota as background work: the last pull is the clients' reserve.
     with pytest.raises(QuotaWait) as waiting:
-        worker.run(run())
+        _copy(worker, ("hub", "mirror"), name, "v1", f"mirror/{name}", as_background_work=True)
     assert waiting.value.reopens_at > time.time()
     assert "waiting for quota" in str(waiting.value)
     assert hub.count("GET", "manifest") == 0

@@ -6,7 +6,6 @@ against a small quota, run by real worker processes beside an edge serving clien
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -18,23 +17,31 @@ import pytest
 import redis
 
 from services.embedded import S3Server
-from shared import jobs
 from shared.replication.records import Execution, ExecutionStatus
-from shared.replication.store import ExecutionStore
 from tests.fixtures.clients import Skopeo
 from tests.fixtures.edge import USERS, EdgeFactory, EdgeServer, build_settings
 from tests.fixtures.proxy import StackFactory, wait_for
-from tests.fixtures.servers import InProcessWorker, WorkerFactory
+from tests.fixtures.servers import WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import DockerHubEmulator
 from tests.support.images import OCI_MANIFEST, Image, make_image, make_layer
+from tests.support.replication import (
+    KIB,
+    TIMEOUTS,
+    flattened,
+    publish_start,
+    pull_rule,
+    push_small_images,
+    read_executions,
+    run_execution,
+    small_image,
+    stack_reader,
+    tagged,
+)
 from tests.support.seed import push_image
-from workers.replication import run_task, start_execution
 
-KIB = 1024
 ALICE = ("alice", USERS["alice"])
 PASSWORD_ENV = "E2E_SITE_B_PASSWORD"
-TIMEOUTS = {"head_timeout": "2s", "read_timeout": "10s", "connect_timeout": "2s"}
 
 
 @pytest.fixture
@@ -48,30 +55,6 @@ def site_b(redis_url: str, s3_server: S3Server, user_hashes: dict[str, str]) -> 
         client.flushdb()
     with EdgeServer(build_settings(url, s3_server.settings(bucket), user_hashes)) as server:
         yield server
-
-
-def _drain(worker: InProcessWorker, redis_url: str) -> None:
-    """Run every queued replication job, as workers would, until none is queued."""
-    client = redis.Redis.from_url(redis_url)
-    queue = f"{jobs.NAMESPACE}:{jobs.REPLICATION_QUEUE}"
-    try:
-        while raw := client.hvals(f"{queue}.msgs"):
-            client.delete(f"{queue}.msgs", queue)
-            for message in sorted((json.loads(m) for m in raw), key=lambda m: m["message_timestamp"]):
-                if message["actor_name"] == jobs.REPLICATE.actor:
-                    worker.run(start_execution(worker.context, *message["args"]))
-                else:
-                    worker.run(run_task(worker.context, *message["args"]))
-    finally:
-        client.close()
-
-
-def _run(worker: InProcessWorker, redis_url: str, rule: str) -> Execution:
-    started = worker.run(start_execution(worker.context, rule, "manual"))
-    _drain(worker, redis_url)
-    found = worker.run(ExecutionStore(worker.context.redis, worker.context.objects).execution(started.id))
-    assert found is not None
-    return found
 
 
 def _pulled(
@@ -132,7 +115,7 @@ def test_a_push_rule_copies_a_hosted_project_to_another_seawall_and_to_distribut
     size = sum(len(data) for image in images.values() for data in image.blobs.values())
 
     for rule_name, url, creds in (("to-b", site_b.url, ALICE), ("to-dist", distribution.url, None)):
-        done = _run(worker, redis_url, rule_name)
+        done = run_execution(worker, redis_url, rule_name)
         assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2), done
         assert done.bytes_moved == size
         host = url.removeprefix("http://")
@@ -140,7 +123,7 @@ def test_a_push_rule_copies_a_hosted_project_to_another_seawall_and_to_distribut
             pulled = _pulled(skopeo, f"{host}/{repository}:{tag}", tmp_path / f"{rule_name}-{tag}", creds)
             assert pulled == _expected(image)
         # A second run finds every tag in place: nothing moves.
-        again = _run(worker, redis_url, rule_name)
+        again = run_execution(worker, redis_url, rule_name)
         assert (again.status, again.succeeded, again.bytes_moved) == (ExecutionStatus.SUCCEEDED, 2, 0)
 
 
@@ -153,39 +136,27 @@ def test_a_pull_run_under_a_small_quota_pauses_without_a_429_keeps_the_reserve_a
 ) -> None:
     name = repo_name()
     tags = [f"v{n}" for n in range(10)]
-    images = {
-        tag: make_image([make_layer(size=KIB, seed=f"{name}:{tag}")], label=f"{name}:{tag}") for tag in tags
-    }
-    for tag, image in images.items():
-        push_image(distribution.url, name, image, tag)
-    client_image = make_image([make_layer(size=KIB, seed=f"{name}:client")], label=f"{name}:client")
+    images = push_small_images(distribution.url, name, tags, size=KIB)
+    client_image = small_image(f"{name}:client", size=KIB)
     push_image(distribution.url, name, client_image, "client")
     # Five pulls per 1.5 s: background work may take four of them, the reserve keeps one.
     window = 1.5
     hub.set_quota(limit=5, window_seconds=window)
-    filters = {"name": name, "tag": "v*"}
-    rule = {"name": "quota", "mode": "pull", "source": "hub", "destination": "local", "filters": filters}
+    rule = pull_rule("quota", name, destination="local", filters={"name": name, "tag": "v*"})
     stack = cache_stack(
         workers=0,
         upstream={"quota": {"limit": 5, "window": f"{window * 1000:.0f}ms", "reserve": 0.2}},
         replication=[rule],
     )
     stack.start_worker(threads=4)
-    reader = worker_factory(
-        projects=[{"name": "local", "type": "hosted"}], data_dir=stack.work_dir / "reader"
-    )
-    store = ExecutionStore(reader.context.redis, reader.context.objects)
+    reader = stack_reader(worker_factory, stack)
     hub.reset_counters()
 
     started = time.monotonic()
-    broker = jobs.make_broker(stack.edge.settings.redis_url or "")
-    try:
-        jobs.enqueue(broker, jobs.REPLICATE, ("quota", "manual", None, None))
-    finally:
-        broker.close()
+    publish_start(stack.edge.settings.redis_url or "", "quota")
 
     def execution() -> Execution | None:
-        found = reader.run(store.executions("quota"))
+        found = read_executions(reader, "quota")
         return found[0] if found else None
 
     def waiting() -> bool:
@@ -220,9 +191,8 @@ def test_a_pull_run_under_a_small_quota_pauses_without_a_429_keeps_the_reserve_a
     assert took > 2 * window
     assert [r for r in hub.requests if r.status == 429] == []
     assert hub.pulls() == len(tags) + 1
-    destination = f"local/{name.split('/', 1)[1]}"
+    destination = flattened("local", name)
     for tag, image in images.items():
-        digest = reader.run(reader.context.repositories.resolve_tag(destination, tag))
-        assert str(digest) == image.digest
+        assert tagged(reader, destination, tag) == image.digest
     for worker_process in stack.workers:
         worker_process.kill()  # nothing of it is kept: no need to wait for a graceful stop

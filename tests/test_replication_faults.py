@@ -22,10 +22,14 @@ from tests.fixtures.proxy import CacheStack, StackFactory, wait_for
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import DockerHubEmulator
-from tests.support.images import Image, make_image, make_layer
+from tests.support.replication import KIB, pull_rule
+from tests.support.replication import publish_start as _publish_start
+from tests.support.replication import read_executions as _executions
+from tests.support.replication import small_image as _image
+from tests.support.replication import stack_reader as _reader
+from tests.support.replication import tagged as _tagged
 from tests.support.seed import push_image
 
-KIB = 1024
 # A worker that has sent no broker command for this long counts as dead. Idle live workers
 # fetch about every second, so this is safely longer.
 HEARTBEAT_SECONDS = 2.5
@@ -33,26 +37,7 @@ HEARTBEAT_SECONDS = 2.5
 
 def _rule(name: str, repository: str) -> dict[str, Any]:
     """A manual pull rule from the emulated Docker Hub into the hosted project `local`."""
-    return {
-        "name": name,
-        "mode": "pull",
-        "source": "hub",
-        "filters": {"name": repository},
-        "destination": "local",
-    }
-
-
-def _image(label: str, size: int = 4 * KIB) -> Image:
-    return make_image([make_layer(size=size, seed=label)], label=label)
-
-
-def _publish_start(redis_url: str, rule: str) -> None:
-    """A REPLICATE message, as the CLI, the scheduler or the edge publish it."""
-    broker = jobs.make_broker(redis_url)
-    try:
-        jobs.enqueue(broker, jobs.REPLICATE, (rule, "manual", None, None))
-    finally:
-        broker.close()
+    return pull_rule(name, repository, destination="local")
 
 
 def _redeliver(redis_url: str) -> None:
@@ -80,20 +65,6 @@ def _crash(stack: CacheStack) -> None:
     """End the stack's workers at once: nothing of them is kept, no need for a graceful stop."""
     for worker in stack.workers:
         worker.kill()
-
-
-def _reader(worker_factory: WorkerFactory, stack: CacheStack) -> InProcessWorker:
-    """The test's own view of the stack's Redis and bucket (no upstreams: it only reads)."""
-    return worker_factory(projects=[{"name": "local", "type": "hosted"}], data_dir=stack.work_dir / "reader")
-
-
-def _executions(reader: InProcessWorker, rule: str) -> list[Execution]:
-    return reader.run(ExecutionStore(reader.context.redis, reader.context.objects).executions(rule))
-
-
-def _tagged(reader: InProcessWorker, repository: str, tag: str) -> str | None:
-    digest = reader.run(reader.context.repositories.resolve_tag(repository, tag))
-    return str(digest) if digest else None
 
 
 def _wait_done(

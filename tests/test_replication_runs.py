@@ -6,14 +6,12 @@ workers would. Also the CLI over the same records."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 import yaml
 from click.testing import CliRunner
 
@@ -21,104 +19,30 @@ from services.cli import main as seawall
 from shared import jobs
 from shared.metrics import REPLICATION_EXECUTIONS, REPLICATION_QUOTA_WAITS
 from shared.oci.digest import Digest
-from shared.replication.records import Execution, ExecutionStatus, Task, TaskStatus
-from shared.replication.store import ExecutionStore
+from shared.replication.records import ExecutionStatus, Task, TaskStatus
 from shared.settings import S3Settings
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import DockerHubEmulator
-from tests.support.images import Image, make_image, make_layer
+from tests.support.replication import (
+    KIB,
+    TIMEOUTS,
+    drain,
+    execution_store,
+    flattened,
+    pull_replicator,
+    pull_rule,
+    push_small_images,
+    read_execution,
+    read_executions,
+    small_image,
+    stored,
+    tagged,
+    take_messages,
+)
 from tests.support.seed import push_image
 from workers import replication
 from workers.replication import MAX_TASK_ATTEMPTS, TASKS_IN_FLIGHT, run_task, start_execution
-
-KIB = 1024
-TIMEOUTS = {"head_timeout": "2s", "read_timeout": "10s", "connect_timeout": "2s"}
-
-
-def _hub_upstream(hub: DockerHubEmulator, **extra: Any) -> dict[str, Any]:
-    return {"name": "hub", "url": hub.url, "flavor": "dockerhub", **TIMEOUTS, **extra}
-
-
-def _pull_rule(name: str, repository: str, **extra: Any) -> dict[str, Any]:
-    """A manual pull rule from the emulator into hosted project `mirror` (flatten 1)."""
-    return {
-        "name": name,
-        "mode": "pull",
-        "source": "hub",
-        "filters": {"name": repository},
-        "destination": "mirror",
-        **extra,
-    }
-
-
-def _replicator(
-    worker_factory: WorkerFactory, hub: DockerHubEmulator, rules: list[dict[str, Any]], **upstream: Any
-) -> InProcessWorker:
-    return worker_factory(
-        upstreams=[_hub_upstream(hub, **upstream)],
-        projects=[{"name": "mirror", "type": "hosted"}],
-        replication=rules,
-    )
-
-
-def _image(label: str, size: int = 4 * KIB) -> Image:
-    return make_image([make_layer(size=size, seed=label)], label=label)
-
-
-def _take(redis_url: str) -> list[dict[str, Any]]:
-    """The replication messages queued now, taken off the queue (as a worker would)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        queue = f"{jobs.NAMESPACE}:{jobs.REPLICATION_QUEUE}"
-        with client.pipeline() as pipe:
-            pipe.hvals(f"{queue}.msgs")
-            pipe.delete(f"{queue}.msgs", queue)
-            raw, _ = pipe.execute()
-        return sorted((json.loads(message) for message in raw), key=lambda m: m["message_timestamp"])
-    finally:
-        client.close()
-
-
-def _drain(worker: InProcessWorker, redis_url: str) -> list[Task]:
-    """Run every queued replication job until none is queued; the tasks' states after each
-    run. A task left waiting or backing off is not run again (its message would come back later)."""
-    ran = []
-    while messages := _take(redis_url):
-        for message in messages:
-            if message["actor_name"] == jobs.REPLICATE.actor:
-                worker.run(start_execution(worker.context, *message["args"]))
-            else:
-                assert message["actor_name"] == jobs.REPLICATE_TASK.actor
-                ran.append(worker.run(run_task(worker.context, *message["args"])))
-    return ran
-
-
-def _store(worker: InProcessWorker) -> ExecutionStore:
-    return ExecutionStore(worker.context.redis, worker.context.objects)
-
-
-def _execution(worker: InProcessWorker, execution_id: str) -> Execution:
-    found = worker.run(_store(worker).execution(execution_id))
-    assert found is not None
-    return found
-
-
-def _tagged(worker: InProcessWorker, name: str, tag: str) -> str | None:
-    digest = worker.run(worker.context.repositories.resolve_tag(name, tag))
-    return str(digest) if digest else None
-
-
-def _stored(worker: InProcessWorker, name: str, digest: str) -> bytes | None:
-    ctx = worker.context
-
-    async def read() -> bytes | None:
-        parsed = Digest.parse(digest)
-        if not await ctx.repositories.blob_linked(name, parsed):
-            return None
-        return b"".join([chunk async for chunk in ctx.blobs.stream(parsed)])
-
-    return worker.run(read())
 
 
 def test_a_pull_run_copies_exactly_the_matching_tags_and_a_rerun_moves_no_bytes(
@@ -129,36 +53,34 @@ def test_a_pull_run_copies_exactly_the_matching_tags_and_a_rerun_moves_no_bytes(
     redis_url: str,
 ) -> None:
     name = repo_name()
-    images = {tag: _image(f"{name}:{tag}") for tag in ("3.12-slim", "3.13-slim", "3.13-rc1-slim", "3.13")}
-    for tag, image in images.items():
-        push_image(distribution.url, name, image, tag=tag)
+    images = push_small_images(distribution.url, name, ["3.12-slim", "3.13-slim", "3.13-rc1-slim", "3.13"])
     filters = {"name": name, "tag": ["3.12*-slim", "3.13*-slim"], "exclude_tag": "*-rc*"}
-    worker = _replicator(worker_factory, hub, [_pull_rule("slim", name, filters=filters)])
+    worker = pull_replicator(worker_factory, hub, [pull_rule("slim", name, filters=filters)])
     ctx = worker.context
     hub.reset_counters()
 
     execution = worker.run(start_execution(ctx, "slim", "manual"))
     assert (execution.status, execution.total) == (ExecutionStatus.RUNNING, 2)
-    tasks = _drain(worker, redis_url)
+    tasks = drain(worker, redis_url)
     assert sorted(task.tag for task in tasks) == ["3.12-slim", "3.13-slim"]
-    done = _execution(worker, execution.id)
+    done = read_execution(worker, execution.id)
     assert (done.status, done.succeeded, done.failed) == (ExecutionStatus.SUCCEEDED, 2, 0)
     assert done.bytes_moved == sum(
         len(b) for tag in ("3.12-slim", "3.13-slim") for b in images[tag].blobs.values()
     )
-    destination = f"mirror/{name.split('/', 1)[1]}"
+    destination = flattened("mirror", name)
     for tag in ("3.12-slim", "3.13-slim"):
-        assert _tagged(worker, destination, tag) == images[tag].digest
+        assert tagged(worker, destination, tag) == images[tag].digest
         for digest, data in images[tag].blobs.items():
-            assert _stored(worker, destination, digest) == data
-    assert _tagged(worker, destination, "3.13-rc1-slim") is None
-    assert _tagged(worker, destination, "3.13") is None
+            assert stored(worker, destination, digest) == data
+    assert tagged(worker, destination, "3.13-rc1-slim") is None
+    assert tagged(worker, destination, "3.13") is None
 
     pulls = hub.pulls()
     again = worker.run(start_execution(ctx, "slim", "manual"))
-    rerun = _drain(worker, redis_url)
+    rerun = drain(worker, redis_url)
     assert [task.bytes_moved for task in rerun] == [0, 0]
-    assert _execution(worker, again.id).status is ExecutionStatus.SUCCEEDED
+    assert read_execution(worker, again.id).status is ExecutionStatus.SUCCEEDED
     # The destination tags already point at the source's digests (HEADs): no manifest GET.
     assert hub.pulls() == pulls
 
@@ -171,15 +93,15 @@ def test_delete_missing_deletes_the_destination_tags_whose_source_is_gone_and_on
     redis_url: str,
 ) -> None:
     name = repo_name()
-    image = _image(name)
+    image = small_image(name)
     push_image(distribution.url, name, image, tag="v1")
-    rule = _pull_rule("mirrored", name, filters={"name": name, "tag": "v*"}, delete_missing=True)
-    worker = _replicator(worker_factory, hub, [rule])
+    rule = pull_rule("mirrored", name, filters={"name": name, "tag": "v*"}, delete_missing=True)
+    worker = pull_replicator(worker_factory, hub, [rule])
     ctx = worker.context
-    destination = f"mirror/{name.split('/', 1)[1]}"
+    destination = flattened("mirror", name)
     worker.run(start_execution(ctx, "mirrored", "manual"))
-    _drain(worker, redis_url)
-    assert _tagged(worker, destination, "v1") == image.digest
+    drain(worker, redis_url)
+    assert tagged(worker, destination, "v1") == image.digest
     # Tags at the destination the source does not have: one the rule copies (v0), one it
     # does not (local), and a signature under the referrer tag scheme.
     signature = f"sha256-{image.digest.split(':')[1]}.sig"
@@ -187,15 +109,15 @@ def test_delete_missing_deletes_the_destination_tags_whose_source_is_gone_and_on
         worker.run(ctx.repositories.set_tag(destination, tag, Digest.parse(image.digest)))
 
     execution = worker.run(start_execution(ctx, "mirrored", "manual"))
-    _drain(worker, redis_url)
-    assert _tagged(worker, destination, "v0") is None
+    drain(worker, redis_url)
+    assert tagged(worker, destination, "v0") is None
     for tag in ("v1", "local", signature):
-        assert _tagged(worker, destination, tag) == image.digest
-    tasks = worker.run(_store(worker).tasks(execution.id))
+        assert tagged(worker, destination, tag) == image.digest
+    tasks = worker.run(execution_store(worker).tasks(execution.id))
     [step] = [task for task in tasks if not task.tag]
     assert step.status is TaskStatus.SUCCEEDED
     assert f"{destination}:v0" in step.log[0]
-    assert _execution(worker, execution.id).status is ExecutionStatus.SUCCEEDED
+    assert read_execution(worker, execution.id).status is ExecutionStatus.SUCCEEDED
 
 
 def test_a_trigger_while_the_rule_runs_is_recorded_as_skipped(
@@ -206,8 +128,8 @@ def test_a_trigger_while_the_rule_runs_is_recorded_as_skipped(
     redis_url: str,
 ) -> None:
     name = repo_name()
-    push_image(distribution.url, name, _image(name), tag="v1")
-    worker = _replicator(worker_factory, hub, [_pull_rule("busy", name)])
+    push_image(distribution.url, name, small_image(name), tag="v1")
+    worker = pull_replicator(worker_factory, hub, [pull_rule("busy", name)])
     skipped = REPLICATION_EXECUTIONS.labels("busy", "skipped")._value.get()
 
     running = worker.run(start_execution(worker.context, "busy", "manual"))
@@ -217,9 +139,9 @@ def test_a_trigger_while_the_rule_runs_is_recorded_as_skipped(
     assert running.id in second.message
     assert REPLICATION_EXECUTIONS.labels("busy", "skipped")._value.get() == skipped + 1
     # The skipped one is recorded; the running one goes on and finishes.
-    assert _execution(worker, second.id).status is ExecutionStatus.SKIPPED
-    _drain(worker, redis_url)
-    assert _execution(worker, running.id).status is ExecutionStatus.SUCCEEDED
+    assert read_execution(worker, second.id).status is ExecutionStatus.SKIPPED
+    drain(worker, redis_url)
+    assert read_execution(worker, running.id).status is ExecutionStatus.SUCCEEDED
     # Once it is over, the rule runs again.
     third = worker.run(start_execution(worker.context, "busy", "cron"))
     assert third.status is ExecutionStatus.RUNNING
@@ -234,23 +156,22 @@ def test_an_execution_publishes_a_few_tasks_at_a_time_and_each_task_that_ends_th
 ) -> None:
     name = repo_name()
     tags = [f"v{n}" for n in range(TASKS_IN_FLIGHT + 2)]
-    for tag in tags:
-        push_image(distribution.url, name, _image(f"{name}:{tag}", size=KIB), tag=tag)
-    worker = _replicator(worker_factory, hub, [_pull_rule("many", name)])
+    push_small_images(distribution.url, name, tags, size=KIB)
+    worker = pull_replicator(worker_factory, hub, [pull_rule("many", name)])
 
     execution = worker.run(start_execution(worker.context, "many", "manual"))
     assert execution.total == len(tags)
-    first = _take(redis_url)
+    first = take_messages(redis_url)
     assert len(first) == TASKS_IN_FLIGHT
     task = worker.run(run_task(worker.context, first[0]["args"][0]))
     assert task.status is TaskStatus.SUCCEEDED
     # That task ended: the next one in planned order is published, and only it.
-    [following] = _take(redis_url)
+    [following] = take_messages(redis_url)
     assert following["args"] == [f"{execution.id}:{TASKS_IN_FLIGHT}"]
     for message in [*first[1:], following]:
         worker.run(run_task(worker.context, message["args"][0]))
-    _drain(worker, redis_url)
-    done = _execution(worker, execution.id)
+    drain(worker, redis_url)
+    done = read_execution(worker, execution.id)
     assert (done.status, done.succeeded) == (ExecutionStatus.SUCCEEDED, len(tags))
 
 
@@ -262,18 +183,18 @@ def test_stopping_an_execution_stops_its_pending_tasks_at_once_and_a_running_cop
     redis_url: str,
 ) -> None:
     name = repo_name()
-    slow = _image(f"{name}:slow", size=256 * KIB)
+    slow = small_image(f"{name}:slow", size=256 * KIB)
     push_image(distribution.url, name, slow, tag="slow")
-    push_image(distribution.url, name, _image(f"{name}:quick"), tag="quick")
+    push_image(distribution.url, name, small_image(f"{name}:quick"), tag="quick")
     # The slow image's layer would take 8 s to come from the upstream.
     hub.throttle_blob(next(d for d, b in slow.blobs.items() if b in slow.layers), 32 * KIB)
-    worker = _replicator(worker_factory, hub, [_pull_rule("stoppable", name)])
+    worker = pull_replicator(worker_factory, hub, [pull_rule("stoppable", name)])
     ctx = worker.context
     execution = worker.run(start_execution(ctx, "stoppable", "manual"))
-    messages = {message["args"][0] for message in _take(redis_url)}
-    tasks = worker.run(_store(worker).tasks(execution.id))
+    messages = {message["args"][0] for message in take_messages(redis_url)}
+    tasks = worker.run(execution_store(worker).tasks(execution.id))
     [slow_task] = [task.id for task in tasks if task.tag == "slow"]
-    store = _store(worker)
+    store = execution_store(worker)
 
     async def stop_while_copying() -> tuple[Task, float]:
         running = asyncio.create_task(run_task(ctx, slow_task))
@@ -295,11 +216,11 @@ def test_stopping_an_execution_stops_its_pending_tasks_at_once_and_a_running_cop
     assert task.status is TaskStatus.STOPPED
     assert took < replication.WATCH_SECONDS + 1.5
     assert any("stopped while copying" in line for line in task.log)
-    assert _execution(worker, execution.id).status is ExecutionStatus.STOPPED
+    assert read_execution(worker, execution.id).status is ExecutionStatus.STOPPED
     # The stopped task's message, taken by a worker later, does nothing.
     for task_id in messages - {slow_task}:
         assert worker.run(run_task(ctx, task_id)).status is TaskStatus.STOPPED
-    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "slow") is None
+    assert tagged(worker, flattened("mirror", name), "slow") is None
 
 
 def test_tasks_wait_for_the_quota_instead_of_failing_without_drawing_a_429(
@@ -311,24 +232,23 @@ def test_tasks_wait_for_the_quota_instead_of_failing_without_drawing_a_429(
 ) -> None:
     name = repo_name()
     tags = [f"v{n}" for n in range(6)]
-    for tag in tags:
-        push_image(distribution.url, name, _image(f"{name}:{tag}", size=KIB), tag=tag)
+    push_small_images(distribution.url, name, tags, size=KIB)
     hub.set_quota(limit=5, window_seconds=3600)
-    worker = _replicator(
-        worker_factory, hub, [_pull_rule("quota", name)], quota={"limit": 5, "window": "1h", "reserve": 0.2}
+    worker = pull_replicator(
+        worker_factory, hub, [pull_rule("quota", name)], quota={"limit": 5, "window": "1h", "reserve": 0.2}
     )
     waits = REPLICATION_QUOTA_WAITS.labels("quota")._value.get()
     hub.reset_counters()
 
     execution = worker.run(start_execution(worker.context, "quota", "manual"))
-    _drain(worker, redis_url)
-    tasks = worker.run(_store(worker).tasks(execution.id))
+    drain(worker, redis_url)
+    tasks = worker.run(execution_store(worker).tasks(execution.id))
     statuses = sorted(task.status.value for task in tasks)
     # Background work spends only above the reserve (one pull of five): four tags copied,
     # the other two wait for the window to reopen.
     assert statuses == ["succeeded"] * 4 + ["waiting"] * 2
     assert all(task.waiting_until and task.waiting_until > time.time() for task in tasks if task.active)
-    running = _execution(worker, execution.id)
+    running = read_execution(worker, execution.id)
     assert running.status is ExecutionStatus.RUNNING
     assert running.message is not None
     assert running.message.startswith("waiting for quota")
@@ -349,18 +269,17 @@ def test_a_waiting_task_runs_once_the_window_refills_and_the_execution_finishes(
 ) -> None:
     name = repo_name()
     tags = [f"v{n}" for n in range(3)]
-    for tag in tags:
-        push_image(distribution.url, name, _image(f"{name}:{tag}", size=KIB), tag=tag)
+    push_small_images(distribution.url, name, tags, size=KIB)
     # Three pulls in two seconds: background work may take two (the reserve keeps one).
     hub.set_quota(limit=3, window_seconds=2)
-    worker = _replicator(
-        worker_factory, hub, [_pull_rule("refill", name)], quota={"limit": 3, "window": "2s", "reserve": 0.2}
+    worker = pull_replicator(
+        worker_factory, hub, [pull_rule("refill", name)], quota={"limit": 3, "window": "2s", "reserve": 0.2}
     )
     hub.reset_counters()
 
     execution = worker.run(start_execution(worker.context, "refill", "manual"))
-    _drain(worker, redis_url)
-    [task] = [t for t in worker.run(_store(worker).tasks(execution.id)) if t.active]
+    drain(worker, redis_url)
+    [task] = [t for t in worker.run(execution_store(worker).tasks(execution.id)) if t.active]
     assert task.status is TaskStatus.WAITING
     # The actor's message comes back when the task says, until the window has refilled.
     deadline = time.monotonic() + 10
@@ -369,7 +288,7 @@ def test_a_waiting_task_runs_once_the_window_refills_and_the_execution_finishes(
         time.sleep(max(0.0, task.waiting_until - time.time()))
         task = worker.run(run_task(worker.context, task.id))
     assert task.status is TaskStatus.SUCCEEDED
-    done = _execution(worker, execution.id)
+    done = read_execution(worker, execution.id)
     assert (done.status, done.succeeded) == (ExecutionStatus.SUCCEEDED, len(tags))
     assert done.message is None
     assert [r for r in hub.requests if r.status == 429] == []
@@ -383,14 +302,14 @@ def test_a_failing_task_is_retried_with_backoff_then_fails_and_a_retry_by_hand_f
     redis_url: str,
 ) -> None:
     name = repo_name()
-    image = _image(name)
+    image = small_image(name)
     push_image(distribution.url, name, image, tag="v1")
-    worker = _replicator(worker_factory, hub, [_pull_rule("flaky", name)])
+    worker = pull_replicator(worker_factory, hub, [pull_rule("flaky", name)])
     ctx = worker.context
     hub.fail_always(500, kind="blob")
 
     execution = worker.run(start_execution(ctx, "flaky", "manual"))
-    [message] = _take(redis_url)
+    [message] = take_messages(redis_url)
     task_id = message["args"][0]
     for attempt in range(1, MAX_TASK_ATTEMPTS):
         task = worker.run(run_task(ctx, task_id))
@@ -403,16 +322,16 @@ def test_a_failing_task_is_retried_with_backoff_then_fails_and_a_retry_by_hand_f
         assert "500" in task.error
     task = worker.run(run_task(ctx, task_id))
     assert (task.status, task.attempts) == (TaskStatus.FAILED, MAX_TASK_ATTEMPTS)
-    assert _execution(worker, execution.id).status is ExecutionStatus.FAILED
+    assert read_execution(worker, execution.id).status is ExecutionStatus.FAILED
 
     hub.clear_faults()
     retried = worker.run(replication.retry_task(ctx, task_id))
     assert (retried.status, retried.attempts) == (TaskStatus.PENDING, 0)
-    assert _execution(worker, execution.id).status is ExecutionStatus.RUNNING
-    [task] = _drain(worker, redis_url)
+    assert read_execution(worker, execution.id).status is ExecutionStatus.RUNNING
+    [task] = drain(worker, redis_url)
     assert task.status is TaskStatus.SUCCEEDED
-    assert _execution(worker, execution.id).status is ExecutionStatus.SUCCEEDED
-    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
+    assert read_execution(worker, execution.id).status is ExecutionStatus.SUCCEEDED
+    assert tagged(worker, flattened("mirror", name), "v1") == image.digest
 
 
 def test_a_tag_gone_from_the_source_fails_its_task_without_retries(
@@ -423,27 +342,27 @@ def test_a_tag_gone_from_the_source_fails_its_task_without_retries(
     redis_url: str,
 ) -> None:
     name = repo_name()
-    push_image(distribution.url, name, _image(name), tag="v1")
-    worker = _replicator(worker_factory, hub, [_pull_rule("gone", name)])
+    push_image(distribution.url, name, small_image(name), tag="v1")
+    worker = pull_replicator(worker_factory, hub, [pull_rule("gone", name)])
     execution = worker.run(start_execution(worker.context, "gone", "manual"))
     # As if the tag were deleted between planning and copying.
     hub.fail_always(404, kind="manifest")
-    [task] = _drain(worker, redis_url)
+    [task] = drain(worker, redis_url)
     assert (task.status, task.attempts) == (TaskStatus.FAILED, 1)
-    assert _execution(worker, execution.id).status is ExecutionStatus.FAILED
+    assert read_execution(worker, execution.id).status is ExecutionStatus.FAILED
 
 
 def test_a_source_that_cannot_be_listed_fails_the_execution_saying_why(
     worker_factory: WorkerFactory, hub: DockerHubEmulator, redis_url: str
 ) -> None:
-    worker = _replicator(worker_factory, hub, [_pull_rule("unlisted", "library/python")])
+    worker = pull_replicator(worker_factory, hub, [pull_rule("unlisted", "library/python")])
     hub.fail_always(503, kind="tags")
     hub.fail_always(503, kind="other")
     execution = worker.run(start_execution(worker.context, "unlisted", "manual"))
     assert execution.status is ExecutionStatus.FAILED
     assert execution.message is not None
     assert execution.message.startswith("listing the source failed")
-    assert _take(redis_url) == []
+    assert take_messages(redis_url) == []
 
 
 # The CLI
@@ -479,9 +398,9 @@ def test_the_cli_starts_follows_lists_shows_retries_and_stops_executions(
     tmp_path: Path,
 ) -> None:
     name = repo_name()
-    push_image(distribution.url, name, _image(name), tag="v1")
-    rules = [_pull_rule("cli", name)]
-    worker = _replicator(worker_factory, hub, rules)
+    push_image(distribution.url, name, small_image(name), tag="v1")
+    rules = [pull_rule("cli", name)]
+    worker = pull_replicator(worker_factory, hub, rules)
     config = str(_config(tmp_path, redis_url, s3_settings, hub.url, rules))
     runner = CliRunner()
     hub.fail_always(500, kind="blob")
@@ -502,7 +421,7 @@ def test_the_cli_starts_follows_lists_shows_retries_and_stops_executions(
         worker_thread.join()
     assert followed.exit_code == 1, followed.output
     assert "queued a run of cli" in followed.output
-    [execution] = worker.run(_store(worker).executions("cli"))
+    [execution] = read_executions(worker, "cli")
     assert f"execution {execution.id} of cli: failed, 1 tasks (1 failed)" in followed.output
 
     listed = runner.invoke(seawall, ["executions", "cli", "--config", config])
@@ -522,7 +441,7 @@ def test_the_cli_starts_follows_lists_shows_retries_and_stops_executions(
     # Stopped before a worker takes it again: the retried task is stopped at once.
     stopped = runner.invoke(seawall, ["execution", "stop", execution.id, "--config", config])
     assert stopped.exit_code == 0, stopped.output
-    assert _execution(worker, execution.id).status is ExecutionStatus.STOPPED
+    assert read_execution(worker, execution.id).status is ExecutionStatus.STOPPED
     again = runner.invoke(seawall, ["execution", "stop", execution.id, "--config", config])
     assert again.exit_code == 1
     assert "is not running" in again.output
@@ -535,7 +454,7 @@ def _drain_failing(worker: InProcessWorker, redis_url: str) -> bool:
     """Run what is queued; a task backing off is run again at once (no waiting in a test).
     True once an execution has been started and all its tasks have ended."""
     ran = False
-    while messages := _take(redis_url):
+    while messages := take_messages(redis_url):
         for message in messages:
             if message["actor_name"] == jobs.REPLICATE.actor:
                 worker.run(start_execution(worker.context, *message["args"]))
@@ -550,7 +469,7 @@ def _drain_failing(worker: InProcessWorker, redis_url: str) -> bool:
 def test_replicate_refuses_an_unknown_or_disabled_rule(
     redis_url: str, s3_settings: S3Settings, tmp_path: Path
 ) -> None:
-    rules = [_pull_rule("off", "library/python", enabled=False)]
+    rules = [pull_rule("off", "library/python", enabled=False)]
     config = str(_config(tmp_path, redis_url, s3_settings, "http://127.0.0.1:9", rules))
     runner = CliRunner()
     unknown = runner.invoke(seawall, ["replicate", "nope", "--config", config])
@@ -559,4 +478,4 @@ def test_replicate_refuses_an_unknown_or_disabled_rule(
     disabled = runner.invoke(seawall, ["replicate", "off", "--config", config])
     assert disabled.exit_code == 1
     assert "disabled" in disabled.output
-    assert _take(redis_url) == []
+    assert take_messages(redis_url) == []

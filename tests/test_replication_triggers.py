@@ -20,17 +20,15 @@ from services.scheduler.__main__ import run
 from services.scheduler.schedule import replication
 from shared import jobs
 from shared.replication.records import ExecutionStatus
-from shared.replication.store import ExecutionStore
 from shared.settings import Settings
 from tests.fixtures.edge import PROJECTS, USERS, EdgeFactory
 from tests.fixtures.servers import WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.images import OCI_MANIFEST, make_image, make_layer
+from tests.support.replication import KIB, execution_store, read_execution
 from tests.support.seed import push_image
 from workers.broker import WakeableRedisBroker, connection_pool
 from workers.replication import run_task, start_execution
-
-KIB = 1024
 
 
 def _replication_messages(client: redis.Redis) -> list[dict[str, Any]]:
@@ -152,16 +150,14 @@ def test_a_push_to_a_hosted_project_runs_its_on_push_rule_for_that_tag(
     # A worker takes it: an execution of that one tag, whose task puts it at the destination.
     execution = worker.run(start_execution(worker.context, *message["args"]))
     assert (execution.trigger, execution.total) == ("on_push", 1)
-    store = ExecutionStore(worker.context.redis, worker.context.objects)
-    [task] = worker.run(store.tasks(execution.id))
+    [task] = worker.run(execution_store(worker).tasks(execution.id))
     assert (task.source_repository, task.tag, task.destination_repository) == (
         "apps/web",
         "v1",
         f"{namespace}/web",
     )
     assert worker.run(run_task(worker.context, task.id)).status.value == "succeeded"
-    done = worker.run(store.execution(execution.id))
-    assert done is not None
+    done = read_execution(worker, execution.id)
     assert done.status is ExecutionStatus.SUCCEEDED
     with httpx.Client(base_url=distribution.url, timeout=30) as upstream:
         pushed = upstream.get(f"/v2/{namespace}/web/manifests/v1", headers={"Accept": OCI_MANIFEST})
