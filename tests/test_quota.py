@@ -4,6 +4,7 @@ the unique bytes its manifests reference, and one that would take it over is ref
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import redis
 from pydantic import ByteSize
 from redis.asyncio import Redis
 
+from shared.lifecycle.inventory import read_repositories
 from shared.lifecycle.usage import UsageLedger
 from shared.oci.digest import Digest
 from shared.registry import layout
@@ -182,3 +184,32 @@ def test_skopeo_is_refused_over_the_quota_and_told_why(
     assert result.returncode != 0
     assert "project quoted is over its quota" in output(result)
     assert "100.0KiB" in output(result)
+
+
+def test_a_rebuild_keeps_what_was_pushed_or_deleted_while_it_read_the_bucket(
+    quoted_edge: EdgeServer, s3_settings: S3Settings, redis_url: str
+) -> None:
+    early, late, gone = image_of("early", 10_000), image_of("late", 10_000), image_of("gone", 10_000)
+    settings = quoted_edge.settings
+    with httpx.Client(base_url=quoted_edge.url, auth=ALICE, timeout=30) as client:
+        assert push(client, "quoted/app", early, "early").status_code == 201
+        assert push(client, "quoted/app", gone, "gone").status_code == 201
+
+        async def rebuild_around(change: Callable[[], None]) -> int:
+            client_ = Redis.from_url(redis_url)
+            objects = ObjectStore(s3_settings)
+            try:
+                ledger = UsageLedger(client_, settings, objects, BlobStore(objects))
+                views = await read_repositories(objects, BlobStore(objects), project="quoted")
+                await asyncio.to_thread(change)  # while the "listing" is in hand
+                return await ledger.rebuild("quoted", views)
+            finally:
+                await client_.aclose()
+                objects.close()
+
+        def push_and_delete() -> None:
+            assert push(client, "quoted/app", late, "late").status_code == 201
+            assert client.delete(f"/v2/quoted/app/manifests/{gone.digest}").status_code == 202
+
+        assert asyncio.run(rebuild_around(push_and_delete)) == footprint(early, late)
+        assert usage(settings) == footprint(early, late)
