@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from services.embedded import S3Server
 from services.lifecycle_cli import lifecycle_deps
 from shared.lifecycle.gc import collect
+from shared.lifecycle.guard import CLAIMED
 from shared.lifecycle.inventory import (
     RepositoryView,
     StoredBlob,
@@ -204,6 +205,12 @@ def key_of(digest: str) -> str:
     return layout.blob(d(digest))
 
 
+async def forget_claims(settings: Settings) -> None:
+    redis = Redis.from_url(str(settings.redis_url))
+    await redis.delete(CLAIMED)
+    await redis.aclose()
+
+
 def pulls_back(base_url: str, repo: str, reference: str, image: Image) -> None:
     """The image pulls byte for byte: its manifest by `reference`, then every blob."""
     with httpx.Client(base_url=base_url, timeout=60) as client:
@@ -275,17 +282,28 @@ def test_blob_without_manifest_survives_inside_the_grace_period_and_goes_after_i
 ) -> None:
     bucket = s3_settings.bucket
     old, fresh = make_layer(size=2000, seed="old"), make_layer(size=2000, seed="fresh")
+    unlinked = make_layer(size=2000, seed="unlinked")
     with httpx.Client(base_url=gc_edge.url, auth=ALICE, timeout=60) as client:
         push_blob(client, "local/loose", sha256(old), old)
         past_grace()
         now = time.time()
         push_blob(client, "local/loose", sha256(fresh), fresh)
+        push_blob(client, "local/loose", sha256(unlinked), unlinked)
+    # A blob committed whose link is not written yet (a fill between the two), after Redis
+    # lost the claims (flushed): only its own age protects it.
+    for key in (
+        layout.layer_link("local/loose", d(sha256(unlinked))),
+        layout.project_blob("local", d(sha256(unlinked))),
+    ):
+        s3_server.client().remove_object(bucket, key)
+    run(forget_claims(gc_settings))
 
     report = gc(gc_settings, now=now)
 
     keys = blob_keys(s3_server, bucket)
     assert key_of(sha256(old)) not in keys
     assert key_of(sha256(fresh)) in keys
+    assert key_of(sha256(unlinked)) in keys
     assert report.items == [
         f"blob {sha256(old)}",
         f"link local/loose@{sha256(old)}",

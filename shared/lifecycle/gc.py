@@ -9,6 +9,7 @@ and anything written within `gc_grace` (a blob pushed just before its manifest).
 sweep deletes, each step through the reference guard (gc_sweep.py), in an order that a
 run cut short at any point leaves nothing a pull needs half-deleted:
 1. untagged manifests no longer reached (their revision, its tags and referrer entry);
+   then every hosted project's usage ledger is rebuilt from the mark;
 2. unreferenced blobs: the record first, then the objects holding its bytes (an
    interrupted run leaves those as orphans, which step 5 of the next run sweeps);
 3. layer links whose blob is gone, or that no image of their repository references;
@@ -38,6 +39,7 @@ from shared.lifecycle.inventory import (
     read_repositories,
 )
 from shared.lifecycle.runs import LifecycleDeps, LifecycleReport, exclusive
+from shared.lifecycle.usage import UsageLedger
 from shared.oci.digest import Digest
 from shared.registry import layout
 from shared.registry.repositories import Revision
@@ -97,6 +99,8 @@ async def _collect(sweeper: Sweeper, started: float) -> None:
         report.examined.add(blob.size)
     checkpoint("mark")
     await _delete_untagged(sweeper, views)
+    if not sweeper.dry_run:
+        await _rebuild_usage(deps, views)
     referenced = _referenced(deps.settings, views, sweeper.cutoff)
     gone = await _sweep_blobs(sweeper, stored, referenced)
     for digest, blob in stored.items():
@@ -106,6 +110,15 @@ async def _collect(sweeper: Sweeper, started: float) -> None:
     await _sweep_links(sweeper, views, stored, gone)
     await _sweep_project_entries(sweeper, views)
     await sweep_orphans(sweeper, stored, started)
+
+
+async def _rebuild_usage(deps: LifecycleDeps, views: dict[str, RepositoryView]) -> None:
+    """Every hosted project's usage ledger, from the mark (Redis may have lost or skewed it)."""
+    ledger = deps.repositories.ledger or UsageLedger(deps.redis, deps.settings, deps.objects, deps.blobs)
+    for project in deps.settings.projects:
+        if project.type == "hosted":
+            held = [view for view in views.values() if view.project == project.name]
+            await ledger.rebuild(project.name, held)
 
 
 def _keeps_every_link(settings: Settings, view: RepositoryView) -> bool:
