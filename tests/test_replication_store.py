@@ -248,10 +248,10 @@ class DescendingSuffixes:
     before it (and never repeats), so an order by id is the reverse of the start order."""
 
     def __init__(self) -> None:
-        self._next = 0x10000
+        self._next = 0x10000000
 
     def token_hex(self, nbytes: int) -> str:
-        self._next -= 0x10  # an id keeps the first three hex digits
+        self._next -= 1
         return f"{self._next:0{nbytes * 2}x}"
 
 
@@ -264,9 +264,11 @@ def test_executions_started_within_one_millisecond_are_listed_by_start_time(
 
     async def body(store: ExecutionStore, redis: Redis) -> None:
         started = [await store.start(f"rule-{n}", "manual") for n in range(5)]
-        assert len({e.id[:-3] for e in started}) == 1, "one millisecond"
+        assert len({e.id[:-8] for e in started}) == 1, "one millisecond"
         assert [e.id for e in started] == sorted((e.id for e in started), reverse=True)
         assert [e.id for e in await store.executions()] == [e.id for e in reversed(started)]
+        # A limit cuts by start time too: the newest two, not the two largest ids.
+        assert [e.id for e in await store.executions(limit=2)] == [started[4].id, started[3].id]
 
     run(redis_url, s3_settings, body)
 

@@ -43,11 +43,13 @@ ExecutionTrigger = Literal["manual", "cron", "on_push"]
 
 
 def new_execution_id(now: float | None = None) -> str:
-    """`20261202T120000Z-1f4a2b`: sorts by start time. The suffix is the millisecond (three
-    hex digits) then three random ones, so starts within one second sort too."""
+    """`20261202T120000Z-1f4a2b3c4d5`: sorts by start time to the millisecond. The suffix is
+    the millisecond (three hex digits) then eight random ones: executions started within one
+    millisecond (a burst of triggers) must never share an id, and their order among
+    themselves comes from their start times (see `ExecutionStore.executions`)."""
     now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    return f"{stamp}-{int(now * 1000) % 1000:03x}{secrets.token_hex(2)[:3]}"
+    return f"{stamp}-{int(now * 1000) % 1000:03x}{secrets.token_hex(4)}"
 
 
 def task_id(execution_id: str, index: int) -> str:

@@ -48,6 +48,8 @@ RECORD_TTL_SECONDS = 7 * 86400
 # A finished execution stays in Redis this long (the bucket has it for good).
 FINISHED_TTL_SECONDS = 3600
 # What an execution whose worker died while planning says once its marker has lapsed.
+# Executions a listing reads beyond its limit: more than start within one millisecond.
+SAME_MILLISECOND_SLACK = 16
 INTERRUPTED = "interrupted: its worker stopped while planning it"
 
 _PREFIX = "seawall:replication"
@@ -368,16 +370,20 @@ class ExecutionStore:
 
     async def executions(self, rule: str | None = None, limit: int = 50) -> list[Execution]:
         """The newest executions (of one rule, or of all), running and finished, newest first."""
-        indexed = cast(list[bytes], await self._redis.zrevrange(index_key(rule), 0, limit - 1))
+        # Ids sort by start time only to the millisecond: read a few more than asked, so the
+        # cut below is made by start time, not by an id's random part.
+        wanted = limit + SAME_MILLISECOND_SLACK
+        indexed = cast(list[bytes], await self._redis.zrevrange(index_key(rule), 0, wanted - 1))
         live_ids = [_text(i) for i in indexed]
         prefix = layout.replication_rule_executions(rule) if rule else layout.REPLICATION_RULES
         kept = {layout.execution_id_of(key): key for key in await self._objects.list_keys(prefix)}
-        newest = sorted({*live_ids, *kept}, reverse=True)[:limit]
+        newest = sorted({*live_ids, *kept}, reverse=True)[:wanted]
         found = await asyncio.gather(
             *(self._summary(execution_id, kept.get(execution_id)) for execution_id in newest)
         )
         listed = [execution for execution in found if execution is not None]
-        return sorted(listed, key=lambda execution: (execution.started, execution.id), reverse=True)
+        listed.sort(key=lambda execution: (execution.started, execution.id), reverse=True)
+        return listed[:limit]
 
     async def _summary(self, execution_id: str, kept_key: str | None) -> Execution | None:
         """Redis first (the live state), then the summary the bucket keeps."""
