@@ -1,5 +1,6 @@
 """The `seawall` command: run the all-in-one stack, hash passwords, check a configuration,
-warm and scrub the cache, start and follow replication runs."""
+warm and scrub the cache, start and follow replication runs, collect garbage, evict, apply
+retention and show each project's bytes."""
 
 from __future__ import annotations
 
@@ -222,10 +223,13 @@ def _lifecycle(
     it failed, 3 when another lifecycle job was running (2: the project cannot have this job)."""
     from services.lifecycle_cli import run_command
     from shared.lifecycle.runs import policy_problem
+    from shared.logging import configure_logging
 
     settings = _load_or_exit(config)
     if project is not None and (problem := policy_problem(settings, job, project)) is not None:
         raise click.BadParameter(problem, param_hint="'PROJECT'")
+    # The job's log lines go to stderr, and only its warnings and errors: the report is the output.
+    configure_logging(settings.log_format, "warning")
     try:
         sys.exit(asyncio.run(run_command(settings, _redis_url(settings), job, project, dry_run)))
     except ValueError as exc:
@@ -265,6 +269,23 @@ def retention(config: Path | None, dry_run: bool, project: str) -> None:
     Exits 0 when it succeeded, 1 when it failed, 3 when another lifecycle job was running.
     """
     _lifecycle(config, "retention", project, dry_run)
+
+
+@main.command()
+@_CONFIG_OPTION
+def stats(config: Path | None) -> None:
+    """Show each project's bytes: a hosted project's usage against its quota, a proxy
+    project's cache against its max_bytes."""
+    from rich.console import Console as RichConsole
+
+    from services.lifecycle_cli import show_stats
+
+    settings = _load_or_exit(config)
+    console = RichConsole() if sys.stdout.isatty() else RichConsole(width=200)
+    try:
+        sys.exit(asyncio.run(show_stats(settings, _redis_url(settings), console)))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _replication(

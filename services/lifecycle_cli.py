@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
-import structlog
 from redis.asyncio import Redis
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from services.replication_cli import seconds, size
 from services.scrub import s3_settings
 from shared.lifecycle.guard import ReferenceGuard
+from shared.lifecycle.inventory import RepositoryView, blob_bytes, read_repositories
 from shared.lifecycle.runs import Job, LifecycleDeps, LifecycleReport
-from shared.logging import configure_logging
+from shared.lifecycle.usage import UsageLedger
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore
 from shared.registry.storage import ObjectStore
@@ -40,14 +42,18 @@ async def lifecycle_deps(settings: Settings, redis_url: str) -> AsyncIterator[Li
     `ValueError` when there is no bucket to reach."""
     objects = ObjectStore(s3_settings(settings))
     redis = Redis.from_url(redis_url)
+    blobs = BlobStore(objects)
+    guard = ReferenceGuard(redis)
+    # As the edge and the workers build it: deletions of revisions update the usage ledger.
+    ledger = UsageLedger(redis, settings, objects, blobs)
     try:
         yield LifecycleDeps(
             settings=settings,
             objects=objects,
-            blobs=BlobStore(objects),
-            repositories=RepositoryStore(objects, redis),
+            blobs=blobs,
+            repositories=RepositoryStore(objects, redis, guard=guard, ledger=ledger),
             redis=redis,
-            guard=ReferenceGuard(redis),
+            guard=guard,
         )
     finally:
         await redis.aclose()
@@ -65,9 +71,6 @@ async def run_command(
     """Run the job with a progress bar (on stderr), print its report (on stdout); the exit code."""
     from workers.lifecycle import run_job
 
-    # The job's log lines go to stderr, and only its warnings and errors: the report is the output.
-    if not structlog.is_configured():
-        configure_logging(settings.log_format, "warning")
     console = console or Console(stderr=True)
     what = job if project is None else f"{job} of {project}"
     columns = (
@@ -91,7 +94,7 @@ def report_lines(report: LifecycleReport) -> list[str]:
     """The report as plain lines (no wrapping), so scripts can read it."""
     what = report.job if report.project is None else f"{report.job} of {report.project}"
     if report.outcome == "busy":
-        return [f"{what}: not started: {report.error}"]
+        return [f"{what}: {report.error}"]
     head = f"{what}{' (dry run)' if report.dry_run else ''}: {report.outcome} in {seconds(report.seconds)}"
     lines = [head + (f": {report.error}" if report.error else "")]
     lines.append(f"examined  {report.examined.objects} objects  {size(report.examined.bytes)}")
@@ -111,3 +114,46 @@ def report_lines(report: LifecycleReport) -> list[str]:
         if report.items_omitted:
             lines.append(f"... and {report.items_omitted} more")
     return lines
+
+
+def _duration(value: timedelta) -> str:
+    whole = int(value.total_seconds())
+    for unit, length in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if whole >= length and whole % length == 0:
+            return f"{whole // length}{unit}"
+    return f"{whole}s"
+
+
+def cache_bytes(views: list[RepositoryView]) -> int:
+    """A proxy project's cached bytes, as eviction measures them: the unique bytes of its
+    images, and of the blobs its repositories link that no image of it references."""
+    linked = {digest: size for view in views for digest, (size, _) in view.links.items()}
+    in_images = {d for view in views for image in view.images.values() for d in (image.digest, *image.blobs)}
+    return blob_bytes(views, linked) + sum(size for d, size in linked.items() if d not in in_images)
+
+
+async def show_stats(settings: Settings, redis_url: str, console: Console) -> int:
+    """A table of every project's bytes: a hosted project's usage (the quota's ledger,
+    rebuilt from the bucket if Redis lost it), a proxy project's cache (listed from the
+    bucket), each against its quota or cache max_bytes."""
+    table = Table("project", "type", "bytes", "limit", "used", "policy")
+    async with lifecycle_deps(settings, redis_url) as deps:
+        ledger = UsageLedger(deps.redis, settings, deps.objects, deps.blobs)
+        for project in settings.projects:
+            if project.type == "hosted":
+                used = await ledger.usage(project.name)
+                limit = project.quota
+                policy = f"{len(project.retention)} retention rules" if project.retention else ""
+            else:
+                with console.status(f"listing {project.name}"):
+                    views = await read_repositories(deps.objects, deps.blobs, project=project.name)
+                used = cache_bytes(list(views.values()))
+                limit = project.cache.max_bytes
+                after = project.cache.evict_after
+                policy = f"evict after {_duration(after)}" if after is not None else ""
+            share = f"{used / limit:.0%}" if limit else "-"
+            table.add_row(
+                project.name, project.type, size(used), size(limit) if limit else "-", share, policy
+            )
+    console.print(table)
+    return 0
