@@ -40,6 +40,7 @@ from shared.replication.coordination import (
     RedisBlobGate,
     RedisListedTags,
     destination_scope,
+    forget_listed_tags,
     save_listed_tags,
 )
 from shared.replication.copy import CopyResult, QuotaWait, copy_tag
@@ -221,14 +222,15 @@ async def start_execution(
     if any(task.active for task in tasks):
         await dispatch(ctx, store, execution.id, START, TASKS_IN_FLIGHT)
     else:
-        await _finish(store, execution.id)
+        await _finish(ctx, store, execution.id)
     return await store.execution(execution.id) or execution
 
 
-async def _finish(store: ExecutionStore, execution_id: str) -> Execution | None:
+async def _finish(ctx: WorkerContext, store: ExecutionStore, execution_id: str) -> Execution | None:
     """Close the execution if no task has work left; counted by whoever closes it."""
     finished = await store.finish_if_done(execution_id)
     if finished is not None:
+        await forget_listed_tags(ctx.redis, execution_id)
         REPLICATION_EXECUTIONS.labels(finished.rule, finished.status.value).inc()
         log.info(
             "replication_finished",
@@ -248,7 +250,7 @@ async def _ended(ctx: WorkerContext, store: ExecutionStore, task: Task) -> None:
     without publishing), or close the execution."""
     await dispatch(ctx, store, task.execution, task.id, 1)
     await publish_stale(ctx, task.execution)
-    await _finish(store, task.execution)
+    await _finish(ctx, store, task.execution)
 
 
 def _permanent(exc: BaseException) -> bool:

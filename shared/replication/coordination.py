@@ -31,10 +31,8 @@ GATE_POLL_SECONDS = 0.05
 GATE_POLL_MAX_SECONDS = 0.5
 # Where a task stored a blob is remembered this long, for others to mount it from.
 LOCATION_TTL_SECONDS = 3600
-# Members written per command when saving a repository's tag-scheme tags.
+# Members written per command when saving the tag-scheme tags.
 TAGS_PER_COMMAND = 1000
-# A member of every saved set: a repository listed with no such tag has a set too.
-_LISTED = ""
 
 
 def destination_scope(local: bool, name: str) -> str:
@@ -52,9 +50,11 @@ def location_key(destination: str, digest: str) -> str:
     return f"{_PREFIX}:blob:{destination}:{digest}:at"
 
 
-def listed_tags_key(execution_id: str, repository: str) -> str:
-    """A set: the tag-scheme tags the execution's listing found in source `repository`."""
-    return f"{_PREFIX}:execution:{execution_id}:scheme-tags:{repository}"
+def listed_tags_key(execution_id: str) -> str:
+    """A set: `<repository> <tag>` for each tag-scheme tag the execution's listing found in a
+    source repository, and `<repository> ` for each repository it listed (neither a
+    repository name nor a tag holds a space)."""
+    return f"{_PREFIX}:execution:{execution_id}:scheme-tags"
 
 
 # Take over the gate from an earlier run of the same task (the holder starts with ARGV[1]):
@@ -153,15 +153,17 @@ class RedisBlobGate:
 
 
 class RedisListedTags:
-    """The `ListedTags` of copy.py: the set the execution's planning saved for a repository."""
+    """The `ListedTags` of copy.py: what the execution's planning saved for a repository."""
 
     def __init__(self, redis: Redis, execution_id: str, repository: str) -> None:
         self._redis = redis
-        self._key = listed_tags_key(execution_id, repository)
+        self._key = listed_tags_key(execution_id)
+        self._repository = repository
 
     async def present(self, tags: Sequence[str]) -> set[str] | None:
+        members = [f"{self._repository} ", *(f"{self._repository} {tag}" for tag in tags)]
         try:
-            found = await self._redis.smismember(self._key, [_LISTED, *tags])
+            found = await self._redis.smismember(self._key, members)
         except RedisError as exc:
             log.warning("replication_listed_tags_unavailable", error=str(exc))
             return None
@@ -173,15 +175,23 @@ class RedisListedTags:
 async def save_listed_tags(redis: Redis, execution_id: str, listed: Mapping[str, Sequence[str]]) -> None:
     """Keep the tag-scheme tags found in each source repository for the execution's tasks.
 
-    Each repository's set is replaced in one transaction, so a task never reads half of
-    one (a start planned again replaces what it saved the first time).
+    One transaction, each repository's own member last, so a task never takes a repository
+    for listed before all its tags are there. A start planned again only adds: a tag it no
+    longer finds costs a HEAD that finds nothing, never a signature left behind.
     """
-    for repository, tags in listed.items():
-        key = listed_tags_key(execution_id, repository)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            members = [_LISTED, *tags]
-            for start in range(0, len(members), TAGS_PER_COMMAND):
-                pipe.sadd(key, *members[start : start + TAGS_PER_COMMAND])
-            pipe.expire(key, RECORD_TTL_SECONDS)
-            await pipe.execute()
+    if not listed:
+        return
+    key = listed_tags_key(execution_id)
+    members = [f"{repository} {tag}" for repository, tags in listed.items() for tag in tags]
+    members += [f"{repository} " for repository in listed]
+    async with redis.pipeline(transaction=True) as pipe:
+        for start in range(0, len(members), TAGS_PER_COMMAND):
+            pipe.sadd(key, *members[start : start + TAGS_PER_COMMAND])
+        pipe.expire(key, RECORD_TTL_SECONDS)
+        await pipe.execute()
+
+
+async def forget_listed_tags(redis: Redis, execution_id: str) -> None:
+    """The execution is over: its tasks no longer need what its listing found."""
+    with contextlib.suppress(RedisError):
+        await redis.delete(listed_tags_key(execution_id))
