@@ -9,13 +9,14 @@ same way: every job is idempotent, and the next run finishes what one cut short 
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
+from shared.lifecycle.eviction import evict
+from shared.lifecycle.gc import collect
+from shared.lifecycle.retention import apply_retention
 from shared.lifecycle.runs import Busy, Job, LifecycleDeps, LifecycleReport, policy_problem, record
 from workers.context import WorkerContext
 
@@ -28,23 +29,17 @@ RETRIES: dict[Job, int] = {"gc": 10, "eviction": 2, "retention": 10}
 RETRY_SECONDS = 60.0
 RETRY_MAX_SECONDS = 900.0
 
-# The module and function of each job (module, function): the first argument is the
-# LifecycleDeps, then the project's name for eviction and retention.
-_JOBS: dict[Job, tuple[str, str]] = {
-    "gc": ("shared.lifecycle.gc", "collect"),
-    "eviction": ("shared.lifecycle.eviction", "evict"),
-    "retention": ("shared.lifecycle.retention", "apply_retention"),
-}
-
 
 async def _start(
     deps: LifecycleDeps, job: Job, project: str | None, dry_run: bool, progress: Progress | None
 ) -> LifecycleReport:
-    module, name = _JOBS[job]
-    function: Any = getattr(importlib.import_module(module), name)
-    args = () if job == "gc" else (project,)
-    report: LifecycleReport = await function(deps, *args, dry_run=dry_run, progress=progress)
-    return report
+    if job == "gc":
+        return await collect(deps, dry_run=dry_run, progress=progress)
+    if project is None:
+        raise ValueError(f"{job} runs on a project; none was named")
+    if job == "eviction":
+        return await evict(deps, project, dry_run=dry_run, progress=progress)
+    return await apply_retention(deps, project, dry_run=dry_run, progress=progress)
 
 
 async def run_job(
