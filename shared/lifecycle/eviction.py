@@ -52,6 +52,13 @@ Progress = Callable[[int], None]
 # Blobs condemned, checked and deleted together (a push that needs one waits at most one
 # batch's deletions).
 SWEEP_BATCH = 100
+# A digest claimed (guard.py) this long before the run started, or since, stays with its
+# links: the write that claimed it may not have been in the listing. Unlike garbage
+# collection, eviction does not wait out the whole gc_grace: a blob cached within the
+# last hour is exactly what a busy cache must be able to evict. What the listing can miss
+# is a write in flight as it ran (a link, a manifest PUT, an upload's finish: each follows
+# its claim within a request). gc_grace still applies when it is shorter.
+IN_FLIGHT_SECONDS = 60.0
 # Units whose revisions are deleted together (16 at a time).
 UNIT_BATCH = 64
 
@@ -298,7 +305,8 @@ class _Eviction:
         """Delete the released links, then the project entries and blobs nobody else holds,
         a batch at a time through the guard."""
         guard = self._deps.guard
-        started = self._report.started - self._deps.settings.lifecycle.gc_grace.total_seconds()
+        grace = self._deps.settings.lifecycle.gc_grace.total_seconds()
+        since = self._report.started - min(grace, IN_FLIGHT_SECONDS)
         pending = sorted(self._released)
         try:
             for start in range(0, len(pending), SWEEP_BATCH):
@@ -310,7 +318,7 @@ class _Eviction:
                     return
                 batch = pending[start : start + SWEEP_BATCH]
                 if guard is not None and not self._dry_run:
-                    safe = await guard.condemn(self._run_id, batch, started)
+                    safe = await guard.condemn(self._run_id, batch, since)
                 else:
                     safe = set(batch)
                 for digest in batch:
