@@ -59,6 +59,7 @@ SWEEP_BATCH = 100
 # is a write in flight as it ran (a link, a manifest PUT, an upload's finish: each follows
 # its claim within a request). gc_grace still applies when it is shorter.
 IN_FLIGHT_SECONDS = 60.0
+LEASE_LOST = "the lifecycle lease was lost (another job may have started); stopped"
 # Units whose revisions are deleted together (16 at a time).
 UNIT_BATCH = 64
 
@@ -221,7 +222,7 @@ async def evict(
         eviction = _Eviction(deps, project, views, units, report, dry_run)
         for start in range(0, len(chosen), UNIT_BATCH):
             if lease.lost:
-                report.outcome, report.error = "failed", "the lifecycle lease was lost; stopped"
+                report.outcome, report.error = "failed", LEASE_LOST
                 return report.finish()
             batch = chosen[start : start + UNIT_BATCH]
             await bounded([functools.partial(eviction.forget_images, u) for u in batch], limit=16)
@@ -311,10 +312,7 @@ class _Eviction:
         try:
             for start in range(0, len(pending), SWEEP_BATCH):
                 if stop():
-                    self._report.outcome, self._report.error = (
-                        "failed",
-                        "the lifecycle lease was lost; stopped",
-                    )
+                    self._report.outcome, self._report.error = "failed", LEASE_LOST
                     return
                 batch = pending[start : start + SWEEP_BATCH]
                 if guard is not None and not self._dry_run:
@@ -350,6 +348,7 @@ class _Eviction:
         objects = self._deps.objects
         if not self._dry_run:
             await objects.delete(layout.project_blob(self._project, digest))
+        self._report.deleting("project_link")
         others = [p.name for p in self._deps.settings.projects if p.name != self._project]
         held = await asyncio.gather(*(objects.stat(layout.project_blob(p, digest)) for p in others))
         if any(info is not None for info in held):

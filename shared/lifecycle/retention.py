@@ -93,7 +93,10 @@ async def apply_retention(
             report.kept.add(0, len(verdict.kept))
             for tag in verdict.doomed:
                 if lease.lost:
-                    report.outcome, report.error = "failed", "the lifecycle lease was lost; stopped"
+                    report.outcome, report.error = (
+                        "failed",
+                        "the lifecycle lease was lost (another job may have started); stopped",
+                    )
                     return report.finish()
                 if dry_run or await _delete_tag(deps, view, tag):
                     report.deleting("tag", item=f"{name}:{tag}")
