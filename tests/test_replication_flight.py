@@ -7,16 +7,12 @@ a worker that died before publishing them are published again."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
-from typing import Any
 
-import redis
 from redis.asyncio import Redis
 
 from services.processes import free_port
-from shared import jobs
 from shared.leases import Lease
 from shared.replication.coordination import (
     GATE_TTL_SECONDS,
@@ -26,80 +22,37 @@ from shared.replication.coordination import (
     gate_key,
 )
 from shared.replication.copy import CopyResult, copy_tag
-from shared.replication.endpoints import endpoints_for
 from shared.replication.records import ExecutionStatus, Task, TaskStatus
 from shared.replication.run import Listing, tasks_for
-from shared.replication.store import ExecutionStore
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import DockerHubEmulator
 from tests.support.images import Image, make_image, make_layer, sha256
+from tests.support.replication import (
+    KIB,
+    drain,
+    execution_store,
+    pull_replicator,
+    pull_rule,
+    read_execution,
+    rule_endpoints,
+    tagged,
+    take_messages,
+)
 from tests.support.seed import push_image
 from workers.replication import TASKS_IN_FLIGHT, run_task, start_execution
 from workers.replication_dispatch import STALE_CLAIM_SECONDS, START, claim, dispatch
-
-KIB = 1024
-TIMEOUTS = {"head_timeout": "2s", "read_timeout": "10s", "connect_timeout": "2s"}
 
 
 def _replicator(
     worker_factory: WorkerFactory, hub: DockerHubEmulator, rule: str, name: str
 ) -> InProcessWorker:
     """A worker with a manual pull rule `rule` from the emulator's `name` into project `mirror`."""
-    return worker_factory(
-        upstreams=[{"name": "hub", "url": hub.url, "flavor": "dockerhub", **TIMEOUTS}],
-        projects=[{"name": "mirror", "type": "hosted"}],
-        replication=[
-            {
-                "name": rule,
-                "mode": "pull",
-                "source": "hub",
-                "filters": {"name": name},
-                "destination": "mirror",
-            }
-        ],
-    )
-
-
-def _take(redis_url: str) -> list[dict[str, Any]]:
-    """The replication messages queued now, taken off the queue (as a worker would)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        queue = f"{jobs.NAMESPACE}:{jobs.REPLICATION_QUEUE}"
-        with client.pipeline() as pipe:
-            pipe.hvals(f"{queue}.msgs")
-            pipe.delete(f"{queue}.msgs", queue)
-            raw, _ = pipe.execute()
-        return sorted((json.loads(message) for message in raw), key=lambda m: m["message_timestamp"])
-    finally:
-        client.close()
-
-
-def _drain(worker: InProcessWorker, redis_url: str) -> list[Task]:
-    """Run every queued replication job, one at a time, until none is queued."""
-    ran = []
-    while messages := _take(redis_url):
-        for message in messages:
-            if message["actor_name"] == jobs.REPLICATE.actor:
-                worker.run(start_execution(worker.context, *message["args"]))
-            else:
-                ran.append(worker.run(run_task(worker.context, *message["args"])))
-    return ran
-
-
-def _store(worker: InProcessWorker) -> ExecutionStore:
-    return ExecutionStore(worker.context.redis, worker.context.objects)
+    return pull_replicator(worker_factory, hub, [pull_rule(rule, name)])
 
 
 def _status(worker: InProcessWorker, execution_id: str) -> ExecutionStatus:
-    execution = worker.run(_store(worker).execution(execution_id))
-    assert execution is not None
-    return execution.status
-
-
-def _tagged(worker: InProcessWorker, name: str, tag: str) -> str | None:
-    digest = worker.run(worker.context.repositories.resolve_tag(name, tag))
-    return str(digest) if digest else None
+    return read_execution(worker, execution_id).status
 
 
 def _image(label: str, *shared: bytes) -> Image:
@@ -123,7 +76,7 @@ def test_tasks_running_at_once_send_a_layer_they_share_once(
     worker = _replicator(worker_factory, hub, "shared", name)
     ctx = worker.context
     execution = worker.run(start_execution(ctx, "shared", "manual"))
-    task_ids = [message["args"][0] for message in _take(redis_url)]
+    task_ids = [message["args"][0] for message in take_messages(redis_url)]
     assert len(task_ids) == 3
 
     async def all_at_once() -> list[Task]:
@@ -140,7 +93,7 @@ def test_tasks_running_at_once_send_a_layer_they_share_once(
     assert _status(worker, execution.id) is ExecutionStatus.SUCCEEDED
     destination = f"mirror/{name.split('/', 1)[1]}"
     for tag, image in images.items():
-        assert _tagged(worker, destination, tag) == image.digest
+        assert tagged(worker, destination, tag) == image.digest
 
 
 def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_lease_lapses(
@@ -157,7 +110,7 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     worker = _replicator(worker_factory, hub, "orphan", name)
     ctx = worker.context
     worker.run(start_execution(ctx, "orphan", "manual"))
-    [message] = _take(redis_url)
+    [message] = take_messages(redis_url)
     # A task took the layer's gate, then its worker died: no heartbeat renews the lease,
     # which lapses within its TTL (short here: as if the holder died most of a TTL ago).
     lapse = 1.0
@@ -173,7 +126,7 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     assert lapse - 0.1 < took < lapse + 1.5 < GATE_TTL_SECONDS
     assert task.bytes_moved == sum(len(data) for data in image.blobs.values())
     assert any("sender stopped or failed: sending it" in line for line in task.log)
-    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
+    assert tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
 
 
 def test_a_task_delivered_again_takes_over_the_blob_gate_its_dead_run_left(
@@ -190,7 +143,7 @@ def test_a_task_delivered_again_takes_over_the_blob_gate_its_dead_run_left(
     worker = _replicator(worker_factory, hub, "again", name)
     ctx = worker.context
     worker.run(start_execution(ctx, "again", "manual"))
-    [message] = _take(redis_url)
+    [message] = take_messages(redis_url)
     task_id = message["args"][0]
     # The task's first run took the layer's gate and its worker died: the lease has most of
     # its TTL left when the message comes back.
@@ -204,7 +157,7 @@ def test_a_task_delivered_again_takes_over_the_blob_gate_its_dead_run_left(
     assert time.monotonic() - started < GATE_TTL_SECONDS / 2
     assert task.status is TaskStatus.SUCCEEDED
     assert not any("waited" in line for line in task.log)
-    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
+    assert tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v1") == image.digest
 
 
 def test_a_copy_whose_gate_and_listing_cannot_reach_redis_goes_on_without_them(
@@ -223,14 +176,7 @@ def test_a_copy_whose_gate_and_listing_cannot_reach_redis_goes_on_without_them(
     async def copy() -> CopyResult:
         rule = ctx.settings.rule("unreachable")
         assert rule is not None
-        source, destination = await endpoints_for(
-            rule,
-            ctx.settings,
-            blobs=ctx.blobs,
-            repositories=ctx.repositories,
-            objects=ctx.objects,
-            upstreams=ctx.upstreams,
-        )
+        source, destination = await rule_endpoints(worker, rule)
         # Nothing listens there: every Redis command fails at once.
         gone = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
         try:
@@ -253,7 +199,7 @@ def test_a_copy_whose_gate_and_listing_cannot_reach_redis_goes_on_without_them(
     hub.reset_counters()
     result = worker.run(copy())
     assert result.bytes_moved == sum(len(data) for data in image.blobs.values())
-    assert _tagged(worker, destination_repository, "v1") == image.digest
+    assert tagged(worker, destination_repository, "v1") == image.digest
     # The three tag-scheme tags were asked for with HEADs (none there), as without a listing.
     assert hub.count("HEAD", "manifest", status=404) == 3
 
@@ -273,11 +219,11 @@ def test_a_rerun_heads_each_tag_once_at_the_source_and_copies_a_signature_tag_ad
     ctx = worker.context
     destination = f"mirror/{name.split('/', 1)[1]}"
     worker.run(start_execution(ctx, "signed", "manual"))
-    _drain(worker, redis_url)
+    drain(worker, redis_url)
 
     hub.reset_counters()
     again = worker.run(start_execution(ctx, "signed", "manual"))
-    rerun = _drain(worker, redis_url)
+    rerun = drain(worker, redis_url)
     assert [task.bytes_moved for task in rerun] == [0, 0, 0]
     assert _status(worker, again.id) is ExecutionStatus.SUCCEEDED
     # The tag's own HEAD only: the listing showed no `.sig`, `.att` or `.sbom` tag.
@@ -290,9 +236,9 @@ def test_a_rerun_heads_each_tag_once_at_the_source_and_copies_a_signature_tag_ad
     push_image(distribution.url, name, signature, tag=signature_tag)
     hub.reset_counters()
     third = worker.run(start_execution(ctx, "signed", "manual"))
-    _drain(worker, redis_url)
+    drain(worker, redis_url)
     assert _status(worker, third.id) is ExecutionStatus.SUCCEEDED
-    assert _tagged(worker, destination, signature_tag) == signature.digest
+    assert tagged(worker, destination, signature_tag) == signature.digest
     # The tags' HEADs and the signature tag's, which the listing found.
     assert hub.count("HEAD", "manifest") == len(images) + 1
 
@@ -302,7 +248,7 @@ def _planned(
 ) -> tuple[str, list[Task]]:
     """An execution of `rule` started by the message `claim_id`, with a task per tag added,
     as its start leaves it just before publishing any."""
-    store = _store(worker)
+    store = execution_store(worker)
     execution = worker.run(store.start(rule, "manual", claim=claim_id))
     found = worker.context.settings.rule(rule)
     assert found is not None
@@ -327,12 +273,12 @@ def test_tasks_a_start_claimed_but_never_published_are_published_when_its_messag
     # The start's worker advanced the dispatched counter, then died before publishing.
     claimed, unpublished = worker.run(claim(ctx.redis, execution_id, START, TASKS_IN_FLIGHT, len(tasks)))
     assert (claimed, unpublished) == ([task.id for task in tasks], True)
-    assert _take(redis_url) == []
+    assert take_messages(redis_url) == []
 
     # Its message comes back: the start resumes the execution and publishes what it claimed.
     resumed = worker.run(start_execution(ctx, "gap", "manual", claim="message-1"))
     assert resumed.id == execution_id
-    ran = _drain(worker, redis_url)
+    ran = drain(worker, redis_url)
     assert sorted(task.tag for task in ran) == ["v1", "v2"]
     assert _status(worker, execution_id) is ExecutionStatus.SUCCEEDED
 
@@ -351,7 +297,7 @@ def test_a_task_claimed_by_a_dead_worker_is_published_by_the_next_task_that_ends
         push_image(distribution.url, name, image, tag=tag)
     worker = _replicator(worker_factory, hub, "lost", name)
     ctx = worker.context
-    store = _store(worker)
+    store = execution_store(worker)
     execution_id, tasks = _planned(worker, "lost", name, tags, "message-1")
     assert worker.run(dispatch(ctx, store, execution_id, START, 2)) == [tasks[0].id, tasks[1].id]
     # The first task ended, and its worker died right after claiming the next task, long
@@ -362,12 +308,12 @@ def test_a_task_claimed_by_a_dead_worker_is_published_by_the_next_task_that_ends
     worker.run(store.update_task(first))
     dead_since = time.time() - STALE_CLAIM_SECONDS - 1
     worker.run(claim(ctx.redis, execution_id, first.id, 1, len(tasks), now=dead_since))
-    messages = [message["args"][0] for message in _take(redis_url)]
+    messages = [message["args"][0] for message in take_messages(redis_url)]
     assert messages == [tasks[0].id, tasks[1].id]
 
     # The second task ends: the third is published, and the execution finishes.
     assert worker.run(run_task(ctx, tasks[1].id)).status is TaskStatus.SUCCEEDED
-    [third] = _drain(worker, redis_url)
+    [third] = drain(worker, redis_url)
     assert (third.id, third.status) == (tasks[2].id, TaskStatus.SUCCEEDED)
     assert _status(worker, execution_id) is ExecutionStatus.SUCCEEDED
-    assert _tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v3") == images["v3"].digest
+    assert tagged(worker, f"mirror/{name.split('/', 1)[1]}", "v3") == images["v3"].digest
