@@ -199,9 +199,10 @@ def test_a_manifest_put_racing_a_condemned_blob_never_leaves_a_missing_blob(
                         await asyncio.sleep(0.5)
                         assert not putting.done(), "the PUT went ahead while its layer was condemned"
                     else:
-                        # Held back until the PUT has claimed and (being quick) stored.
                         putting = asyncio.ensure_future(asyncio.to_thread(put))
-                        await asyncio.sleep(0.5)
+                        async with asyncio.timeout(10):  # until the PUT has claimed the layer
+                            while (await redis.zscore(guard_module.CLAIMED, str(layer)) or 0) < since:  # noqa: ASYNC110
+                                await asyncio.sleep(0.01)
                         safe = await guard.condemn("run1", [layer], since)
                     for found in safe:
                         await objects.delete_many([layout.blob(found)])
@@ -224,3 +225,46 @@ def test_a_manifest_put_racing_a_condemned_blob_never_leaves_a_missing_blob(
             assert deleted == {layer}
             assert client.get("/v2/local/raced/manifests/v1").status_code == 404
         assert (response.status_code == 201) is (not condemned_first)
+
+
+def test_a_blob_collected_long_ago_is_uploaded_again_whatever_the_edge_remembers(
+    edge_factory: Callable[..., EdgeServer], s3_settings: S3Settings
+) -> None:
+    """A deletion older than the guard reports (a day) must not leave a process trusting the
+    placement it remembered from before: the re-push writes the blob again."""
+    edge = edge_factory()
+    image = make_image()
+    layer = Digest.parse(sha256(image.layers[0]))
+    with httpx.Client(base_url=edge.url, auth=("alice", USERS["alice"]), timeout=30) as client:
+        for digest, data in image.blobs.items():
+            push_blob(client, "local/old", digest, data)
+        assert client.get(f"/v2/local/old/blobs/{layer}").content == image.layers[0]  # remembered
+
+        async def collect_long_ago() -> None:
+            # What a collection did to the layer, with no record of it left in Redis.
+            objects = ObjectStore(s3_settings)
+            try:
+                doomed = [layout.blob(layer), layout.layer_link("local/old", layer)]
+                doomed.append(layout.project_blob("local", layer))
+                doomed += await objects.list_keys(f"blobdata/{layer.algorithm}/{layer.hex}/")
+                await objects.delete_many(doomed)
+            finally:
+                objects.close()
+
+        asyncio.run(collect_long_ago())
+        push_blob(client, "local/old", str(layer), image.layers[0])
+        response = client.put(
+            "/v2/local/old/manifests/v1", content=image.manifest, headers={"Content-Type": OCI_MANIFEST}
+        )
+        assert response.status_code == 201, response.text
+        assert client.get(f"/v2/local/old/blobs/{layer}").content == image.layers[0]
+
+        async def in_bucket() -> bool:
+            objects = ObjectStore(s3_settings)
+            try:
+                return await objects.stat(layout.blob(layer)) is not None
+            finally:
+                objects.close()
+
+        # In the bucket, not only in the edge's disk tier.
+        assert asyncio.run(in_bucket()), "the re-pushed layer was not written again"

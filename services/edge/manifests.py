@@ -132,11 +132,12 @@ async def _check_references(repositories: RepositoryStore, name: str, manifest: 
             )
 
 
-async def _check_still_stored(blobs: BlobStore, name: str, digests: set[Digest]) -> None:
-    """Blobs a collection deleted lately may still be linked (the link goes after the
-    blob): for those, the blob itself must be there."""
-    for digest in sorted(digests, key=str):
-        if await blobs.size(digest) is None:
+async def _check_stored(blobs: BlobStore, name: str, digests: list[Digest]) -> None:
+    """A link can outlive its blob for a while (a collection deletes the blob first, the
+    link after it): what the manifest names must be stored, not only linked."""
+    sizes = await asyncio.gather(*(blobs.size(digest) for digest in digests))
+    for digest, size in zip(digests, sizes, strict=True):
+        if size is None:
             raise RegistryError(
                 "MANIFEST_BLOB_UNKNOWN",
                 f"{digest} is not in repository {name}",
@@ -161,10 +162,10 @@ async def put_manifest(request: web.Request) -> web.Response:
     repositories, blobs = app[keys.REPOSITORIES], app[keys.BLOBS]
     # Claimed before the checks: a collection running now either keeps what this manifest
     # names or has deleted it, and then the checks below find it gone (lifecycle/guard.py).
-    named = [digest, *(d.digest for d in manifest.blobs), *(d.digest for d in manifest.manifests)]
-    rechecked = await repositories.claim(named, blobs)
+    named = [*(d.digest for d in manifest.blobs), *(d.digest for d in manifest.manifests)]
+    await repositories.claim([digest, *named], blobs)
     await _check_references(repositories, repo.name, manifest)
-    await _check_still_stored(blobs, repo.name, rechecked - {digest})
+    await _check_stored(blobs, repo.name, named)
     if repositories.ledger is not None:
         # Refused over the quota before anything of the manifest is stored.
         await repositories.ledger.admit(repo.name, digest, manifest)

@@ -34,6 +34,9 @@ The interleavings, for a digest D that a collection's mark found unreferenced:
    refuses to run without that lease (ClaimsLost), so nothing is deleted on the strength
    of a claim record that lost entries. Pushes never fail because Redis is away: claim
    then returns nothing (a collection cannot run without Redis anyway).
+6. a deletion older than the day `deleted` reports it, while some process still remembers
+   where the blob was: `RepositoryStore.claim` drops the remembered placements of
+   everything claimed, so a write's checks always ask the bucket.
 """
 
 from __future__ import annotations

@@ -350,6 +350,11 @@ class BlobStore:
         BLOB_CORRUPTIONS.labels(where).inc()
         log.error("blob_quarantined", digest=str(digest), where=where, reason=reason)
 
+    def forget_placement(self, digest: Digest) -> None:
+        """Drop only the remembered placement: the next lookup asks the bucket (a write
+        about to rely on the blob being stored, while a collection may have deleted it)."""
+        self._placements.pop(digest, None)
+
     def forget(self, digest: Digest) -> None:
         """Drop what this process remembers about a blob (it was quarantined or replaced)."""
         self._placements.pop(digest, None)

@@ -135,12 +135,18 @@ class RepositoryStore:
     async def claim(self, digests: Iterable[Digest], blobs: BlobStore | None = None) -> set[Digest]:
         """Tell a running collection that a write is about to reference `digests` (see
         shared/lifecycle/guard.py); call it before the checks that let the write skip work.
-        For the digests it returns (condemned or deleted lately) what this process
-        remembers is dropped (links here, placements in `blobs`), so those checks ask the
-        bucket again."""
+        Those checks then ask the bucket: the placements of `digests` are dropped from
+        `blobs`, and for the digests it returns (condemned or deleted lately) everything
+        this process remembers (links here too)."""
         if self.guard is None:
             return set()
-        found = await self.guard.claim(digests)
+        wanted = list(digests)
+        found = await self.guard.claim(wanted)
+        if blobs is not None:
+            # A placement remembered for longer than the guard reports deletions (a day)
+            # could name a blob collected since: the write's checks ask the bucket.
+            for digest in wanted:
+                blobs.forget_placement(digest)
         if found:
             for key in [key for key in self._links if key[1] in found]:
                 del self._links[key]
