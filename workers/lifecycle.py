@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import structlog
 
+from shared.lifecycle import growth
 from shared.lifecycle.eviction import evict
 from shared.lifecycle.gc import collect
 from shared.lifecycle.retention import apply_retention
@@ -38,7 +39,11 @@ async def _start(
     if project is None:
         raise ValueError(f"{job} runs on a project; none was named")
     if job == "eviction":
-        return await evict(deps, project, dry_run=dry_run, progress=progress)
+        # The growth counter that asks for evictions between schedules restarts from what this run measures.
+        before = await growth.counted(deps.redis, project)
+        report = await evict(deps, project, dry_run=dry_run, progress=progress)
+        await growth.measured(deps.redis, report, before)
+        return report
     return await apply_retention(deps, project, dry_run=dry_run, progress=progress)
 
 

@@ -29,6 +29,10 @@ class CacheEvents:
         """A client is waiting for this blob: the cache-miss event, published as it is."""
         await self._publish(jobs.FILL, project, repository, digest)
 
+    async def eviction_wanted(self, project: str) -> None:
+        """The project's cache nears its cap (shared/lifecycle/growth.py): evict it now."""
+        await self._publish(jobs.EVICT_CACHE, project, 0)
+
     async def want(self, redis: Redis, target: Target, digest: Digest) -> None:
         """Ask for a fill a client waits for, unless one is running or was asked for moments ago."""
         if await protocol.request_fill(redis, digest, target.project.name, protocol.CLIENT):
