@@ -276,6 +276,7 @@ def retention(config: Path | None, dry_run: bool, project: str) -> None:
 def stats(config: Path | None) -> None:
     """Show each project's bytes: a hosted project's usage against its quota, a proxy
     project's cache against its max_bytes."""
+    from redis.exceptions import RedisError
     from rich.console import Console as RichConsole
 
     from services.lifecycle_cli import show_stats
@@ -286,6 +287,8 @@ def stats(config: Path | None) -> None:
         sys.exit(asyncio.run(show_stats(settings, _redis_url(settings), console)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    except RedisError as exc:
+        raise click.ClickException(f"cannot read the usage from Redis: {exc}") from None
 
 
 def _replication(

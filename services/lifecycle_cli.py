@@ -27,6 +27,7 @@ from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore
 from shared.registry.storage import ObjectStore
 from shared.settings import Settings
+from workers.lifecycle import run_job
 
 # Exit codes: the job succeeded; it failed; (2: the command line, click's own); another
 # lifecycle job was running, so it did not start.
@@ -69,8 +70,6 @@ async def run_command(
     console: Console | None = None,
 ) -> int:
     """Run the job with a progress bar (on stderr), print its report (on stdout); the exit code."""
-    from workers.lifecycle import run_job
-
     console = console or Console(stderr=True)
     what = job if project is None else f"{job} of {project}"
     columns = (
@@ -108,7 +107,8 @@ def report_lines(report: LifecycleReport) -> list[str]:
         + (f"  ({kinds})" if kinds else "")
     )
     if report.project_bytes is not None:
-        lines.append(f"project   {size(report.project_bytes)}")
+        # What the project holds once the run is done (a cache after eviction).
+        lines.append(f"{'would leave' if report.dry_run else 'left':<9} {size(report.project_bytes)}")
     if report.dry_run:
         lines += [f"would delete {item}" for item in report.items]
         if report.items_omitted:
