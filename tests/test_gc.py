@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import threading
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
@@ -410,3 +413,70 @@ def test_orphans_go_and_running_uploads_and_fills_stay(
     assert report.deleted["upload"].objects == 1
     assert report.deleted["segment"].objects == 1
     assert report.deleted["orphan"].objects == 2
+
+
+def test_every_acknowledged_push_pulls_back_after_gc_runs_during_pushes_and_pulls(
+    gc_edge: EdgeServer, gc_settings: Settings
+) -> None:
+    """Ten clients push two images each while others pull and collections run back to back.
+    Each image has a layer its client uploaded on its own a little more than the grace
+    period before (a client that pushes again what it pushed once): unreferenced and past
+    the grace, it is what a collection deletes, while the client finds it stored and skips
+    it. Without the reference guard, manifests end up naming deleted blobs."""
+    url = gc_edge.url
+    kept = make_image([make_layer(size=20_000, seed="kept")], label="kept")
+    push_image(url, "local/kept", kept, tag="v1", auth=ALICE)
+    done = threading.Event()
+    runs: list[LifecycleReport] = []
+    acknowledged: dict[tuple[str, str], Image] = {}
+    failures: list[str] = []
+
+    def collect_until_done() -> None:
+        while not done.is_set():
+            runs.append(gc(gc_settings))
+
+    def push(t: int) -> None:
+        repo = f"local/c{t}"
+        rng = random.Random(t)
+        for j in range(2):
+            early = make_layer(size=2000, seed=f"early-{t}-{j}")
+            image = make_image([early, make_layer(size=1000, seed=f"new-{t}-{j}")], label=f"new-{t}-{j}")
+            with httpx.Client(base_url=url, auth=ALICE, timeout=60) as client:
+                push_blob(client, repo, sha256(early), early)
+            time.sleep(GRACE + rng.uniform(0.0, 0.6))
+            for _attempt in range(5):  # as a client retries a push that failed
+                try:
+                    push_image(url, repo, image, tag=f"v{j}", auth=ALICE)
+                except AssertionError as exc:
+                    failures.append(str(exc)[:300])
+                    time.sleep(0.05)
+                    continue
+                acknowledged[(repo, f"v{j}")] = image
+                break
+
+    def pull() -> None:
+        while not done.is_set():
+            pulls_back(url, "local/kept", "v1", kept)
+
+    collector = threading.Thread(target=collect_until_done)
+    collector.start()
+    try:
+        with ThreadPoolExecutor(max_workers=13) as pool:
+            pullers = [pool.submit(pull) for _ in range(3)]
+            pushers = [pool.submit(push, t) for t in range(10)]
+            for pushed in pushers:
+                pushed.result()
+            done.set()
+            for pulled in pullers:
+                pulled.result()
+    finally:
+        done.set()
+        collector.join()
+    runs.append(gc(gc_settings))
+
+    assert len(acknowledged) == 20, failures
+    assert len(runs) >= 3
+    assert all(r.outcome == "succeeded" for r in runs)
+    for (repo, tag), image in sorted(acknowledged.items()):
+        pulls_back(url, repo, tag, image)
+    pulls_back(url, "local/kept", "v1", kept)

@@ -154,8 +154,9 @@ async def _delete_untagged(sweeper: Sweeper, views: dict[str, RepositoryView]) -
                     checkpoint("untagged")
 
             for digest in sorted(await sweeper.guarded(batch, delete)):
-                image = view.images.pop(digest)
-                sweeper.report.deleting("manifest", image.size, f"manifest {view.name}@{digest}")
+                # Its bytes are counted when its blob goes (no other repository holding it).
+                view.images.pop(digest)
+                sweeper.report.deleting("manifest", 0, f"manifest {view.name}@{digest}")
 
 
 def _referenced(settings: Settings, views: dict[str, RepositoryView], cutoff: float) -> set[Digest]:
