@@ -280,8 +280,10 @@ def stats(config: Path | None) -> None:
     from rich.console import Console as RichConsole
 
     from services.lifecycle_cli import show_stats
+    from shared.logging import configure_logging
 
     settings = _load_or_exit(config)
+    configure_logging(settings.log_format, "warning")  # the table is the output
     console = RichConsole() if sys.stdout.isatty() else RichConsole(width=200)
     try:
         sys.exit(asyncio.run(show_stats(settings, _redis_url(settings), console)))
