@@ -197,8 +197,13 @@ def test_capped_cache_keeps_the_most_recently_pulled_images_and_an_evicted_one_i
 
     worker.run(pull_in_order())
 
+    evicted = sorted(f"hub/{n}@{i.digest}" for n, i in images[:4])
+    dry = worker.run(evict(deps, "hub", dry_run=True))
+    assert sorted(item for item in dry.items if "@" in item) == evicted
+    assert all(_stored(worker, _blob(_digest_of(i.layers[0]))) for _, i in images)
     report = worker.run(evict(deps, "hub"))
     assert report.outcome == "succeeded"
+    assert sorted(item for item in report.items if "@" in item) == evicted
     assert report.examined.bytes > 3_000_000
     views = worker.run(read_repositories(deps.objects, deps.blobs, project="hub"))
     held = [
