@@ -11,7 +11,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
 # binary:Debian package for what the tests drive; missing ones are installed by `make deps`.
 DEPS := docker-registry:docker-registry skopeo:skopeo dockerd:docker.io podman:podman \
-	ctr:containerd redis-server:redis-server wrk:wrk
+	ctr:containerd redis-server:redis-server wrk:wrk promtool:prometheus
 
 .PHONY: venv deps run test bench lint soak
 
