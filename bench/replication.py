@@ -166,8 +166,9 @@ def p9(ctx: Context) -> list[Row]:
     note = (
         f"{tags} tags in {len(REP_REPOS)} repositories, 4 layers a tag (one shared by all, one by the tags "
         f"of a repository, two of its own), {size / MiB:.0f} MiB of distinct blobs; new content each round. "
-        "Seawall: `seawall replicate bench-p9 --wait` (a process, polling every 0.1 s, backing off to 1 s) with the stack's "
-        "workers (1 process, 8 threads; at most 4 tasks of an execution at once), into hosted project "
+        "Seawall: `seawall replicate bench-p9 --wait` (a process, polling every 0.1 s, backing off "
+        "to 1 s) with the stack's workers (1 process, 8 threads; at most 4 tasks of an execution at "
+        "once), into hosted project "
         "`mirror`; rule defaults (overwrite, copy_referrers true). skopeo: `skopeo sync --src yaml --dest "
         "docker` from the emulator (every tag of the 5 repositories) into Distribution (hosted). Blob bytes "
         f"the timed executions moved: {', '.join(f'{b / MiB:.0f} MiB' for b in moved)}; the executions "
