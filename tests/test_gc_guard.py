@@ -120,6 +120,22 @@ def test_a_killed_runs_condemnation_lapses(redis_url: str, monkeypatch: pytest.M
     asyncio.run(scenario())
 
 
+def test_a_condemnation_lapses_with_the_lease_of_the_run_that_made_it(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with connected(redis_url) as (redis, guard):
+            async with exclusive(redis, "gc"):
+                await guard.condemn("killed", [A, B], time.time() - 1)
+                # A killed run's lease lapses (its TTL); here it is gone at once.
+                await redis.delete(LIFECYCLE_LEASE)
+                assert await asyncio.wait_for(guard.claim([A]), 1) == {A}
+            async with exclusive(redis, "gc"):
+                # The next holder's run clears the marks of runs that no longer hold it.
+                await guard.condemn("next", [Digest.of(b"c")], time.time() - 1)
+                assert not await redis.hexists(guard_module.CONDEMNED, str(B))
+
+    asyncio.run(scenario())
+
+
 def test_condemn_refuses_without_the_lifecycle_lease(redis_url: str) -> None:
     async def scenario() -> None:
         async with connected(redis_url) as (redis, guard):

@@ -27,9 +27,11 @@ The interleavings, for a digest D that a collection's mark found unreferenced:
    run drops it (D stays: the re-check finds it).
 3. a claim older than `since` does not protect D: the write it announced finished more
    than gc_grace before the run started, so the mark saw its reference (links, revisions).
-4. the collection killed between condemn and deleted: its entries carry their time, and
-   after STALE_CONDEMNED_SECONDS claims (and later runs) treat them as abandoned: the
-   digest is returned for a re-check, which finds whatever the killed run left.
+4. the collection killed between condemn and deleted: its entries name the lifecycle
+   lease's holder, and once that lease lapses (LEASE_TTL_SECONDS, less than a claim's
+   patience) claims and later runs treat them as abandoned: the digest is returned for a
+   re-check, which finds whatever the killed run left. Entries older than
+   STALE_CONDEMNED_SECONDS are abandoned whatever the lease says.
 5. Redis flushed during a run: the claims are lost with the lifecycle lease; `condemn`
    refuses to run without that lease (ClaimsLost), so nothing is deleted on the strength
    of a claim record that lost entries. Pushes never fail because Redis is away: claim
@@ -67,20 +69,23 @@ DELETED_KEPT_SECONDS = 86_400.0
 CLAIM_POLL_SECONDS = 0.05
 CLAIM_PATIENCE_SECONDS = 30.0
 
-# KEYS: claimed, condemned, deleted. ARGV: record (1: add the claims), now, stale_before,
+# KEYS: claimed, condemned, deleted, lifecycle lease. ARGV: record (1: add the claims), now, stale_before,
 # deleted_since, digests... Returns {waiting (0/1), found digests...}.
 _CLAIM = """
 local now, stale, recent = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if ARGV[1] == '1' then
   for i = 5, #ARGV do redis.call('zadd', KEYS[1], now, ARGV[i]) end
 end
+local holder = redis.call('get', KEYS[4])
 local out = {0}
 for i = 5, #ARGV do
   local d = ARGV[i]
   local mark = redis.call('hget', KEYS[2], d)
   if mark then
-    local at = tonumber(string.match(mark, ' (%S+)$')) or 0
-    if at < stale then redis.call('hdel', KEYS[2], d) else out[1] = 1 end
+    local _, at, by = string.match(mark, '^(%S+) (%S+) ?(%S*)$')
+    at = tonumber(at) or 0
+    -- Live only while the run that wrote it still holds the lifecycle lease.
+    if at < stale or not holder or by ~= holder then redis.call('hdel', KEYS[2], d) else out[1] = 1 end
     table.insert(out, d)
   else
     local gone = redis.call('zscore', KEYS[3], d)
@@ -92,12 +97,13 @@ return out
 
 # KEYS: condemned, claimed, lease. ARGV: run, now, since, trim_before, stale_before, digests...
 _CONDEMN = """
-if redis.call('exists', KEYS[3]) == 0 then
+local holder = redis.call('get', KEYS[3])
+if not holder then
   return redis.error_reply('CLAIMSLOST the lifecycle lease is gone (Redis flushed or the lease expired)')
 end
 local run, now, since = ARGV[1], ARGV[2], tonumber(ARGV[3])
 redis.call('zremrangebyscore', KEYS[2], '-inf', '(' .. ARGV[4])
-for i = 6, #ARGV do redis.call('hset', KEYS[1], ARGV[i], run .. ' ' .. now) end
+for i = 6, #ARGV do redis.call('hset', KEYS[1], ARGV[i], run .. ' ' .. now .. ' ' .. holder) end
 local safe = {}
 for i = 6, #ARGV do
   local d = ARGV[i]
@@ -111,8 +117,11 @@ end
 local stale = tonumber(ARGV[5])
 local marks = redis.call('hgetall', KEYS[1])
 for i = 1, #marks, 2 do
-  local owner, at = string.match(marks[i + 1], '^(%S+) (%S+)$')
-  if owner ~= run and (tonumber(at) or 0) < stale then redis.call('hdel', KEYS[1], marks[i]) end
+  local owner, at, by = string.match(marks[i + 1], '^(%S+) (%S+) ?(%S*)$')
+  -- Another run's marks are abandoned once it no longer holds the lease (this run does).
+  if owner ~= run and ((tonumber(at) or 0) < stale or by ~= holder) then
+    redis.call('hdel', KEYS[1], marks[i])
+  end
 end
 return safe
 """
@@ -190,7 +199,9 @@ class ReferenceGuard:
             now = time.time()
             args = ["1" if record else "0", now, now - STALE_CONDEMNED_SECONDS, now - DELETED_KEPT_SECONDS]
             try:
-                reply = await self._claim(keys=[CLAIMED, CONDEMNED, DELETED], args=[*args, *wanted])
+                reply = await self._claim(
+                    keys=[CLAIMED, CONDEMNED, DELETED, LIFECYCLE_LEASE], args=[*args, *wanted]
+                )
             except RedisError as exc:
                 if record:
                     log.warning("claim_not_recorded", reason=str(exc), digests=len(wanted))

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 Job = Literal["gc", "eviction", "retention"]
 LIFECYCLE_LEASE = "seawall:lifecycle:lease"
-LEASE_TTL_SECONDS = 60.0
+# Short: a killed run's condemned blobs hold pushes back until its lease lapses (guard.py).
+LEASE_TTL_SECONDS = 20.0
 # A report lists at most this many of the things it deleted (or would delete).
 MAX_ITEMS = 1000
 
