@@ -202,6 +202,8 @@ def seawall_config(
             },
             {"name": "hub", **proxy, "tag_ttl": "1h"},
             {"name": "hubttl0", **proxy, "tag_ttl": "0s"},
+            # P13 (bench/lifecycle.py): a capped cache, evicted as it grows.
+            {"name": "hubcap", **proxy, "tag_ttl": "1h", "cache": {"max_bytes": "256MiB"}},
             {"name": "mirror", "type": "hosted", "public": True, "push": [BENCH_USER[0]]},
         ],
         "mirror": {"default": "hub", "namespaces": {"docker.io": "hub"}},
