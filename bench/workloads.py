@@ -1,6 +1,6 @@
 """The warm workloads (P1, P2, P6, P7), one function each, and the registry of all of them
 (the cold ones are in bench/cold.py, replication in bench/replication.py, the fleet in bench/fleet.py,
-the storage lifecycle in bench/lifecycle.py).
+the storage lifecycle in bench/lifecycle.py, CPU costs in bench/costs.py).
 
 Names in the upstream are `library/bench-pN...`; Seawall serves them as `hub/library/...`
 (tag TTL 1h) or `hubttl0/library/...` (tag TTL 0s), Distribution proxy as `library/...`.
@@ -17,6 +17,7 @@ import redis
 from bench import prep
 from bench.cold import p3, p4, p5, p8
 from bench.context import Context, describe, mean_cpu, pids
+from bench.costs import costs
 from bench.fleet import p11
 from bench.lifecycle import p12, p13
 from bench.replication import p9, p10
@@ -283,5 +284,5 @@ def p7(ctx: Context) -> list[Row]:
 
 WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
-    "P9": p9, "P10": p10, "P11": p11, "P12": p12, "P13": p13,
+    "P9": p9, "P10": p10, "P11": p11, "P12": p12, "P13": p13, "COST": costs,
 }  # fmt: skip
