@@ -27,7 +27,7 @@ from shared.proxy.spool import Spool
 from shared.proxy.upstreams import UpstreamPool
 from shared.registry.blobs import BlobStore
 from shared.registry.layout import TOKEN_SECRET_KEY
-from shared.registry.repositories import RepositoryStore
+from shared.registry.repositories import LOCAL_TTL_SECONDS, RepositoryStore
 from shared.registry.storage import ObjectStore
 from shared.registry.uploads import UploadStore
 from shared.routing import Target
@@ -48,7 +48,9 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         redis = app[keys.REDIS]
         app[keys.GUARD] = guard = ReferenceGuard(redis)
         app[keys.LEDGER] = ledger = UsageLedger(redis, settings, store, blobs)
-        app[keys.REPOSITORIES] = RepositoryStore(store, redis, guard=guard, ledger=ledger)
+        app[keys.REPOSITORIES] = RepositoryStore(
+            store, redis, guard=guard, ledger=ledger, local_ttl=LOCAL_TTL_SECONDS
+        )
         app[keys.UPLOADS] = UploadStore(store, blobs)
         yield
     finally:

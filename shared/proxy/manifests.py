@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.leases import Lease
+from shared.localcache import LocalCache
 from shared.metrics import DIGEST_MISMATCHES
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
@@ -68,6 +69,9 @@ class ManifestCache:
         self._redis = redis
         self._upstreams = upstreams
         self._prefetch = prefetch
+        # Freshness markers seen in Redis, kept here as long as the lookups they go with
+        # (never past the marker's own expiry); a revalidation here updates this at once.
+        self._fresh: LocalCache[str, bool] = LocalCache(repositories.local_ttl)
 
     async def get(self, target: Target, reference: str) -> CachedManifest:
         if Digest.is_digest(reference):
@@ -150,13 +154,22 @@ class ManifestCache:
 
     async def _is_fresh(self, target: Target, tag: str) -> bool:
         """Whether the tag was confirmed within its TTL (RedisError when Redis cannot say)."""
-        return bool(await self._redis.exists(_fresh_key(target.name, tag)))
+        key = _fresh_key(target.name, tag)
+        if self._fresh.get(key):
+            return True
+        ttl_ms = int(await self._redis.pttl(key))  # -2: no marker; -1: one without expiry
+        if ttl_ms == -2:
+            return False
+        self._fresh.put(key, True, min(self._fresh.ttl, ttl_ms / 1000) if ttl_ms > 0 else None)
+        return True
 
     async def _mark_fresh(self, target: Target, tag: str) -> None:
         ttl_ms = int(target.project.tag_ttl.total_seconds() * 1000)
         if ttl_ms > 0:
+            key = _fresh_key(target.name, tag)
+            self._fresh.put(key, True, min(self._fresh.ttl, ttl_ms / 1000))
             with contextlib.suppress(RedisError):
-                await self._redis.set(_fresh_key(target.name, tag), "1", px=ttl_ms)
+                await self._redis.set(key, "1", px=ttl_ms)
 
     async def _fetch(self, target: Target, digest: Digest | None, tag: str | None) -> CachedManifest:
         """GET a manifest upstream once cluster-wide; concurrent askers wait for that GET."""
@@ -180,7 +193,7 @@ class ManifestCache:
         self, target: Target, digest: Digest | None, tag: str | None
     ) -> CachedManifest | None:
         if digest is None and tag is not None:
-            if not await self._redis.exists(_fresh_key(target.name, tag)):
+            if not await self._is_fresh(target, tag):
                 return None
             digest = await self._repositories.resolve_tag(target.name, tag)
         held = await self._local(target.name, digest)

@@ -15,6 +15,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.localcache import LocalCache
 from shared.oci.digest import Digest
 from shared.oci.manifest import Descriptor, Manifest
 from shared.registry import layout
@@ -57,6 +58,11 @@ class Revision:
 # moved tag or a deleted manifest within 2 s whatever Redis did. The cache still spares
 # the bucket all but one read per entry and interval of a hot repository, cluster-wide.
 CACHE_TTL_MS = 1500
+# An edge also keeps what it looked up in its own memory for up to LOCAL_TTL_SECONDS, and
+# never past the Redis entry it came from: a warm GET then costs no Redis round trip, and
+# a change made elsewhere is seen here within max(LOCAL_TTL_SECONDS, CACHE_TTL_MS) plus a
+# bucket read. This process's own writes replace its entries at once.
+LOCAL_TTL_SECONDS = 1.0
 # Links this process found recently, per repository: a blob the disk tier holds is served
 # on their word when the bucket does not answer in time (see `remembered_size`).
 LINK_MEMORY_SECONDS = 600.0
@@ -88,30 +94,47 @@ class RepositoryStore:
         *,
         guard: ReferenceGuard | None = None,
         ledger: UsageLedger | None = None,
+        local_ttl: float = 0.0,
     ) -> None:
+        """`local_ttl` > 0 keeps lookups in this process too (the edge: LOCAL_TTL_SECONDS)."""
         self._store = store
         self._cache = cache
         self.guard = guard
         self.ledger = ledger
         self._links: OrderedDict[tuple[str, Digest], tuple[int, float]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[bytes | None]] = {}
+        self._local: LocalCache[str, bytes] = LocalCache(local_ttl)
+        # Bumped by every write here: a lookup that began before one does not keep its answer.
+        self._writes = 0
 
-    async def _cached(self, key: str) -> bytes | None:
+    @property
+    def local_ttl(self) -> float:
+        """How long this process keeps what it looked up (0: it asks Redis every time)."""
+        return self._local.ttl
+
+    async def _cached(self, key: str) -> tuple[bytes | None, float]:
+        """The Redis entry and the seconds it has left (one round trip)."""
         if self._cache is None:
-            return None
+            return None, 0.0
         try:
-            value = cast(bytes | None, await self._cache.get(key))
+            pipe = self._cache.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.pttl(key)
+            value, ttl_ms = await pipe.execute()
         except RedisError:
-            return None
-        return value
+            return None, 0.0
+        return cast(bytes | None, value), max(int(ttl_ms), 0) / 1000
 
     async def _remember(self, key: str, value: bytes) -> None:
+        self._local.put(key, value)
         if self._cache is not None:
             with contextlib.suppress(RedisError):
                 await self._cache.set(key, value, px=CACHE_TTL_MS)
 
     async def _forget(self, *keys: str) -> None:
         """Drop entries at once; if Redis cannot be told, they expire within CACHE_TTL_MS."""
+        self._writes += 1
+        self._local.drop(*keys)
         if self._cache is not None and keys:
             try:
                 await self._cache.delete(*keys)
@@ -229,6 +252,7 @@ class RepositoryStore:
         )
         await self.register(name)
         await self._store.put_bytes(layout.revision(name, digest), revision.to_json())
+        self._writes += 1
         await self._remember(_revision_cache_key(name, digest), revision.to_json())
         if manifest.subject is not None:
             descriptor = Descriptor(
@@ -249,13 +273,14 @@ class RepositoryStore:
         return Revision.from_json(digest, raw) if raw is not None else None
 
     async def _lookup(self, cache_key: str, bucket_key: str) -> bytes | None:
-        """A small record through the Redis cache, else from the bucket (None if missing).
+        """A small record from this process, else the Redis cache, else the bucket (None if
+        missing; a miss is never kept, as what is missing may arrive any moment).
 
-        Concurrent misses of one key in this process share one bucket read: when a hot
-        entry expires, every request that was waiting on it would otherwise ask the bucket
-        at the same moment.
+        Concurrent misses of one key in this process share one Redis and bucket read: when
+        a hot entry expires, every request that was waiting on it would otherwise ask at
+        the same moment.
         """
-        raw = await self._cached(cache_key)
+        raw = self._local.get(cache_key)
         if raw is not None:
             return raw
         loading = self._loading.get(cache_key)
@@ -272,11 +297,19 @@ class RepositoryStore:
             done.exception()  # retrieved here, in case every waiter has gone
 
     async def _load(self, cache_key: str, bucket_key: str) -> bytes | None:
+        writes = self._writes
+        raw, ttl = await self._cached(cache_key)
+        if raw is not None:
+            if writes == self._writes:
+                self._local.put(cache_key, raw, min(self._local.ttl, ttl))
+            return raw
         try:
             raw = await self._store.get_bytes(bucket_key)
         except ObjectMissing:
             return None
-        await self._remember(cache_key, raw)
+        if writes == self._writes:
+            # Else a write here overtook this read: its entry stands, not this older answer.
+            await self._remember(cache_key, raw)
         return raw
 
     async def delete_revision(self, name: str, revision: Revision) -> None:
@@ -302,6 +335,7 @@ class RepositoryStore:
 
     async def set_tag(self, name: str, tag: str, digest: Digest) -> None:
         await self._store.put_bytes(layout.tag(name, tag), str(digest).encode())
+        self._writes += 1
         await self._remember(_tag_cache_key(name, tag), str(digest).encode())
 
     async def delete_tag(self, name: str, tag: str) -> bool:

@@ -1,0 +1,45 @@
+"""A small in-process map of entries that expire: what one process may answer without asking Redis.
+
+Every entry carries its own expiry, so a value read from a Redis entry that expires sooner
+never outlives it here. Nothing is cached when the TTL is 0. Bounded: past `max_entries`
+the oldest insertions go first (a hot entry is re-inserted whenever it is refreshed).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LocalCache(Generic[K, V]):
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self._max_entries = max_entries
+        self._entries: dict[K, tuple[V, float]] = {}
+
+    def get(self, key: K) -> V | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if found[1] <= time.monotonic():
+            self._entries.pop(key, None)
+            return None
+        return found[0]
+
+    def put(self, key: K, value: V, ttl: float | None = None) -> None:
+        """Keep `value` for `ttl` seconds (at most the cache's own TTL when not given)."""
+        seconds = self.ttl if ttl is None else ttl
+        if seconds <= 0:
+            self._entries.pop(key, None)
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = (value, time.monotonic() + seconds)
+        if len(self._entries) > self._max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def drop(self, *keys: K) -> None:
+        for key in keys:
+            self._entries.pop(key, None)
