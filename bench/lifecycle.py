@@ -1,19 +1,12 @@
 """The storage lifecycle's workloads: P12 (garbage collection of a large bucket while pulls go
 on) and P13 (a capped proxy cache under a pull mix).
 
-P12 seeds 1,000 repositories of hosted project `local` straight through the store classes
-(BlobStore.commit_bytes, RepositoryStore link_blob / add_revision / set_tag: 10 blobs each,
-a manifest, its config and 8 small layers), deletes the images of 100 of them, and runs
-`seawall gc` as a process (a config like the stack's with `lifecycle.gc_grace: 0s`) while
-`bench/loadgen.py` pulls a warm image; the same pulls run for as long without GC. Each later
-round makes new garbage the same way.
-
-P13 fills proxy project `hubcap` (`cache.max_bytes` 256 MiB, the default headroom) close to
-its cap, waits until that content is more than a minute old (eviction leaves alone blobs a
-write claimed in the minute before it starts, so a cache in service is full of older
-content), then runs a two-minute pull mix: new images from the emulator released at a
-steady pace, and re-pulls of recent ones, by three pullers. The cache's bytes are measured
-every 2 s as eviction measures them (the project's inventory).
+P12 seeds 1,000 repositories of hosted project `local` through the store classes, deletes
+the images of 100, and times `seawall gc` (a process, `gc_grace: 0s`) while `bench/loadgen.py`
+pulls a warm image, against the same pulls without GC. P13 fills proxy project `hubcap`
+(256 MiB cap) close to its cap, lets that content age past the minute eviction leaves alone
+(a cache in service is full of older content), then runs a two-minute pull mix, measuring
+the cache every 2 s as eviction does.
 """
 
 from __future__ import annotations
@@ -217,10 +210,6 @@ def run_arm(ctx: Context, config: Path | None, load_ref: str, window: float, *, 
     return Arm(pulls, cpu, gc_seconds=gc[0], gc_cpu=gc[2], gc_lines=gc[1])
 
 
-def _ms(values: list[float]) -> str:
-    return ", ".join(f"{v:g}" for v in values)
-
-
 def p12(ctx: Context) -> list[Row]:
     """GC over 10,000 blobs in 1,000 repositories under a pull load; the pulls' p99 with and
     without GC."""
@@ -277,7 +266,7 @@ def p12(ctx: Context) -> list[Row]:
         f"process with gc_grace 0s. Each round: {window:.1f}s of pulls (loadgen pull mode, 4 connections, "
         f"one warm image of 8 x 256 KiB in `local`) during the collection, and the same without it, "
         f"alternating which goes first. Collections: {'; '.join(a.summary for a in arms['gc'])}. "
-        f"Pull p50 with GC {_ms(p50['gc'])} ms, without {_ms(p50['nogc'])} ms. Failed pulls: {errors}. "
+        f"Pull p50 with GC {p50['gc']} ms, without {p50['nogc']} ms. Failed pulls: {errors}. "
         f"Dry run before the rounds: {calibration:.1f}s. CPU, % of one core: with GC "
         f"{mean_cpu([a.cpu for a in arms['gc']])}; without {mean_cpu([a.cpu for a in arms['nogc']])}. "
         f"Under `nice -n 19` (once, after the rounds): {niced.summary}, pull p99 "
