@@ -23,7 +23,7 @@ from tests.support.distribution import Distribution
 from tests.support.dockerhub import DockerHubEmulator
 from tests.support.images import random_bytes, sha256
 from tests.support.seed import push_blob
-from workers.fills import run_fill
+from workers.fills import prefetch, run_fill
 from workers.lifecycle import run_job
 
 KIB = 1024
@@ -87,9 +87,10 @@ def test_fills_past_the_trigger_ask_for_one_eviction_of_the_project(
     assert worker.run(run_fill(ctx, "hub", name, digests[0])) == "present"
     assert _counter(redis_url, "hub") == 3 * BLOB
 
-    # The fourth passes the trigger, the fifth comes in the same burst: one eviction is asked.
-    for digest in digests[3:]:
-        assert worker.run(run_fill(ctx, "hub", name, digest)) == "committed"
+    # A prefetch brings the fourth, which passes the trigger, and the fifth in the same burst:
+    # one eviction is asked.
+    prefetched = worker.run(prefetch(ctx, "hub", name, digests[3:]))
+    assert [outcome for _, outcome in prefetched.outcomes] == ["committed", "committed"]
     assert _counter(redis_url, "hub") == 5 * BLOB
     assert _evictions(redis_url) == [["hub", 0]]
 
