@@ -16,6 +16,8 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 ERRORS = Counter("seawall_errors_total", "OCI errors returned, by code", ["code"])
+# One per call into the S3 SDK: a request, except listings and multipart uploads (a few).
+STORAGE_REQUESTS = Counter("seawall_storage_requests_total", "Calls to object storage")
 # Basic credential checks by result: `accepted` and `refused` ran argon2, `cached` did not,
 # `limited` were answered 429 without it.
 LOGINS = Counter("seawall_logins_total", "Basic credential checks by result", ["result"])

@@ -36,6 +36,7 @@ from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
+from shared.metrics import STORAGE_REQUESTS
 from shared.settings import S3Settings
 
 T = TypeVar("T")
@@ -142,6 +143,7 @@ class ObjectStore:
 
     async def _call(self, deadline: float | None, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        STORAGE_REQUESTS.inc()
         try:
             # A call past its deadline is abandoned, not stopped: its thread ends with the
             # socket timeouts, and one still queued for a thread never starts.
