@@ -51,7 +51,9 @@ class Printer:
                 self.stream.write(f"{name} | {text}\n")
                 self.stream.flush()
                 return
-            line = Text.assemble((f"{name} | ", _COLOURS.get(name, "bold")), text)
+            # Several edges (`edge-1`, `edge-2`) share the edge's colour.
+            colour = _COLOURS.get(name, _COLOURS.get(name.split("-", 1)[0], "bold"))
+            line = Text.assemble((f"{name} | ", colour), text)
             self.console.print(line, soft_wrap=True, highlight=False)
 
     def info(self, text: str) -> None:
@@ -120,6 +122,8 @@ class Child:
     name: str
     launch: Launch
     server: bool  # an embedded server: stopped after the apps, and its address matters to them
+    # Called with the pid of each of its processes that ended (and was reaped).
+    on_exit: Callable[[int], None] | None = None
     process: ManagedProcess | None = None
     follower: _Follower | None = None
     crashes: deque[float] = field(default_factory=deque)
@@ -162,14 +166,22 @@ class Supervisor:
         self.children.append(child)
         self._launch(child)
 
-    def spawn(self, name: str, argv: list[str]) -> None:
-        """Start one of Seawall's own processes, with the environment as it is at each start."""
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        """Start one of Seawall's own processes, with the environment as it is at each start
+        (plus `env`, its own variables); `on_exit(pid)` runs after each of its processes ends."""
 
         def launch() -> tuple[ManagedProcess, dict[str, str]]:
             log = self.log_dir / f"{name}.log"
-            return ManagedProcess(name, argv, log, self.env, pass_fds=self.keep_fds), {}
+            process_env = {**self.env, **(env or {})}
+            return ManagedProcess(name, argv, log, process_env, pass_fds=self.keep_fds), {}
 
-        child = Child(name, launch, server=False)
+        child = Child(name, launch, server=False, on_exit=on_exit)
         self.children.append(child)
         self._launch(child)
 
@@ -220,6 +232,8 @@ class Supervisor:
         """After a child's exit: kill what it left in its process group, print its last words."""
         if child.process is not None:
             child.process.stop()
+            if child.on_exit is not None:
+                child.on_exit(child.process.pid)
         if child.follower is not None:
             child.follower.finish.set()
             child.follower.join(timeout=5)

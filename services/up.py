@@ -1,5 +1,6 @@
-"""`seawall up`: the all-in-one stack (embedded Redis and S3 where none are configured, edge,
-workers and scheduler) in the foreground, under one Supervisor, until SIGINT or SIGTERM.
+"""`seawall up`: the all-in-one stack (embedded Redis and S3 where none are configured,
+`edge_processes` edges sharing the registry port, workers and scheduler) in the foreground,
+under one Supervisor, until SIGINT or SIGTERM.
 
 A lock on the data directory keeps a second `seawall up` from starting servers on the
 same store.
@@ -12,13 +13,16 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from services.embedded import start_redis, start_s3
 from services.processes import ManagedProcess, ServerStartError, port_open
@@ -28,6 +32,8 @@ from shared.settings import S3Settings, Settings
 LOCK_FILE = "seawall-up.lock"
 # How long a new `seawall up` waits for the apps of a killed one to exit.
 LOCK_WAIT = 20.0
+# Where several edge processes keep their metrics, each scrape summing them (under data_dir).
+EDGE_METRICS_DIR = "edge-metrics"
 
 
 @contextlib.contextmanager
@@ -46,12 +52,19 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def edge_names(settings: Settings) -> list[str]:
+    """The edges' names (their log files' too): `edge`, or `edge-1` ... `edge-N` for several."""
+    count = settings.edge_processes
+    return ["edge"] if count == 1 else [f"edge-{index}" for index in range(1, count + 1)]
+
+
 def child_commands(settings: Settings, config_file: Path | None) -> list[tuple[str, list[str]]]:
     """The argv of each Seawall process, by name."""
     config_args = ["--config", str(config_file)] if config_file else []
+    edge = [sys.executable, "-m", "services.edge", *config_args]
     worker = [sys.executable, "-m", "services.cli", "worker", *config_args]
     return [
-        ("edge", [sys.executable, "-m", "services.edge", *config_args]),
+        *((name, edge) for name in edge_names(settings)),
         ("worker", worker),
         ("scheduler", [sys.executable, "-m", "services.scheduler", *config_args]),
     ]
@@ -129,6 +142,40 @@ def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -
         supervisor.start_server("s3", launch_s3)
 
 
+def spawn_apps(settings: Settings, supervisor: Supervisor, config_file: Path | None, data_dir: Path) -> None:
+    """Start the edges, the workers and the scheduler.
+
+    Several edges keep their metrics in one directory (prometheus_client's multi-process
+    mode, chosen by the variable as each process starts), so whichever edge a scrape
+    reaches serves the sum over all of them, as `seawall worker` does for its processes.
+    The directory starts empty with each `seawall up`; an edge that ends has its live
+    gauges removed from it, so a restarted edge is not counted twice.
+    """
+    edge_env: dict[str, str] = {}
+    on_exit: Callable[[int], None] | None = None
+    if settings.edge_processes > 1:
+        metrics_dir = data_dir / EDGE_METRICS_DIR
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        edge_env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        on_exit = _forget_process(metrics_dir)
+    edges = set(edge_names(settings))
+    for name, argv in child_commands(settings, config_file):
+        if name in edges:
+            supervisor.spawn(name, argv, env=edge_env, on_exit=on_exit)
+        else:
+            supervisor.spawn(name, argv)
+
+
+def _forget_process(metrics_dir: Path) -> Callable[[int], None]:
+    """Removes an ended process's live gauges (`livesum`, ...) from the metrics directory."""
+
+    def forget(pid: int) -> None:
+        mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+
+    return forget
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
@@ -148,7 +195,8 @@ def announce(settings: Settings, printer: Printer) -> None:
     """Tell the user where the edge is and how to point docker at it."""
     address = client_address(settings)
     scheme = "https" if settings.tls else "http"
-    printer.info(f"edge listening on {scheme}://{address}")
+    shared = f" ({settings.edge_processes} edge processes)" if settings.edge_processes > 1 else ""
+    printer.info(f"edge listening on {scheme}://{address}{shared}")
     printer.info(
         f'as a Docker Hub mirror: add "registry-mirrors": ["{scheme}://{address}"] '
         "to /etc/docker/daemon.json and restart dockerd"
@@ -263,8 +311,7 @@ def run_stack(settings: Settings, config_file: Path | None, printer: Printer | N
                 start_embedded(settings, supervisor, data_dir)
                 if stop.is_set():
                     return 0  # asked to stop while the embedded servers were starting
-                for name, argv in child_commands(settings, config_file and config_file.resolve()):
-                    supervisor.spawn(name, argv)
+                spawn_apps(settings, supervisor, config_file and config_file.resolve(), data_dir)
                 return _supervise(settings, supervisor, stop)
             except (ServerStartError, FileNotFoundError) as exc:
                 printer.info(f"error: {exc}")

@@ -31,7 +31,12 @@ UPSTREAM_REQUESTS = Counter(
     "Requests sent to upstream registries",
     ["upstream", "kind", "method", "status"],
 )
-# Gauges say how worker processes combine under multi-process metrics (`seawall worker`).
+# Gauges say how processes combine under multi-process metrics (`seawall worker`, and
+# `seawall up` with several edges).
+# Each edge sets 1 while it serves: the sum counts the live edges (a dead one's is removed).
+EDGE_PROCESSES = Gauge(
+    "seawall_edge_processes", "Edge processes serving on this host", multiprocess_mode="livesum"
+)
 FILLS_IN_FLIGHT = Gauge(
     "seawall_fills_in_flight", "Blob fills running", ["upstream"], multiprocess_mode="livesum"
 )

@@ -223,7 +223,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     log_level: str = "info"
     max_manifest_bytes: int = 4 * 1024 * 1024
-    edge_processes: int = 1
+    # How many edge processes `seawall up` starts on the one port (SO_REUSEPORT): the CPUs
+    # this process may run on.
+    edge_processes: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
     worker_processes: int = 2
     worker_threads: int = 8
     upload_expiry: Duration = timedelta(hours=24)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from services.edge import keys
 from shared.metrics import QUOTA_LIMIT, QUOTA_REMAINING
@@ -23,9 +26,20 @@ async def exposition(app: web.Application) -> web.Response:
             QUOTA_REMAINING.labels(upstream.name).set(
                 0 if status.closed_until else math.floor(status.remaining)
             )
-    response = web.Response(body=generate_latest())
+    response = web.Response(body=await asyncio.to_thread(_latest))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+def _latest() -> bytes:
+    """This process's metrics; with several edge processes (`seawall up` sets the
+    directory), the sum over all of them, as each scrape reaches only one."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from services.edge.limits import ConnectionGuard, GuardedConnection
 from services.edge.ops import metrics_app
 from services.edge.tls import CertificateReloader
 from shared.logging import get_logger
+from shared.metrics import EDGE_PROCESSES
 from shared.settings import Settings
 
 log = get_logger("edge")
@@ -86,6 +87,8 @@ class EdgeSites:
     async def start(self) -> None:
         settings = self.settings
         limits = settings.limits
+        # `seawall up` starts `edge_processes` edges on the one port; the kernel spreads new
+        # connections over them (each socket needs SO_REUSEPORT, and the same user).
         shared_port = settings.edge_processes > 1
         try:
             if settings.tls is not None:
@@ -122,6 +125,7 @@ class EdgeSites:
         except BaseException:
             await self.stop()
             raise
+        EDGE_PROCESSES.set(1)
         log.info(
             "edge_listening",
             listen=settings.listen,
@@ -131,6 +135,7 @@ class EdgeSites:
         )
 
     async def stop(self) -> None:
+        EDGE_PROCESSES.set(0)
         if self._certificates is not None:
             await self._certificates.stop()
         if self._metrics is not None:
