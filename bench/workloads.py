@@ -17,6 +17,7 @@ import redis
 from bench import prep
 from bench.cold import p3, p4, p5, p8
 from bench.context import Context, describe, mean_cpu, pids
+from bench.edges import p1e
 from bench.costs import costs
 from bench.fleet import p11
 from bench.lifecycle import p12, p13
@@ -283,6 +284,6 @@ def p7(ctx: Context) -> list[Row]:
 
 
 WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
-    "P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
+    "P1": p1, "P1E": p1e, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6, "P7": p7, "P8": p8,
     "P9": p9, "P10": p10, "P11": p11, "P12": p12, "P13": p13, "COST": costs,
 }  # fmt: skip
