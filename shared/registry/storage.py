@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import urllib3
 from minio import Minio
@@ -67,6 +67,12 @@ def _retries() -> urllib3.Retry:
     )
 
 
+class Hasher(Protocol):
+    """What `put_stream` feeds the bytes it stores to (a `hashlib` object)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
 class ObjectMissing(LookupError):
     """The key does not exist in the bucket."""
 
@@ -91,14 +97,20 @@ def _user_metadata(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 async def _read_exactly(source: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
-    """Up to `size` bytes from the source; fewer only at its end."""
-    buffer = bytearray()
-    while len(buffer) < size:
-        chunk = await source(size - len(buffer))
+    """Up to `size` bytes from the source; fewer only at its end.
+
+    The pieces are joined once at the end: growing a buffer and copying it out again cost
+    the edge a tenth of its CPU during a push.
+    """
+    pieces: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = await source(left)
         if not chunk:
             break
-        buffer += chunk
-    return bytes(buffer)
+        pieces.append(chunk)
+        left -= len(chunk)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class ObjectStore:
@@ -243,6 +255,7 @@ class ObjectStore:
         *,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
+        hasher: Hasher | None = None,
     ) -> None:
         """Upload from an async source; the object appears only when the upload completes.
 
@@ -251,19 +264,33 @@ class ObjectStore:
         parts without bound). If `source` raises (a digest mismatch found at the last
         byte, a client gone), the multipart upload is aborted and nothing becomes visible
         under `key`. `length` is advisory: the source's end is the object's end.
+
+        A `hasher` is fed every byte stored, part by part in order, in a thread (whole-blob
+        hashing stays off the event loop), while the next part is read and the previous
+        ones upload; it has seen the whole object when this returns.
         """
         first = await _read_exactly(source, PART_SIZE)
+        hashing: asyncio.Future[None] | None = None
+        if hasher is not None:
+            hashing = asyncio.ensure_future(self._hash_in_order(hasher, first, None))
         headers = {"Content-Type": content_type}
         headers |= {f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()}
         if len(first) < PART_SIZE:
-            await self.put_bytes(key, first, content_type=content_type, metadata=metadata)
+            try:
+                await self.put_bytes(key, first, content_type=content_type, metadata=metadata)
+            finally:
+                if hashing is not None:
+                    await hashing
             return
         client = self._client
-        upload_id = await self._ask(self._quick._create_multipart_upload, self.bucket, key, headers)
         uploads: dict[int, asyncio.Future[str]] = {}
+        upload_id = ""
         try:
+            upload_id = await self._ask(self._quick._create_multipart_upload, self.bucket, key, headers)
             number, data = 1, first
             while data:
+                if hasher is not None and number > 1:
+                    hashing = asyncio.ensure_future(self._hash_in_order(hasher, data, hashing))
                 uploads[number] = asyncio.ensure_future(
                     self._run(client._upload_part, self.bucket, key, data, None, upload_id, number)
                 )
@@ -274,15 +301,27 @@ class ObjectStore:
                     done.result()  # surface a failed part now, not after reading everything
                 number, data = number + 1, await _read_exactly(source, PART_SIZE)
             etags = await asyncio.gather(*uploads.values())
+            if hashing is not None:
+                await hashing
             parts = [Part(n, etag) for n, etag in zip(uploads, etags, strict=True)]
             await self._run(client._complete_multipart_upload, self.bucket, key, upload_id, parts, None)
         except BaseException:
-            for future in uploads.values():
+            outstanding: list[asyncio.Future[Any]] = [*uploads.values(), *([hashing] if hashing else [])]
+            for future in outstanding:
                 future.cancel()
-            await asyncio.gather(*uploads.values(), return_exceptions=True)
-            with contextlib.suppress(StorageUnavailable, ObjectMissing):
-                await self._ask(self._quick._abort_multipart_upload, self.bucket, key, upload_id)
+            await asyncio.gather(*outstanding, return_exceptions=True)
+            if upload_id:
+                with contextlib.suppress(StorageUnavailable, ObjectMissing):
+                    await self._ask(self._quick._abort_multipart_upload, self.bucket, key, upload_id)
             raise
+
+    async def _hash_in_order(
+        self, hasher: Hasher, data: bytes, previous: asyncio.Future[None] | None
+    ) -> None:
+        """Feed `data` to `hasher` in a thread once the part before it has been fed."""
+        if previous is not None:
+            await previous
+        await asyncio.get_running_loop().run_in_executor(self._pool, hasher.update, data)
 
     async def stream(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = READ_CHUNK

@@ -137,16 +137,15 @@ class UploadStore:
         if length == 0:
             return upload
         received = 0
-        # The first part is hashed on its way in: an upload sent as one chunk (what docker
-        # and skopeo do) is then committed without reading it back.
+        # The first part is hashed on its way in (in a thread, part by part, by the store):
+        # an upload sent as one chunk (what docker and skopeo do) is then committed without
+        # reading it back.
         hasher = hashlib.sha256() if upload.offset == 0 else None
 
         async def counting(n: int) -> bytes:
             nonlocal received
             chunk = await source(n)
             received += len(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
             if not chunk and length is not None and received != length:
                 # Raised inside the upload so the part is never completed.
                 raise RegistryError("SIZE_INVALID", f"received {received} bytes, expected {length}")
@@ -154,17 +153,18 @@ class UploadStore:
 
         # A part that failed midway was never completed, so it leaves no trace.
         key = layout.upload_part(upload.id, upload.offset)
-        await self._store.put_stream(key, counting, -1)
+        await self._store.put_stream(key, counting, -1, hasher=hasher)
         if received == 0:
             await self._store.delete(key)
             return upload
-        if hasher is not None:
-            await self._store.put_bytes(
-                layout.upload_part_sha256(upload.id, key), hasher.hexdigest().encode()
-            )
         # Written first, checked second (see the module docstring). A part that arrived
         # after the session closed is left for the janitor: the commit may have listed it.
-        session = await self._session_keys(upload.id)
+        # The part's recorded hash goes up beside the check; a closed session's is purged
+        # with it.
+        session, _ = await asyncio.gather(
+            self._session_keys(upload.id),
+            self._record_sha256(upload.id, key, hasher),
+        )
         if layout.upload_info(upload.id) not in session or _closed(upload.id, session):
             raise RegistryError(
                 "BLOB_UPLOAD_UNKNOWN",
@@ -173,6 +173,12 @@ class UploadStore:
             )
         end = upload.offset + received
         return Upload(upload.id, upload.name, upload.started, (*upload.parts, Part(key, upload.offset, end)))
+
+    async def _record_sha256(self, upload_id: str, key: str, hasher: hashlib._Hash | None) -> None:
+        if hasher is not None:
+            await self._store.put_bytes(
+                layout.upload_part_sha256(upload_id, key), hasher.hexdigest().encode()
+            )
 
     async def _iterate_parts(self, parts: tuple[Part, ...]) -> AsyncIterator[bytes]:
         for part in parts:
@@ -184,11 +190,19 @@ class UploadStore:
         marker = json.dumps({"digest": str(digest)}).encode()
         await self._store.put_bytes(layout.upload_committed(upload.id), marker)
         try:
-            if await self._store.stat(layout.upload_cancelled(upload.id)) is not None:
+            # All three after the marker, at once. Listed after it: every chunk acknowledged
+            # so far is here. The hash recorded for the one part the session held when the
+            # client asked to finish is read alongside; it counts only if that part is still
+            # exactly what was listed.
+            cancelled, objects, recorded = await asyncio.gather(
+                self._store.stat(layout.upload_cancelled(upload.id)),
+                self._store.list_objects(layout.upload_parts(upload.id)),
+                self._recorded_sha256(upload.id, upload.parts),
+            )
+            if cancelled is not None:
                 raise _unknown(upload.id)
-            # Listed after the marker: every chunk acknowledged so far is here.
-            parts = _chain(upload.id, await self._store.list_objects(layout.upload_parts(upload.id)))
-            size = await self._verify_and_commit(upload, parts, digest)
+            parts = _chain(upload.id, objects)
+            size = await self._verify_and_commit(parts, digest, recorded if parts == upload.parts else None)
         except RegistryError:
             # The content was refused, so nothing was committed: reopen the session (a
             # client may PUT again with the right digest). After a storage failure it stays
@@ -198,13 +212,16 @@ class UploadStore:
         await self._delete_session(upload.id)
         return size
 
-    async def _verify_and_commit(self, upload: Upload, parts: tuple[Part, ...], digest: Digest) -> int:
+    async def _verify_and_commit(self, parts: tuple[Part, ...], digest: Digest, recorded: str | None) -> int:
         total = parts[-1].end if parts else 0
         if not parts or any(part.size < MIN_EXTENT for part in parts[:-1]):
             size = await self._blobs.commit(digest, source_from_chunks(self._iterate_parts(parts)), total)
             await self._store.delete_many([p.key for p in parts])
             return size
-        if not await self._hashed_on_arrival(upload, parts, digest):
+        # A single part hashed on arrival is not read back (the same SHA-256 the record of
+        # its write holds); anything else is read back and verified before it is committed.
+        hashed_on_arrival = len(parts) == 1 and digest.algorithm == "sha256" and recorded == digest.hex
+        if not hashed_on_arrival:
             verifying = VerifyingSource(source_from_chunks(self._iterate_parts(parts)), digest, total)
             while await verifying(1024 * 1024):
                 pass
@@ -213,15 +230,14 @@ class UploadStore:
             await self._store.delete_many([p.key for p in parts])  # stored already: a spare copy
         return total
 
-    async def _hashed_on_arrival(self, upload: Upload, parts: tuple[Part, ...], digest: Digest) -> bool:
-        """Whether the upload is one part whose sha256, recorded when it was written, is `digest`."""
-        if len(parts) != 1 or digest.algorithm != "sha256":
-            return False
+    async def _recorded_sha256(self, upload_id: str, parts: tuple[Part, ...]) -> str | None:
+        """The sha256 recorded when the upload's only part was written, if it has one part."""
+        if len(parts) != 1:
+            return None
         try:
-            recorded = await self._store.get_bytes(layout.upload_part_sha256(upload.id, parts[0].key))
+            return (await self._store.get_bytes(layout.upload_part_sha256(upload_id, parts[0].key))).decode()
         except ObjectMissing:
-            return False
-        return recorded.decode() == digest.hex
+            return None
 
     async def cancel(self, upload: Upload) -> None:
         await self._store.put_bytes(layout.upload_cancelled(upload.id), b"")
