@@ -296,7 +296,8 @@ def p8(ctx: Context) -> list[Row]:
     note = (
         f"skopeo copy oci:... docker://..., {z.image_layers} layers, {size / MiB:.0f} MiB in all; "
         "Seawall with credentials (one token fetch), Distribution without auth. The store's own "
-        "ingest: bench.s3raw writes the same blobs into the same bucket, all at once, in "
+        "ingest: bench.s3raw writes the same blobs into the same bucket, one after another as skopeo "
+        "pushes them, in "
         f"{PART_SIZE // MiB} MiB parts, {PARALLEL_PARTS} in flight per object, through the minio SDK "
         "(its time runs from the first byte to the last upload completed). CPU during the pushes, "
         "% of one core: "

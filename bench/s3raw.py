@@ -4,9 +4,9 @@
 read back, and copied server-side, on a fresh embedded S3 server.
 
 `python -m bench.s3raw ingest --endpoint ... FILE...`: the store's own ingest for P8. Every
-file is written as one object, all files at once (as skopeo pushes an image's layers), each
-in multipart parts of the edge's own size with as many in flight as the edge keeps
-(`shared.registry.storage`), through the same SDK and signing. Prints the seconds from the
+file is written as one object, one after another (skopeo 1.9 pushes an image's blobs one at
+a time), each in multipart parts of the edge's own size with as many in flight as the edge
+keeps (`shared.registry.storage`), through the same SDK and signing. Prints the seconds from the
 first byte sent to the last upload completed, as JSON.
 """
 
@@ -19,7 +19,6 @@ import os
 import secrets
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import urllib3
@@ -60,8 +59,8 @@ def micro() -> None:
 
 
 def ingest(client: Minio, bucket: str, prefix: str, files: list[Path]) -> float:
-    """Seconds to write every file as an object under `prefix`, all at once; the objects are
-    removed afterwards (outside the time)."""
+    """Seconds to write every file as an object under `prefix`, one after another; the
+    objects are removed afterwards (outside the time)."""
     keys = [f"{prefix}{secrets.token_hex(8)}-{path.name}" for path in files]
 
     def put(key: str, path: Path) -> None:
@@ -75,11 +74,10 @@ def ingest(client: Minio, bucket: str, prefix: str, files: list[Path]) -> float:
     # the long-running edge has done long before a push.
     client.put_object(bucket, f"{prefix}warm", io.BytesIO(b"warm"), 4)
     client.remove_object(bucket, f"{prefix}warm")
-    with ThreadPoolExecutor(max_workers=len(files)) as pool:
-        started = time.perf_counter()
-        for future in [pool.submit(put, key, path) for key, path in zip(keys, files, strict=True)]:
-            future.result()
-        seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for key, path in zip(keys, files, strict=True):
+        put(key, path)
+    seconds = time.perf_counter() - started
     for key in keys:
         client.remove_object(bucket, key)
     return seconds
