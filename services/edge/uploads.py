@@ -150,8 +150,8 @@ async def finish_upload(request: web.Request) -> web.Response:
         upload = await uploads.append(upload, body_source(request), expected, start)
     # Claimed before `finish` decides whether the blob is stored already (lifecycle/guard.py).
     await app[keys.REPOSITORIES].claim([digest], app[keys.BLOBS])
-    size = await uploads.finish(upload, digest)
-    await app[keys.REPOSITORIES].link_blob(repo.name, digest, size)
+    repositories = app[keys.REPOSITORIES]
+    await uploads.finish(upload, digest, then=lambda size: repositories.link_blob(repo.name, digest, size))
     return _created(_request_name(request), digest)
 
 

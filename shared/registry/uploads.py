@@ -24,7 +24,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from shared.oci.digest import Digest
@@ -185,8 +185,14 @@ class UploadStore:
             async for chunk in self._store.stream(part.key):
                 yield chunk
 
-    async def finish(self, upload: Upload, digest: Digest) -> int:
-        """Close the session, verify exactly its parts against `digest`, commit them as a blob."""
+    async def finish(
+        self, upload: Upload, digest: Digest, then: Callable[[int], Awaitable[None]] | None = None
+    ) -> int:
+        """Close the session, verify exactly its parts against `digest`, commit them as a blob.
+
+        `then(size)` (linking the blob to the repository) runs once the blob is committed,
+        while the closed session is deleted.
+        """
         marker = json.dumps({"digest": str(digest)}).encode()
         await self._store.put_bytes(layout.upload_committed(upload.id), marker)
         try:
@@ -209,7 +215,7 @@ class UploadStore:
             # closed, since a record may have landed: the janitor then keeps what it names.
             await self._store.delete(layout.upload_committed(upload.id))
             raise
-        await self._delete_session(upload.id)
+        await asyncio.gather(self._delete_session(upload.id), *([then(size)] if then is not None else []))
         return size
 
     async def _verify_and_commit(self, parts: tuple[Part, ...], digest: Digest, recorded: str | None) -> int:
