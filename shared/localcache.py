@@ -1,13 +1,17 @@
-"""A small in-process map of entries that expire: what one process may answer without asking Redis.
+"""In-process helpers for hot lookups: a map of entries that expire, and single flights.
 
-Every entry carries its own expiry, so a value read from a Redis entry that expires sooner
-never outlives it here. Nothing is cached when the TTL is 0. Bounded: past `max_entries`
-the oldest insertions go first (a hot entry is re-inserted whenever it is refreshed).
+`LocalCache` is what one process may answer without asking Redis. Every entry carries its
+own expiry, so a value read from a Redis entry that expires sooner never outlives it here.
+Nothing is cached when the TTL is 0. Bounded: past `max_entries` the oldest insertions go
+first (a hot entry is re-inserted whenever it is refreshed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -43,3 +47,26 @@ class LocalCache(Generic[K, V]):
     def drop(self, *keys: K) -> None:
         for key in keys:
             self._entries.pop(key, None)
+
+
+class SingleFlight(Generic[K, V]):
+    """Concurrent calls for one key in this process share one call: when a hot entry
+    expires, every request waiting on it would otherwise ask Redis (or the bucket) at once."""
+
+    def __init__(self) -> None:
+        self._running: dict[K, asyncio.Future[V]] = {}
+
+    async def run(self, key: K, call: Callable[[], Awaitable[V]]) -> V:
+        running = self._running.get(key)
+        if running is None:
+            running = asyncio.ensure_future(call())
+            self._running[key] = running
+            running.add_done_callback(partial(self._finished, key))
+        # Shielded: one waiter going away (a client hanging up) must not cancel the others'.
+        return await asyncio.shield(running)
+
+    def _finished(self, key: K, done: asyncio.Future[V]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here, in case every waiter has gone

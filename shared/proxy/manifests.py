@@ -14,13 +14,14 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.leases import Lease
-from shared.localcache import LocalCache
+from shared.localcache import LocalCache, SingleFlight
 from shared.metrics import DIGEST_MISMATCHES
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
@@ -72,6 +73,7 @@ class ManifestCache:
         # Freshness markers seen in Redis, kept here as long as the lookups they go with
         # (never past the marker's own expiry); a revalidation here updates this at once.
         self._fresh: LocalCache[str, bool] = LocalCache(repositories.local_ttl)
+        self._asking: SingleFlight[str, bool] = SingleFlight()
 
     async def get(self, target: Target, reference: str) -> CachedManifest:
         if Digest.is_digest(reference):
@@ -157,6 +159,9 @@ class ManifestCache:
         key = _fresh_key(target.name, tag)
         if self._fresh.get(key):
             return True
+        return await self._asking.run(key, partial(self._ask_fresh, key))
+
+    async def _ask_fresh(self, key: str) -> bool:
         ttl_ms = int(await self._redis.pttl(key))  # -2: no marker; -1: one without expiry
         if ttl_ms == -2:
             return False

@@ -9,13 +9,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.localcache import LocalCache
+from shared.localcache import LocalCache, SingleFlight
 from shared.oci.digest import Digest
 from shared.oci.manifest import Descriptor, Manifest
 from shared.registry import layout
@@ -77,6 +78,17 @@ def _revision_cache_key(name: str, digest: Digest) -> str:
     return f"seawall:revision:{name}@{digest}"
 
 
+# A hot record is the same bytes on every lookup: parsed once (records are immutable values).
+@lru_cache(maxsize=4096)
+def _parse_revision(digest: Digest, raw: bytes) -> Revision:
+    return Revision.from_json(digest, raw)
+
+
+@lru_cache(maxsize=4096)
+def _parse_digest(raw: bytes) -> Digest:
+    return Digest.parse(raw.decode())
+
+
 def project_of(name: str) -> str:
     """Stored repository names are `<project>/<path>`."""
     return name.split("/", 1)[0]
@@ -102,7 +114,7 @@ class RepositoryStore:
         self.guard = guard
         self.ledger = ledger
         self._links: OrderedDict[tuple[str, Digest], tuple[int, float]] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[bytes | None]] = {}
+        self._loading: SingleFlight[str, bytes | None] = SingleFlight()
         self._local: LocalCache[str, bytes] = LocalCache(local_ttl)
         # Bumped by every write here: a lookup that began before one does not keep its answer.
         self._writes = 0
@@ -270,7 +282,7 @@ class RepositoryStore:
 
     async def revision(self, name: str, digest: Digest) -> Revision | None:
         raw = await self._lookup(_revision_cache_key(name, digest), layout.revision(name, digest))
-        return Revision.from_json(digest, raw) if raw is not None else None
+        return _parse_revision(digest, raw) if raw is not None else None
 
     async def _lookup(self, cache_key: str, bucket_key: str) -> bytes | None:
         """A small record from this process, else the Redis cache, else the bucket (None if
@@ -283,18 +295,7 @@ class RepositoryStore:
         raw = self._local.get(cache_key)
         if raw is not None:
             return raw
-        loading = self._loading.get(cache_key)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load(cache_key, bucket_key))
-            self._loading[cache_key] = loading
-            loading.add_done_callback(lambda done: self._loaded(cache_key, done))
-        # Shielded: one waiter going away (a client hanging up) must not cancel the others'.
-        return await asyncio.shield(loading)
-
-    def _loaded(self, cache_key: str, done: asyncio.Future[bytes | None]) -> None:
-        self._loading.pop(cache_key, None)
-        if not done.cancelled():
-            done.exception()  # retrieved here, in case every waiter has gone
+        return await self._loading.run(cache_key, partial(self._load, cache_key, bucket_key))
 
     async def _load(self, cache_key: str, bucket_key: str) -> bytes | None:
         writes = self._writes
@@ -331,7 +332,7 @@ class RepositoryStore:
     # -- tags --------------------------------------------------------------------------
     async def resolve_tag(self, name: str, tag: str) -> Digest | None:
         raw = await self._lookup(_tag_cache_key(name, tag), layout.tag(name, tag))
-        return Digest.parse(raw.decode()) if raw is not None else None
+        return _parse_digest(raw) if raw is not None else None
 
     async def set_tag(self, name: str, tag: str, digest: Digest) -> None:
         await self._store.put_bytes(layout.tag(name, tag), str(digest).encode())
