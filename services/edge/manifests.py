@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
@@ -19,6 +20,24 @@ from shared.proxy.manifests import STALE
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore, Revision
 from shared.routing import Target
+
+# Counter children per (project, result) and per project: found without prometheus_client's
+# label lookup and lock on every GET; bounded by the projects.
+_REQUESTS: dict[tuple[str, str], Any] = {}
+_BYTES: dict[str, Any] = {}
+
+
+def _count(project: str, result: str, served: int | None) -> None:
+    """One manifest request by result; with `served`, the bytes of a GET's body."""
+    requests = _REQUESTS.get((project, result))
+    if requests is None:
+        requests = _REQUESTS[(project, result)] = REQUESTS.labels(project, "manifest", result)
+    requests.inc()
+    if served is not None:
+        counter = _BYTES.get(project)
+        if counter is None:
+            counter = _BYTES[project] = BYTES_SERVED.labels(project, "manifest")
+        counter.inc(served)
 
 
 def manifest_response(
@@ -54,13 +73,11 @@ async def get_manifest(request: web.Request) -> web.Response:
         return await _get_cached_manifest(request, repo, reference)
     revision = await find_revision(app[keys.REPOSITORIES], repo, reference)
     if revision is None:
-        REQUESTS.labels(repo.project.name, "manifest", "miss").inc()
+        _count(repo.project.name, "miss", None)
         raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
     body = await app[keys.BLOBS].read(revision.digest)
     _note_pull(request, repo, revision, reference)
-    REQUESTS.labels(repo.project.name, "manifest", "hit").inc()
-    if request.method == "GET":
-        BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(body))
+    _count(repo.project.name, "hit", len(body) if request.method == "GET" else None)
     return manifest_response(request, revision, body)
 
 
@@ -75,12 +92,10 @@ async def _get_cached_manifest(request: web.Request, repo: Target, reference: st
     try:
         cached = await request.app[keys.MANIFEST_CACHE].get(repo, reference)
     except RegistryError:
-        REQUESTS.labels(repo.project.name, "manifest", "error").inc()
+        _count(repo.project.name, "error", None)
         raise
     _note_pull(request, repo, cached.revision, reference)
-    REQUESTS.labels(repo.project.name, "manifest", cached.result).inc()
-    if request.method == "GET":
-        BYTES_SERVED.labels(repo.project.name, "manifest").inc(len(cached.body))
+    _count(repo.project.name, cached.result, len(cached.body) if request.method == "GET" else None)
     extra = {"X-Seawall-Cache": cached.result}
     if cached.result == STALE:
         # RFC 9111's stale warning, which HTTP tooling shows; the upstream could not be asked.

@@ -17,9 +17,10 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v2/", catalog.version_check, name="base")
     r.add_get("/v2", catalog.version_check, name="base_no_slash")
     r.add_get("/v2/_catalog", catalog.list_catalog, name="catalog")
+    # The hottest route first: aiohttp tries the /v2/<name>/... patterns in this order.
+    r.add_get(f"/v2/{NAME}/manifests/{{reference}}", manifests.get_manifest, name="manifest")
     r.add_get(f"/v2/{NAME}/tags/list", tags.list_tags, name="tags")
     r.add_get(f"/v2/{NAME}/referrers/{{digest}}", referrers.list_referrers, name="referrers")
-    r.add_get(f"/v2/{NAME}/manifests/{{reference}}", manifests.get_manifest, name="manifest")
     r.add_put(f"/v2/{NAME}/manifests/{{reference}}", manifests.put_manifest, name="manifest_put")
     r.add_delete(f"/v2/{NAME}/manifests/{{reference}}", manifests.delete_manifest, name="manifest_delete")
     r.add_post(f"/v2/{NAME}/blobs/uploads/", uploads.start_upload, name="upload")
