@@ -135,8 +135,9 @@ def site_config(port: int, redis_url: str, s3: Any, data_dir: Path, *, threads: 
         "listen": f"127.0.0.1:{port}",
         "data_dir": str(data_dir),
         "worker_metrics_listen": None,
-        # The bench reads no edge metrics: no metrics port to collide with another stack's.
+        # No metrics port to collide with another stack's: P1 reads /metrics on the registry port.
         "metrics_listen": None,
+        "metrics_on_registry_port": True,
         "redis_url": redis_url,
         "s3": {
             "endpoint": s3.endpoint,

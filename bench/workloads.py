@@ -8,22 +8,27 @@ Names in the upstream are `library/bench-pN...`; Seawall serves them as `hub/lib
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import redis
 
 from bench import prep
+from bench.ceiling import Ceiling
 from bench.cold import p3, p4, p5, p8
 from bench.context import Context, describe, mean_cpu, pids
-from bench.edges import p1e
 from bench.costs import costs
+from bench.edges import p1e
 from bench.fleet import p11
 from bench.lifecycle import p12, p13
 from bench.replication import p9, p10
 from bench.report import Goal, Row
+from bench.stack import BENCH_USER
 from bench.tools import ACCEPT, CpuMeter, MemorySampler, loadgen
+from tests.support.seed import push_image
 
 MiB = 2**20
 
@@ -33,13 +38,17 @@ def _upstream(ctx: Context) -> Counter[str]:
 
 
 def p1(ctx: Context) -> list[Row]:
-    """Warm manifest GET by tag, 64 connections: requests/s."""
+    """Warm manifest GET by tag, 64 connections: requests/s, against Distribution and against a
+    bare aiohttp app serving the same bytes (the ceiling); then what one warm GET costs in Redis
+    calls and S3 requests."""
     s = ctx.stack
     image = prep.bench_image(1, 4096, "p1")
     prep.push(s.upstream.url, ["library/bench-p1"], image)
     prep.push(s.dist_hosted.url, ["library/bench-p1"], image)
+    push_image(s.edge.url, "local/bench-p1", image, "1.0", auth=BENCH_USER)
     urls = {
         "seawall": f"{s.edge.url}/v2/hub/library/bench-p1/manifests/1.0",
+        "ceiling": "",
         "dist_proxy": f"{s.dist_proxy.url}/v2/library/bench-p1/manifests/1.0",
         "dist_hosted": f"{s.dist_hosted.url}/v2/library/bench-p1/manifests/1.0",
     }
@@ -49,36 +58,37 @@ def p1(ctx: Context) -> list[Row]:
     ]:
         loadgen("pull", base, ref, connections=1, requests=1, verify=True)
     headers = {"Accept": ACCEPT}
-    values: dict[str, list[float]] = {k: [] for k in urls}
-    upstream: dict[str, Counter[str]] = {k: Counter() for k in urls}
-    errors: Counter[str] = Counter()
-    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
-    per_request: list[float] = []
-    for r in range(ctx.rounds):
-        for name in ctx.order(r, list(urls)):
-            s.hub.reset()
-            commands = _redis_commands(ctx)
-            with CpuMeter(pids(ctx, name)) as meter:
-                result = ctx.load(urls[name], 64, headers)
-            cpu[name].append(meter.percent)
-            if name == "seawall" and result["requests"]:
-                per_request.append((_redis_commands(ctx) - commands) / result["requests"])
-            values[name].append(result["rps"])
-            errors[name] += result["errors"]
-            upstream[name] += _upstream(ctx)
-            ctx.log(
-                f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, "
-                f"p99 {result['latency_ms'].get('p99')} ms; "
-                f"CPU {meter.describe()}"
-            )
+    with httpx.Client(headers=headers, timeout=30) as http:
+        served = http.get(urls["seawall"]).raise_for_status()
+    with Ceiling(served.content, served.headers["Content-Type"], s.work) as ceiling:
+        urls["ceiling"] = f"{ceiling.url}/v2/hub/library/bench-p1/manifests/1.0"
+        runs = _p1_runs(ctx, urls, headers, ceiling.pid)
     ctx.profiled_load("P1", s.edge.pid, urls["seawall"], 64, headers)
+    layer = next(iter(image.blobs))
+    costs = {
+        "proxy": _per_get_costs(ctx, urls["seawall"], headers),
+        "hosted": _per_get_costs(ctx, f"{s.edge.url}/v2/local/bench-p1/manifests/1.0", headers),
+        "blob": _per_get_costs(ctx, f"{s.edge.url}/v2/hub/library/bench-p1/blobs/{layer}", {}),
+    }
+    values, upstream, errors, cpu = runs["values"], runs["upstream"], runs["errors"], runs["cpu"]
     note = (
         f"{ctx.client}, 64 connections, {ctx.duration:g}s a run. Upstream requests during the runs: "
         f"Seawall {describe(upstream['seawall'])}; Distribution proxy {describe(upstream['dist_proxy'])}. "
-        f"Errors: {describe(+errors)}. Redis commands per Seawall request: "
-        f"{max(per_request, default=0):.1f}. CPU, % of one core: Seawall {mean_cpu(cpu['seawall'])}; "
+        f"Errors: {describe(+errors)}. Redis commands per Seawall request under load: "
+        f"{max(runs['per_request'], default=0):.3f} ({describe(runs['commands'])}). "
+        f"CPU, % of one core: Seawall {mean_cpu(cpu['seawall'])}; "
+        f"aiohttp ceiling {mean_cpu(cpu['ceiling'])}; "
         f"Distribution proxy {mean_cpu(cpu['dist_proxy'])}; "
         f"Distribution hosted {mean_cpu(cpu['dist_hosted'])}"
+    )
+    cost_note = (
+        f"{COST_GETS} GETs one after another on one connection, {COST_RUNS} times; Redis calls from "
+        "INFO commandstats before and after (every client of the Redis server, background polling "
+        "included), S3 requests from the edge's seawall_storage_requests_total. "
+        + "; ".join(
+            f"{kind}: {sum(c['seconds']):.1f}s of GETs, Redis {describe(c['commands'])}"
+            for kind, c in costs.items()
+        )
     )
     return [
         Row(
@@ -104,12 +114,122 @@ def p1(ctx: Context) -> list[Row]:
             "Context only: Distribution hosted answers a tag from local storage, "
             "as Seawall does within its tag TTL.",
         ),
+        Row(
+            "P1c",
+            "same, peer a bare aiohttp app with the same bytes",
+            "requests/s",
+            values["seawall"],
+            "aiohttp ceiling",
+            values["ceiling"],
+            ">= 0.5x",
+            Goal("ratio_min", 0.5),
+            "The ceiling (bench/ceiling.py): one handler, no middleware, the same body, "
+            "Content-Type and digest headers, run alternately with the others.",
+        ),
+        Row(
+            "P1r",
+            "Redis calls per warm manifest GET, proxy tag",
+            "calls",
+            costs["proxy"]["redis"],
+            target="<= 0.1",
+            goal=Goal("value_max", 0.1),
+            note=cost_note,
+        ),
+        Row(
+            "P1r",
+            "Redis calls per warm manifest GET, hosted tag",
+            "calls",
+            costs["hosted"]["redis"],
+            target="<= 0.1",
+            goal=Goal("value_max", 0.1),
+        ),
+        Row("P1r", "Redis calls per warm blob GET (4 KiB, proxy)", "calls", costs["blob"]["redis"]),
+        Row("P1s", "S3 requests per warm manifest GET, proxy tag", "requests", costs["proxy"]["s3"]),
+        Row("P1s", "S3 requests per warm manifest GET, hosted tag", "requests", costs["hosted"]["s3"]),
+        Row("P1s", "S3 requests per warm blob GET (4 KiB, proxy)", "requests", costs["blob"]["s3"]),
     ]
 
 
-def _redis_commands(ctx: Context) -> int:
+def _p1_runs(ctx: Context, urls: dict[str, str], headers: dict[str, str], ceiling_pid: int) -> dict[str, Any]:
+    """Each target in turn, the first one rotating every round."""
+    s = ctx.stack
+    values: dict[str, list[float]] = {k: [] for k in urls}
+    upstream: dict[str, Counter[str]] = {k: Counter() for k in urls}
+    errors: Counter[str] = Counter()
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
+    per_request: list[float] = []
+    commands_ran: Counter[str] = Counter()
+    for r in range(ctx.rounds):
+        for name in ctx.order(r, list(urls)):
+            s.hub.reset()
+            commands = _redis_calls(ctx)
+            with CpuMeter({"ceiling": ceiling_pid} if name == "ceiling" else pids(ctx, name)) as meter:
+                result = ctx.load(urls[name], 64, headers)
+            cpu[name].append(meter.percent)
+            if name == "seawall" and result["requests"]:
+                ran = _redis_calls(ctx) - commands
+                commands_ran += ran
+                per_request.append(ran.total() / result["requests"])
+            values[name].append(result["rps"])
+            errors[name] += result["errors"]
+            upstream[name] += _upstream(ctx)
+            ctx.log(
+                f"P1 round {r + 1} {name}: {result['rps']:.0f} req/s, "
+                f"p99 {result['latency_ms'].get('p99')} ms; "
+                f"CPU {meter.describe()}"
+            )
+    return {
+        "values": values,
+        "upstream": upstream,
+        "errors": errors,
+        "cpu": cpu,
+        "per_request": per_request,
+        "commands": commands_ran,
+    }
+
+
+COST_GETS = 200
+COST_RUNS = 3
+
+
+def _per_get_costs(ctx: Context, url: str, headers: dict[str, str]) -> dict[str, Any]:
+    """Redis calls and S3 requests per GET over COST_GETS warm GETs, COST_RUNS times; which
+    Redis commands ran, and how long the GETs took."""
+    out: dict[str, Any] = {"redis": [], "s3": [], "commands": Counter(), "seconds": []}
+    with httpx.Client(headers=headers, timeout=30) as http:
+        http.get(url).raise_for_status()
+        for _ in range(COST_RUNS):
+            s3_before = _storage_requests(http, ctx.stack.edge.url)
+            redis_before = _redis_calls(ctx)
+            started = time.perf_counter()
+            for _ in range(COST_GETS):
+                http.get(url).raise_for_status()
+            out["seconds"].append(time.perf_counter() - started)
+            ran = _redis_calls(ctx) - redis_before
+            out["redis"].append(ran.total() / COST_GETS)
+            out["commands"] += ran
+            s3_after = _storage_requests(http, ctx.stack.edge.url)
+            if s3_before is not None and s3_after is not None:
+                out["s3"].append((s3_after - s3_before) / COST_GETS)
+    return out
+
+
+def _redis_calls(ctx: Context) -> Counter[str]:
+    """Commands the Redis server ran, by name (INFO commandstats), the INFO calls left out."""
     with redis.Redis.from_url(ctx.stack.redis.url) as client:
-        return int(client.info("stats")["total_commands_processed"])
+        stats = client.info("commandstats")
+    return Counter(
+        {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
+    )
+
+
+def _storage_requests(http: httpx.Client, edge_url: str) -> float | None:
+    """The edge's seawall_storage_requests_total (None from a revision without it)."""
+    text = http.get(f"{edge_url}/metrics", headers={"Accept": "text/plain"}).text
+    for line in text.splitlines():
+        if line.startswith("seawall_storage_requests_total"):
+            return float(line.split()[-1])
+    return None
 
 
 def _warm_blob(ctx: Context, repo: str, size: int, seed: str) -> str:
