@@ -236,13 +236,16 @@ class BlobStore:
         await self._write_record(digest, [Extent(key, verifying.size)])
         return verifying.size
 
-    async def commit_extents(self, digest: Digest, extents: Sequence[Extent]) -> bool:
+    async def commit_extents(
+        self, digest: Digest, extents: Sequence[Extent], held: bool | None = None
+    ) -> bool:
         """Commit objects already verified to hash to `digest` (in order) as the blob.
 
         Returns False, writing nothing, if the blob is already stored (and sound): the
-        caller's extents are then a spare copy it may delete.
+        caller's extents are then a spare copy it may delete. `held` is that check's
+        answer when the caller already asked `held_soundly` (after claiming the digest).
         """
-        if await self.held_soundly(digest):
+        if held if held is not None else await self.held_soundly(digest):
             return False
         await self._write_record(digest, extents)
         return True

@@ -196,19 +196,23 @@ class UploadStore:
         marker = json.dumps({"digest": str(digest)}).encode()
         await self._store.put_bytes(layout.upload_committed(upload.id), marker)
         try:
-            # All three after the marker, at once. Listed after it: every chunk acknowledged
-            # so far is here. The hash recorded for the one part the session held when the
-            # client asked to finish is read alongside; it counts only if that part is still
-            # exactly what was listed.
-            cancelled, objects, recorded = await asyncio.gather(
+            # All after the marker, at once. Listed after it: every chunk acknowledged so far
+            # is here. The hash recorded for the one part the session held when the client
+            # asked to finish is read alongside (it counts only if that part is still exactly
+            # what was listed), and so is whether the blob is stored already (the handler
+            # claimed the digest before calling this).
+            cancelled, objects, recorded, held = await asyncio.gather(
                 self._store.stat(layout.upload_cancelled(upload.id)),
                 self._store.list_objects(layout.upload_parts(upload.id)),
                 self._recorded_sha256(upload.id, upload.parts),
+                self._blobs.held_soundly(digest),
             )
             if cancelled is not None:
                 raise _unknown(upload.id)
             parts = _chain(upload.id, objects)
-            size = await self._verify_and_commit(parts, digest, recorded if parts == upload.parts else None)
+            size = await self._verify_and_commit(
+                parts, digest, recorded if parts == upload.parts else None, held
+            )
         except RegistryError:
             # The content was refused, so nothing was committed: reopen the session (a
             # client may PUT again with the right digest). After a storage failure it stays
@@ -218,7 +222,9 @@ class UploadStore:
         await asyncio.gather(self._delete_session(upload.id), *([then(size)] if then is not None else []))
         return size
 
-    async def _verify_and_commit(self, parts: tuple[Part, ...], digest: Digest, recorded: str | None) -> int:
+    async def _verify_and_commit(
+        self, parts: tuple[Part, ...], digest: Digest, recorded: str | None, held: bool
+    ) -> int:
         total = parts[-1].end if parts else 0
         if not parts or any(part.size < MIN_EXTENT for part in parts[:-1]):
             size = await self._blobs.commit(digest, source_from_chunks(self._iterate_parts(parts)), total)
@@ -232,7 +238,7 @@ class UploadStore:
             while await verifying(1024 * 1024):
                 pass
         extents = [Extent(part.key, part.size) for part in parts]
-        if not await self._blobs.commit_extents(digest, extents):
+        if not await self._blobs.commit_extents(digest, extents, held):
             await self._store.delete_many([p.key for p in parts])  # stored already: a spare copy
         return total
 
