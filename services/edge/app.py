@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from services.edge import keys
-from services.edge.middleware import authenticate, observe, oci_errors
+from services.edge.middleware import serve_request
 from services.edge.onpush import push_events
 from services.edge.routes import setup_routes
 from shared import diskcache, redisguard
@@ -139,7 +139,7 @@ async def _pulls(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     # The upload size cap is per request body; blobs are streamed, so no cap applies there.
-    app = web.Application(middlewares=[observe, oci_errors, authenticate], client_max_size=0)
+    app = web.Application(middlewares=[serve_request], client_max_size=0)
     app[keys.SETTINGS] = settings
     declare_series([p.name for p in settings.projects], [u.name for u in settings.upstreams])
     app.cleanup_ctx.append(_redis)

@@ -70,13 +70,27 @@ def error_response(error: RegistryError, request: web.Request | None = None) -> 
 
 
 @web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind a request id to every log line and time the request."""
+async def serve_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every registry request, in one middleware (each layer of aiohttp's middleware chain is
+    a cost of its own on a warm GET): bind a request id to every log line, check the
+    credentials, run the handler, render any failure as the OCI error envelope, time it.
+
+    Failed logins are limited by `request.remote`, the peer address: X-Forwarded-For is
+    whatever the client wants it to be.
+    """
     request_id = request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    response = await handler(request)
+    try:
+        access = request.app[keys.ACCESS]
+        request[keys.USER] = await access.authenticate(request.headers.get("Authorization"), request.remote)
+        response = await handler(request)
+    except Exception as exc:
+        response = _failure_response(request, exc)
+    else:
+        if not response.prepared:
+            response.headers.update(API_VERSION)
     route = request.match_info.route.name or "other"
     _request_timer(route, request.method).observe(time.perf_counter() - started)
     if not response.prepared:
@@ -84,11 +98,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-@web.middleware
-async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as the OCI error envelope; never a bare 500 page."""
+def _failure_response(request: web.Request, failure: Exception) -> web.StreamResponse:
+    """What a failed request answers; never a bare 500 page (other HTTP exceptions go on)."""
     try:
-        response = await handler(request)
+        raise failure
     except RegistryError as error:
         if error.status >= 500:
             log.warning("request_failed", code=error.code, message=error.message, path=request.path)
@@ -116,18 +129,3 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return error_response(RegistryError("INTERNAL"))
-    if not response.prepared:
-        response.headers.update(API_VERSION)
-    return response
-
-
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Check credentials once per request; handlers check grants per project.
-
-    Failed logins are limited by `request.remote`, the peer address: X-Forwarded-For is
-    whatever the client wants it to be.
-    """
-    access = request.app[keys.ACCESS]
-    request[keys.USER] = await access.authenticate(request.headers.get("Authorization"), request.remote)
-    return await handler(request)
