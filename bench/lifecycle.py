@@ -404,7 +404,7 @@ def p13(ctx: Context) -> list[Row]:
     idle = 0 if quick else P13_SETTLE_SECONDS
     note = " ".join([
         f"Proxy project `{P13_PROJECT}`, cache.max_bytes {P13_CAP // MiB} MiB, eviction_headroom 0.1",
-        "(fills ask for an eviction past 95%; it evicts down to 90%).",
+        "(fills ask for an eviction past 90%; it evicts down to 90%).",
         f"Prefilled with {prefill_count} images ({before / MiB:.0f} MiB), then {idle:.0f}s idle.",
         f"Mix: {mix_seconds:.0f}s, {P13_PULLERS} pullers (loadgen pull, blobs checked),",
         f"{counts['new']} new images of {image_bytes / MiB:.0f} MiB (2 layers) released evenly",

@@ -27,7 +27,7 @@ from workers.fills import prefetch, run_fill
 from workers.lifecycle import run_job
 
 KIB = 1024
-# Triggers at (1 - 0.1 / 2) * 1000 KiB = 950 KiB: three 300 KiB fills stay under, a fourth passes.
+# Triggers past (1 - 0.1) * 1000 KiB = 900 KiB: three 300 KiB fills stay at it, a fourth passes.
 CAP = 1000 * KIB
 BLOB = 300 * KIB
 

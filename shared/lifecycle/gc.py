@@ -38,7 +38,7 @@ from shared.lifecycle.inventory import (
     read_blobs,
     read_repositories,
 )
-from shared.lifecycle.runs import LifecycleDeps, LifecycleReport, exclusive
+from shared.lifecycle.runs import LifecycleDeps, LifecycleReport, exclusive, paced
 from shared.lifecycle.usage import UsageLedger
 from shared.oci.digest import Digest
 from shared.registry import layout
@@ -60,6 +60,7 @@ async def collect(
     would go. `now` (tests) moves the clock the grace period counts back from."""
     report = LifecycleReport(job="gc", dry_run=dry_run)
     async with exclusive(deps.redis, "gc") as lease:
+        pace = deps.settings.lifecycle.gc_requests_per_second
         started = time.time()
         clock = started if now is None else now
         grace = deps.settings.lifecycle.gc_grace.total_seconds()
@@ -75,7 +76,8 @@ async def collect(
             progress=progress,
         )
         try:
-            await _collect(sweeper, started)
+            with paced(pace):
+                await _collect(sweeper, started)
         finally:
             if deps.guard is not None and not dry_run:
                 with suppress(RedisError):

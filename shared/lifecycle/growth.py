@@ -4,7 +4,8 @@ eviction is asked for as soon as the project nears its `max_bytes`.
 The scheduled eviction runs every few minutes; a cache pulled hard can outgrow its cap in
 less. So each fill that commits a blob into a proxy project with `cache.max_bytes` adds
 the blob's size to a Redis counter of the project's cache bytes, and when the counter
-passes `(1 - eviction_headroom / 2) * max_bytes` one eviction job is published (a burst of
+passes `(1 - eviction_headroom) * max_bytes`, the size eviction brings it down to, one
+eviction job is published (a burst of
 fills asks once: a short-lived key marks the request). Every successful eviction sets the
 counter to the bytes it measured, plus what fills added while it ran.
 
@@ -27,7 +28,7 @@ from shared.settings import Settings
 log = structlog.get_logger("lifecycle")
 
 # While this key lives, fills past the threshold do not ask for another eviction.
-ASKED_SECONDS = 10
+ASKED_SECONDS = 5
 # Counting a fill and asking for an eviction never holds a fill's job longer than this.
 GROWTH_TIMEOUT_SECONDS = 5.0
 
@@ -50,7 +51,9 @@ def trigger_bytes(settings: Settings, project: str) -> int | None:
     if found is None or found.type != "proxy" or found.cache.max_bytes is None:
         return None
     headroom = settings.lifecycle.eviction_headroom
-    return int((1 - headroom / 2) * int(found.cache.max_bytes))
+    # Asked as soon as the cache is over what an eviction leaves: waiting for the cap itself
+    # (or halfway to it) let a fast-filling cache pass the cap before the eviction ran.
+    return int((1 - headroom) * int(found.cache.max_bytes))
 
 
 async def grew(redis: Redis, settings: Settings, project: str, added: int, ask: AskEviction) -> bool:

@@ -8,9 +8,10 @@ One Redis lease serialises them, whoever starts them (the scheduler, a worker, t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -27,7 +28,7 @@ from shared.metrics import (
 )
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore
-from shared.registry.storage import ObjectStore
+from shared.registry.storage import ObjectStore, request_pace
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -102,6 +103,35 @@ class LifecycleReport(BaseModel):
     def finish(self) -> LifecycleReport:
         self.seconds = time.time() - self.started
         return self
+
+
+class RequestPace:
+    """At most `rate` calls a second on average, spaced evenly (see `paced`)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+
+    async def __call__(self) -> None:
+        now = time.monotonic()
+        at = max(self._next, now)
+        self._next = at + self._interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+
+@contextlib.contextmanager
+def paced(requests_per_second: int) -> Iterator[None]:
+    """Hold the store requests made within (by this task and the tasks it starts) to
+    `requests_per_second`; 0 leaves them unpaced."""
+    if requests_per_second <= 0:
+        yield
+        return
+    token = request_pace.set(RequestPace(requests_per_second))
+    try:
+        yield
+    finally:
+        request_pace.reset(token)
 
 
 class Busy(RuntimeError):

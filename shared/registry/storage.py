@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import itertools
 import secrets
@@ -71,6 +72,14 @@ class Hasher(Protocol):
     """What `put_stream` feeds the bytes it stores to (a `hashlib` object)."""
 
     def update(self, data: bytes, /) -> None: ...
+
+
+# Background work (garbage collection, eviction) sets this for its own calls: awaited before
+# each request to the store, it holds that work to a request rate so that it never crowds
+# out the clients' requests (asyncio tasks started within inherit it).
+request_pace: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+    "request_pace", default=None
+)
 
 
 class ObjectMissing(LookupError):
@@ -154,6 +163,9 @@ class ObjectStore:
         return await self._call(self.request_timeout, func, *args, **kwargs)
 
     async def _call(self, deadline: float | None, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        pace = request_pace.get()
+        if pace is not None:
+            await pace()
         loop = asyncio.get_running_loop()
         STORAGE_REQUESTS.inc()
         try:
