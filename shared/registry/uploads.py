@@ -230,15 +230,16 @@ class UploadStore:
             size = await self._blobs.commit(digest, source_from_chunks(self._iterate_parts(parts)), total)
             await self._store.delete_many([p.key for p in parts])
             return size
-        # A single part hashed on arrival is not read back (the same SHA-256 the record of
-        # its write holds); anything else is read back and verified before it is committed.
+        # A single part whose SHA-256, recorded as it was written, is the digest is not read
+        # back; anything else is read back and verified before it is committed (and whether
+        # the blob is stored is then asked again, after that read).
         hashed_on_arrival = len(parts) == 1 and digest.algorithm == "sha256" and recorded == digest.hex
         if not hashed_on_arrival:
             verifying = VerifyingSource(source_from_chunks(self._iterate_parts(parts)), digest, total)
             while await verifying(1024 * 1024):
                 pass
         extents = [Extent(part.key, part.size) for part in parts]
-        if not await self._blobs.commit_extents(digest, extents, held):
+        if not await self._blobs.commit_extents(digest, extents, held if hashed_on_arrival else None):
             await self._store.delete_many([p.key for p in parts])  # stored already: a spare copy
         return total
 
