@@ -95,7 +95,7 @@ class LifecycleSettings(BaseModel):
     gc_grace: Duration = timedelta(hours=1)
     # Garbage collection's requests to the store per second (0: no cap), so that a collection
     # over a large bucket never crowds out the clients' pulls.
-    gc_requests_per_second: int = Field(default=300, ge=0)
+    gc_requests_per_second: int = Field(default=400, ge=0)
     eviction_schedule: str | None = "*/10 * * * *"
     # Eviction brings a project over `max_bytes` down to (1 - headroom) * max_bytes.
     eviction_headroom: float = Field(default=0.1, ge=0, lt=1)
