@@ -424,3 +424,36 @@ def test_janitor_keeps_the_parts_of_a_blob_committed_just_before_a_stop(
         assert keys(f"uploads/{abandoned_id}/") == []
         assert keys(f"extents/{abandoned_id}/") == []
         assert alice.get(f"/v2/local/janitor/blobs/{digest}").content == data
+
+
+def test_purging_a_stray_write_under_a_committed_upload_keeps_the_blob(
+    worker: InProcessWorker, edge: EdgeServer, s3_server: S3Server, s3_settings: S3Settings
+) -> None:
+    # A chunk arriving after its session was committed and closed is refused, but may leave
+    # its hash record under the closed session's prefix: the janitor then finds a session
+    # without info or commit marker. The parts under that id are the blob's extents.
+    minio = s3_server.client()
+    data = b"committed in one chunk " * 4096
+    with client(edge, ALICE) as alice:
+        start = alice.post("/v2/local/app/blobs/uploads/")
+        upload_id = start.headers["Docker-Upload-UUID"]
+        # One chunk, hashed as it arrived: the committed blob's extent is that part itself.
+        chunk = alice.patch(start.headers["Location"], content=data)
+        done = alice.put(chunk.headers["Location"], params={"digest": sha256(data)})
+        assert done.status_code == 201
+        stray = f"uploads/{upload_id}/sha256/0000000000000000.late"
+        minio.put_object(s3_settings.bucket, stray, io.BytesIO(b"x"), 1)
+
+        worker.run(purge_expired_uploads(worker.context))
+
+        assert list(minio.list_objects(s3_settings.bucket, f"uploads/{upload_id}/", recursive=True)) == []
+        # Every object the blob's record names is still in the bucket (the edge's disk tier
+        # could serve the blob without them).
+        _, _, record = _stored(s3_server, s3_settings.bucket, sha256(data))
+        extents = [key for key, _ in json.loads(record)["extents"]]
+        assert any(key.startswith(f"extents/{upload_id}/") for key in extents)
+        for key in extents:
+            minio.stat_object(s3_settings.bucket, key)
+        pulled = alice.get(f"/v2/local/app/blobs/{sha256(data)}")
+        assert pulled.status_code == 200
+        assert pulled.content == data

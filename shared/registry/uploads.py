@@ -283,6 +283,13 @@ class UploadStore:
         """Remove an abandoned session and its parts, except the parts a blob is made of."""
         keep: set[str] = set()
         committed = await self._committed_digest(upload_id)
+        if committed is None and await self._info(upload_id) is None:
+            # No session and no commit marker: only a write that came after the session was
+            # closed is left (a late, refused chunk's hash record). The session may have been
+            # committed and its parts be a blob's extents now: delete the stray state only;
+            # parts no blob names are garbage collection's (it deletes only those).
+            await self._delete_session(upload_id)
+            return
         if committed is not None:
             placement = await self._blobs.placement(committed)
             if placement is not None and placement.extents:
