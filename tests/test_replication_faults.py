@@ -18,10 +18,11 @@ from shared import jobs
 from shared.registry import layout
 from shared.replication.records import Execution, ExecutionStatus, Task, TaskStatus
 from shared.replication.store import INTERRUPTED, RUNNING_TTL_SECONDS, ExecutionStore, running_key
-from tests.fixtures.proxy import CacheStack, StackFactory, wait_for
+from tests.fixtures.proxy import CacheStack, StackFactory, WorkerProcess, wait_for
 from tests.fixtures.servers import InProcessWorker, WorkerFactory
 from tests.support.distribution import Distribution
 from tests.support.dockerhub import DockerHubEmulator
+from tests.support.images import Image
 from tests.support.replication import KIB, pull_rule
 from tests.support.replication import publish_start as _publish_start
 from tests.support.replication import read_executions as _executions
@@ -82,6 +83,36 @@ def _wait_done(
     return _executions(reader, rule)
 
 
+def _replace_worker(stack: CacheStack, doomed: WorkerProcess, redis_url: str) -> None:
+    """SIGKILL `doomed`, start another worker, and give the dead one's messages back to the
+    queue once its heartbeat has lapsed (as the broker's maintenance would, later)."""
+    doomed.kill()
+    died = time.monotonic()
+    stack.start_worker(threads=2)
+    time.sleep(max(0.0, died + HEARTBEAT_SECONDS + 0.2 - time.monotonic()))
+    _redeliver(redis_url)
+
+
+def _finished_with_every_tag(
+    reader: InProcessWorker,
+    stack: CacheStack,
+    rule: str,
+    execution_id: str,
+    name: str,
+    images: dict[str, Image],
+) -> Execution:
+    """The execution `execution_id` of `rule` ran to success with every tag at the destination
+    (the stack is stopped after)."""
+    [done] = _wait_done(reader, rule, 20, stack.worker_logs)
+    assert done.id == execution_id
+    assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2)
+    destination = f"local/{name.split('/', 1)[1]}"
+    for tag, image in images.items():
+        assert _tagged(reader, destination, tag) == image.digest
+    _crash(stack)
+    return done
+
+
 def test_a_start_whose_worker_died_while_planning_is_resumed_when_its_message_comes_back(
     cache_stack: StackFactory,
     worker_factory: WorkerFactory,
@@ -104,21 +135,11 @@ def test_a_start_whose_worker_died_while_planning_is_resumed_when_its_message_co
     wait_for(lambda: any(r.kind == "tags" for r in hub.requests), 10, "planning lists the tags")
     [planning] = _executions(reader, "planned")
     assert (planning.status, planning.total) == (ExecutionStatus.RUNNING, 0)
-    doomed.kill()
-    died = time.monotonic()
-    stack.start_worker(threads=2)
-    time.sleep(max(0.0, died + HEARTBEAT_SECONDS + 0.2 - time.monotonic()))
-    _redeliver(redis_url)
+    _replace_worker(stack, doomed, redis_url)
 
     # The message came back to the other worker: it planned and ran the same execution,
     # rather than finding the rule's marker taken by it and recording a skipped one.
-    [done] = _wait_done(reader, "planned", 20, stack.worker_logs)
-    assert done.id == planning.id
-    assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2)
-    destination = f"local/{name.split('/', 1)[1]}"
-    for tag, image in images.items():
-        assert _tagged(reader, destination, tag) == image.digest
-    _crash(stack)
+    _finished_with_every_tag(reader, stack, "planned", planning.id, name, images)
 
 
 def test_a_task_whose_worker_was_killed_mid_copy_is_redelivered_and_the_execution_finishes(
@@ -148,20 +169,10 @@ def test_a_task_whose_worker_was_killed_mid_copy_is_redelivered_and_the_executio
     store = ExecutionStore(reader.context.redis, reader.context.objects)
     [copying] = [t for t in reader.run(store.tasks(running.id)) if t.tag == "slow"]
     assert copying.status is TaskStatus.RUNNING
-    doomed.kill()
-    died = time.monotonic()
     hub.throttle_blob(layer, None)
-    stack.start_worker(threads=2)
-    time.sleep(max(0.0, died + HEARTBEAT_SECONDS + 0.2 - time.monotonic()))
-    _redeliver(redis_url)
+    _replace_worker(stack, doomed, redis_url)
 
-    [done] = _wait_done(reader, "killed", 20, stack.worker_logs)
-    assert done.id == running.id
-    assert (done.status, done.succeeded, done.total) == (ExecutionStatus.SUCCEEDED, 2, 2)
-    destination = f"local/{name.split('/', 1)[1]}"
-    for tag, image in images.items():
-        assert _tagged(reader, destination, tag) == image.digest
-    _crash(stack)
+    done = _finished_with_every_tag(reader, stack, "killed", running.id, name, images)
     # The bucket keeps it, the slow task run a second time.
     kept = reader.run(reader.context.objects.get_bytes(layout.replication_execution(done.id)))
     assert b'"succeeded"' in kept
