@@ -96,6 +96,25 @@ def test_tasks_running_at_once_send_a_layer_they_share_once(
         assert tagged(worker, destination, tag) == image.digest
 
 
+def _one_task(
+    worker_factory: WorkerFactory,
+    hub: DockerHubEmulator,
+    distribution: Distribution,
+    redis_url: str,
+    rule: str,
+    name: str,
+) -> tuple[InProcessWorker, bytes, Image, str]:
+    """`name:v1`, one 16 KiB layer, at the source, and a run of `rule` planned: its one task's
+    message taken off the queue. The worker, the layer, the image and the task's id."""
+    layer = make_layer(size=16 * KIB, seed=name)
+    image = make_image([layer], label=name)
+    push_image(distribution.url, name, image, tag="v1")
+    worker = _replicator(worker_factory, hub, rule, name)
+    worker.run(start_execution(worker.context, rule, "manual"))
+    [message] = take_messages(redis_url)
+    return worker, layer, image, message["args"][0]
+
+
 def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_lease_lapses(
     worker_factory: WorkerFactory,
     hub: DockerHubEmulator,
@@ -104,13 +123,8 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     redis_url: str,
 ) -> None:
     name = repo_name()
-    layer = make_layer(size=16 * KIB, seed=name)
-    image = make_image([layer], label=name)
-    push_image(distribution.url, name, image, tag="v1")
-    worker = _replicator(worker_factory, hub, "orphan", name)
+    worker, layer, image, task_id = _one_task(worker_factory, hub, distribution, redis_url, "orphan", name)
     ctx = worker.context
-    worker.run(start_execution(ctx, "orphan", "manual"))
-    [message] = take_messages(redis_url)
     # A task took the layer's gate, then its worker died: no heartbeat renews the lease,
     # which lapses within its TTL (short here: as if the holder died most of a TTL ago).
     lapse = 1.0
@@ -119,7 +133,7 @@ def test_a_blob_gate_left_by_a_dead_task_holds_the_copy_back_only_until_its_leas
     )
 
     started = time.monotonic()
-    task = worker.run(run_task(ctx, message["args"][0]))
+    task = worker.run(run_task(ctx, task_id))
     took = time.monotonic() - started
 
     assert task.status is TaskStatus.SUCCEEDED
@@ -137,14 +151,8 @@ def test_a_task_delivered_again_takes_over_the_blob_gate_its_dead_run_left(
     redis_url: str,
 ) -> None:
     name = repo_name()
-    layer = make_layer(size=16 * KIB, seed=name)
-    image = make_image([layer], label=name)
-    push_image(distribution.url, name, image, tag="v1")
-    worker = _replicator(worker_factory, hub, "again", name)
+    worker, layer, image, task_id = _one_task(worker_factory, hub, distribution, redis_url, "again", name)
     ctx = worker.context
-    worker.run(start_execution(ctx, "again", "manual"))
-    [message] = take_messages(redis_url)
-    task_id = message["args"][0]
     # The task's first run took the layer's gate and its worker died: the lease has most of
     # its TTL left when the message comes back.
     dead = Lease(ctx.redis, gate_key(destination_scope(True, "mirror"), sha256(layer)), ttl=GATE_TTL_SECONDS)
