@@ -4,6 +4,9 @@
 own expiry, so a value read from a Redis entry that expires sooner never outlives it here.
 Nothing is cached when the TTL is 0. Bounded: past `max_entries` the oldest insertions go
 first (a hot entry is re-inserted whenever it is refreshed).
+
+Each hit tells a tracked request (`shared/validity.py`) when the entry expires, and each miss
+that the request read something from elsewhere.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Generic, TypeVar
+
+from shared import validity
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -27,10 +32,13 @@ class LocalCache(Generic[K, V]):
     def get(self, key: K) -> V | None:
         found = self._entries.get(key)
         if found is None:
+            validity.read_elsewhere()
             return None
         if found[1] <= time.monotonic():
             self._entries.pop(key, None)
+            validity.read_elsewhere()
             return None
+        validity.depends_until(found[1])
         return found[0]
 
     def put(self, key: K, value: V, ttl: float | None = None) -> None:

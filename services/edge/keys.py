@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -41,3 +43,6 @@ DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 
 # Per-request state: the authenticated user (None when anonymous).
 USER = web.RequestKey[str | None]("user")
+# Set by a handler whose answer may be repeated as it is (services/edge/hot.py): what each
+# repeat still does (count it, note the pull).
+REPEAT = web.RequestKey[Callable[[], None]]("repeat")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -11,12 +13,13 @@ from services.edge import keys
 from services.edge.context import body_source, content_length, target
 from services.edge.onpush import tag_pushed
 from shared.auth.access import Action
+from shared.lifecycle.pulls import PullRecorder
 from shared.metrics import BYTES_SERVED, REQUESTS
 from shared.oci.digest import Digest
 from shared.oci.errors import RegistryError
 from shared.oci.manifest import Manifest, parse_manifest
 from shared.oci.reference import is_valid_tag, validate_tag
-from shared.proxy.manifests import STALE
+from shared.proxy.manifests import HIT, STALE
 from shared.registry.blobs import BlobStore
 from shared.registry.repositories import RepositoryStore, Revision
 from shared.routing import Target
@@ -76,16 +79,38 @@ async def get_manifest(request: web.Request) -> web.Response:
         _count(repo.project.name, "miss", None)
         raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
     body = await app[keys.BLOBS].read(revision.digest)
-    _note_pull(request, repo, revision, reference)
-    _count(repo.project.name, "hit", len(body) if request.method == "GET" else None)
+    _answered(request, repo, revision, reference, HIT, body)
     return manifest_response(request, revision, body)
 
 
-def _note_pull(request: web.Request, repo: Target, revision: Revision, reference: str) -> None:
-    """Remember the pull for eviction and retention (in memory; flushed every few seconds).
-    A HEAD counts too: containerd resolves a tag with HEAD, then GETs by digest."""
+def _answered(
+    request: web.Request, repo: Target, revision: Revision, reference: str, result: str, body: bytes
+) -> None:
+    """Count the answer and note the pull. A hit may be repeated as it is for a moment
+    (services/edge/hot.py), and each repeat does the same again."""
     tag = None if Digest.is_digest(reference) else reference
-    request.app[keys.PULLS].pulled(repo.name, revision.digest, tag)
+    served = len(body) if request.method == "GET" else None
+    effects: Callable[[], None] = partial(
+        _served, request.app[keys.PULLS], repo.project.name, repo.name, revision.digest, tag, result, served
+    )
+    effects()
+    if result == HIT:
+        request[keys.REPEAT] = effects
+
+
+def _served(
+    pulls: PullRecorder,
+    project: str,
+    name: str,
+    digest: Digest,
+    tag: str | None,
+    result: str,
+    served: int | None,
+) -> None:
+    """Remember the pull for eviction and retention (in memory; flushed every few seconds),
+    and count it. A HEAD counts too: containerd resolves a tag with HEAD, then GETs by digest."""
+    pulls.pulled(name, digest, tag)
+    _count(project, result, served)
 
 
 async def _get_cached_manifest(request: web.Request, repo: Target, reference: str) -> web.Response:
@@ -94,8 +119,7 @@ async def _get_cached_manifest(request: web.Request, repo: Target, reference: st
     except RegistryError:
         _count(repo.project.name, "error", None)
         raise
-    _note_pull(request, repo, cached.revision, reference)
-    _count(repo.project.name, cached.result, len(cached.body) if request.method == "GET" else None)
+    _answered(request, repo, cached.revision, reference, cached.result, cached.body)
     extra = {"X-Seawall-Cache": cached.result}
     if cached.result == STALE:
         # RFC 9111's stale warning, which HTTP tooling shows; the upstream could not be asked.

@@ -33,11 +33,16 @@ _ID_COUNTER = itertools.count(1)
 _TIMERS: dict[tuple[str, str], Any] = {}
 
 
-def _request_timer(route: str, method: str) -> Any:
+def request_timer(route: str, method: str) -> Any:
     timer = _TIMERS.get((route, method))
     if timer is None:
         timer = _TIMERS[(route, method)] = REQUEST_SECONDS.labels(route, method)
     return timer
+
+
+def new_request_id(request: web.BaseRequest) -> str:
+    """The client's X-Request-Id, else one of ours."""
+    return request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 def external_url(request: web.Request) -> str:
@@ -78,7 +83,7 @@ async def serve_request(request: web.Request, handler: Handler) -> web.StreamRes
     Failed logins are limited by `request.remote`, the peer address: X-Forwarded-For is
     whatever the client wants it to be.
     """
-    request_id = request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+    request_id = new_request_id(request)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
@@ -92,7 +97,7 @@ async def serve_request(request: web.Request, handler: Handler) -> web.StreamRes
         if not response.prepared:
             response.headers.update(API_VERSION)
     route = request.match_info.route.name or "other"
-    _request_timer(route, request.method).observe(time.perf_counter() - started)
+    request_timer(route, request.method).observe(time.perf_counter() - started)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from services.edge import keys
 from services.edge.app import create_app
+from services.edge.hot import HotAnswers
 from services.edge.limits import ConnectionGuard, GuardedConnection
 from services.edge.ops import metrics_app
 from services.edge.tls import CertificateReloader
@@ -98,6 +100,10 @@ class EdgeSites:
                 app, access_log=None, keepalive_timeout=limits.keepalive_timeout.total_seconds()
             )
             await self._registry.setup()
+            server = self._registry.server
+            assert server is not None
+            # Repeats of a warm manifest answer skip routing and handling (services/edge/hot.py).
+            server.request_handler = HotAnswers(app[keys.REPOSITORIES]).wrap(server.request_handler)
             host, port = split_address(settings.listen)
             await GuardedSite(
                 self._registry,

@@ -19,6 +19,7 @@ from enum import StrEnum
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from shared import validity
 from shared.auth.logins import LoginLimiter
 from shared.auth.tokens import InvalidToken, TokenSigner
 from shared.metrics import LOGINS
@@ -152,7 +153,9 @@ class Access:
             expires = self._verified.get(fingerprint)
             if expires is not None and expires > time.monotonic():
                 LOGINS.labels("cached").inc()
+                validity.depends_until(expires)
                 return user
+        validity.read_elsewhere()
         if self._queued >= self._max_queued:
             LOGINS.labels("limited").inc()
             raise RegistryError(

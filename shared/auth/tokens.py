@@ -18,6 +18,8 @@ import math
 import time
 from collections.abc import Mapping
 
+from shared import validity
+
 TOKEN_TTL = 300
 # The `service` of our challenges and tokens (docker echoes it to the token endpoint).
 TOKEN_SERVICE = "seawall"
@@ -86,6 +88,7 @@ class TokenSigner:
             raise InvalidToken("token payload is malformed")
         if expires < (time.time() if now is None else now):
             raise InvalidToken("token expired")
+        validity.depends_until_wallclock(expires)
         if not user:
             return None
         stored = accounts.get(user)

@@ -120,6 +120,11 @@ class RepositoryStore:
         self._writes = 0
 
     @property
+    def writes(self) -> int:
+        """How many writes this process made: an answer read before one may be out of date."""
+        return self._writes
+
+    @property
     def local_ttl(self) -> float:
         """How long this process keeps what it looked up (0: it asks Redis every time)."""
         return self._local.ttl
