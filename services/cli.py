@@ -155,7 +155,7 @@ def _redis_url(settings: Settings) -> str:
     """The configured Redis, else the embedded one of a running `seawall up`."""
     if settings.redis_url:
         return settings.redis_url
-    from services.up import embedded_redis_file
+    from services.running import embedded_redis_file
 
     found = embedded_redis_file(settings.data_dir)
     if not found.is_file():

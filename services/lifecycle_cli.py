@@ -18,7 +18,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from services.replication_cli import seconds, size
-from services.scrub import s3_settings
+from services.running import s3_settings
 from shared.lifecycle.guard import ReferenceGuard
 from shared.lifecycle.inventory import RepositoryView, blob_bytes, read_repositories
 from shared.lifecycle.runs import Job, LifecycleDeps, LifecycleReport

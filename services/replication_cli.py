@@ -18,11 +18,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.scrub import s3_settings
+from services.running import s3_settings
 from shared import jobs
 from shared.registry.storage import ObjectStore
 from shared.replication.records import Execution, ExecutionStatus, Task, TaskStatus
-from shared.replication.run import CannotRetry, retry_failed
 from shared.replication.store import ExecutionStore
 from shared.replication.triggers import replicate_args
 from shared.settings import Settings
@@ -267,6 +266,10 @@ async def stop_execution(settings: Settings, redis_url: str, execution_id: str, 
 
 
 async def retry_execution(settings: Settings, redis_url: str, execution_id: str, console: Console) -> int:
+    # Imported here: the planning code brings the upstream clients, which the other
+    # commands here do not need to start.
+    from shared.replication.run import CannotRetry, retry_failed
+
     async with records(settings, redis_url) as store:
         try:
             tasks = await retry_failed(store, execution_id)

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
+from services.running import s3_settings
 from shared.registry.blobs import BlobStore
 from shared.registry.storage import ObjectStore
 from shared.scrub import count_blobs, scrub
-from shared.settings import S3Settings, Settings
-
-
-def s3_settings(settings: Settings) -> S3Settings:
-    """The configured store, else the embedded one of a running `seawall up`."""
-    if settings.s3 is not None:
-        return settings.s3
-    from services.up import embedded_s3_file
-
-    found = embedded_s3_file(settings.data_dir)
-    if not found.is_file():
-        raise ValueError("no s3 configured and no running `seawall up` found in data_dir")
-    return S3Settings.model_validate(json.loads(found.read_text()))
+from shared.settings import Settings
 
 
 def parse_rate(rate: str | None, default: int) -> int:

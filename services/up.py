@@ -26,6 +26,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from services.embedded import start_redis, start_s3
 from services.processes import ManagedProcess, ServerStartError, port_open
+from services.running import embedded_redis_file, embedded_s3_file
 from services.supervisor import POLL, Printer, RestartPolicy, Supervisor
 from shared.settings import S3Settings, Settings
 
@@ -68,15 +69,6 @@ def child_commands(settings: Settings, config_file: Path | None) -> list[tuple[s
         ("worker", worker),
         ("scheduler", [sys.executable, "-m", "services.scheduler", *config_args]),
     ]
-
-
-def embedded_s3_file(data_dir: Path) -> Path:
-    """Where a running `seawall up` leaves its embedded S3's endpoint and keys (owner-only)."""
-    return data_dir / "embedded-s3.json"
-
-
-def embedded_redis_file(data_dir: Path) -> Path:
-    return data_dir / "embedded-redis-url"
 
 
 def start_embedded(settings: Settings, supervisor: Supervisor, data_dir: Path) -> None:
