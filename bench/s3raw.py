@@ -1,7 +1,8 @@
 """Raw SeaweedFS throughput through the minio SDK, the ceiling under Seawall's own figures.
 
 `python -m bench.s3raw`: one 100 MiB object written with one part in flight and with four,
-read back, and copied server-side, on a fresh embedded S3 server.
+read back, and copied server-side, on a fresh embedded S3 server; with each rate, the
+server's own CPU-seconds per GiB moved (its process, from /proc).
 
 `python -m bench.s3raw ingest --endpoint ... FILE...`: the store's own ingest for P8. Every
 file is written as one object, one after another (skopeo 1.9 pushes an image's blobs one at
@@ -19,12 +20,15 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
 
+from bench.stack import cpu_seconds
 from services.embedded import start_s3
 from shared.registry.storage import PARALLEL_PARTS, PART_SIZE
 
@@ -36,26 +40,34 @@ def micro() -> None:
     with tempfile.TemporaryDirectory() as work, start_s3(Path(work)) as s3:
         client = s3.client()
         client.make_bucket("raw")
-        figures = {}
+        figures: dict[str, tuple[float, float]] = {}
+
+        def measure(name: str, work: Callable[[], object]) -> None:
+            cpu, started = cpu_seconds(s3.pid), time.perf_counter()
+            work()
+            seconds = time.perf_counter() - started
+            figures[name] = (SIZE_MIB / seconds, (cpu_seconds(s3.pid) - cpu) / (SIZE_MIB / 1024))
+
         for parallel in (1, 4):
-            started = time.perf_counter()
-            client.put_object(
-                "raw", f"w{parallel}", io.BytesIO(data), len(data), part_size=8 * 1024 * 1024,
-                num_parallel_uploads=parallel,
+            measure(
+                f"write, {parallel} part(s) in flight",
+                partial(
+                    client.put_object, "raw", f"w{parallel}", io.BytesIO(data), len(data),
+                    part_size=8 * 1024 * 1024, num_parallel_uploads=parallel,
+                ),
             )  # fmt: skip
-            figures[f"write, {parallel} part(s) in flight"] = SIZE_MIB / (time.perf_counter() - started)
-        started = time.perf_counter()
-        response = client.get_object("raw", "w1")
-        while response.read(1024 * 1024):
-            pass
-        response.close()
-        response.release_conn()
-        figures["read"] = SIZE_MIB / (time.perf_counter() - started)
-        started = time.perf_counter()
-        client.copy_object("raw", "copy", CopySource("raw", "w1"))
-        figures["server-side copy"] = SIZE_MIB / (time.perf_counter() - started)
-    for name, mib_s in figures.items():
-        print(f"{name}: {mib_s:.0f} MiB/s")
+
+        def read() -> None:
+            response = client.get_object("raw", "w1")
+            while response.read(1024 * 1024):
+                pass
+            response.close()
+            response.release_conn()
+
+        measure("read", read)
+        measure("server-side copy", partial(client.copy_object, "raw", "copy", CopySource("raw", "w1")))
+    for name, (mib_s, cpu_per_gib) in figures.items():
+        print(f"{name}: {mib_s:.0f} MiB/s, store {cpu_per_gib:.1f} CPU-s/GiB")
 
 
 def ingest(client: Minio, bucket: str, prefix: str, files: list[Path]) -> float:
