@@ -27,6 +27,14 @@ def _image(label: str) -> Image:
     return make_image([make_layer(size=256, seed=label)], label=label)
 
 
+def _pushed(edge_factory: EdgeFactory, label: str, repository: str) -> tuple[str, Image, str]:
+    """A new edge with one image pushed as `repository:1.0`: its URL, the image and the tag's path."""
+    edge = edge_factory()
+    image = _image(label)
+    push_image(edge.url, repository, image, "1.0", auth=ALICE)
+    return edge.url, image, f"/v2/{repository}/manifests/1.0"
+
+
 def _sample(metric: object, *labels: str, suffix: str = "_total") -> float:
     name = metric._name + suffix  # type: ignore[attr-defined]
     wanted = dict(zip(metric._labelnames, labels, strict=True))  # type: ignore[attr-defined]
@@ -38,14 +46,11 @@ def _sample(metric: object, *labels: str, suffix: str = "_total") -> float:
 
 
 def test_repeats_are_counted_timed_and_get_their_own_request_ids(edge_factory: EdgeFactory) -> None:
-    edge = edge_factory()
-    image = _image("hot-count")
-    push_image(edge.url, "local/hot", image, "1.0", auth=ALICE)
-    path = "/v2/local/hot/manifests/1.0"
+    url, image, path = _pushed(edge_factory, "hot-count", "local/hot")
     hits = _sample(REQUESTS, "local", "manifest", "hit")
     timed = _sample(REQUEST_SECONDS, "manifest", "GET", suffix="_count")
     served = []
-    with httpx.Client(base_url=edge.url, headers=ACCEPT, timeout=10) as http:
+    with httpx.Client(base_url=url, headers=ACCEPT, timeout=10) as http:
         for _ in range(REPEATS):
             response = http.get(path)
             assert response.status_code == 200
@@ -60,11 +65,8 @@ def test_repeats_are_counted_timed_and_get_their_own_request_ids(edge_factory: E
 
 
 def test_a_repeat_needs_the_same_credentials(edge_factory: EdgeFactory) -> None:
-    edge = edge_factory()
-    image = _image("hot-private")
-    push_image(edge.url, "private/hot", image, "1.0", auth=ALICE)
-    path = "/v2/private/hot/manifests/1.0"
-    with httpx.Client(base_url=edge.url, headers=ACCEPT, timeout=10) as http:
+    url, image, path = _pushed(edge_factory, "hot-private", "private/hot")
+    with httpx.Client(base_url=url, headers=ACCEPT, timeout=10) as http:
         for _ in range(REPEATS):
             assert http.get(path, auth=BOB).status_code == 200
         anonymous = http.get(path)
@@ -78,11 +80,8 @@ def test_a_repeat_needs_the_same_credentials(edge_factory: EdgeFactory) -> None:
 
 
 def test_head_and_get_are_kept_apart(edge_factory: EdgeFactory) -> None:
-    edge = edge_factory()
-    image = _image("hot-head")
-    push_image(edge.url, "local/hothead", image, "1.0", auth=ALICE)
-    path = "/v2/local/hothead/manifests/1.0"
-    with httpx.Client(base_url=edge.url, headers=ACCEPT, timeout=10) as http:
+    url, image, path = _pushed(edge_factory, "hot-head", "local/hothead")
+    with httpx.Client(base_url=url, headers=ACCEPT, timeout=10) as http:
         for _ in range(REPEATS):
             head = http.head(path)
             assert head.status_code == 200
